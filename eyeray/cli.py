@@ -1,0 +1,110 @@
+"""The `eyeray` command and the parsers the thin `jobs/*.py` scripts share.
+
+`get_train_parser` returns an unparsed parser (as torchvision's references do), so
+`jobs/train_oct.py`, `eyeray train oct` and `eyeray demo` parse the same flags into the same
+`TrainConfig` and call the same `eyeray.train.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+
+from eyeray.tasks import TASKS
+
+
+def _weights(value: str) -> str:
+    return value if value.lower() not in ("none", "null", "") else "none"
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags shared by every training entry point. Unset flags take the task's defaults, or the
+    demo configuration when --data is absent."""
+    add = parser.add_argument
+    add("--data", help="dataset root: local folder or s3://bucket/prefix (absent: a generated demo dataset)")
+    add("--output", help="run folder (local or s3://) for bundle/, report/ and checkpoints (default runs/TASK-TIME)")
+    add("--backbone", help="vgg16 | xception | inception_resnet_v2 | mobilenet_v2 | small_cnn, or A+B for a "
+        "concatenation ensemble (default: the task's; small_cnn for the demo)")  # fmt: skip
+    add("--weights", type=_weights, help="imagenet (download Keras' weights) | none | PATH or s3:// URI of a "
+        "backbone weights file (default imagenet; none for the demo)")  # fmt: skip
+    add("--image-size", type=int, help="input size in pixels (default: the task's; 64 for the demo)")
+    add("--epochs", type=int, help="epochs with the backbone frozen (or of the whole net when not pretrained)")
+    add("--fine-tune-epochs", type=int, help="epochs with the top backbone layers unfrozen")
+    add("--fine-tune-layers", type=int, help="how many top backbone layers to unfreeze (default per backbone)")
+    add("--fine-tune-lr-factor", type=float, default=0.01, help="fine-tuning learning rate = this x --learning-rate")
+    add("--batch-size", type=int, help="images per worker per step")
+    add("--learning-rate", type=float, help="Adam learning rate of the first phase")
+    add("--dropout", type=float, default=0.3, help="dropout in the classification head")
+    add("--no-augment", dest="augment", action="store_false", help="turn training augmentation off")
+    add("--workers", type=int, default=1, help="Ray Train workers (data-parallel replicas)")
+    add("--use-gpu", action="store_true", help="one GPU per worker")
+    add("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: leave one CPU for Ray Data)")
+    add("--max-failures", type=int, default=2, help="worker-group restarts from the last checkpoint")
+    add("--resume", action="store_true", help="continue the interrupted run in --output")
+    add("--val-fraction", type=float, default=0.15, help="share of patients for validation when the layout has none")
+    add("--test-fraction", type=float, default=0.15, help="share of patients for test when the layout has none")
+    add("--seed", type=int, default=0)
+    return parser
+
+
+def get_train_parser(task: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=f"Fine-tune the {task} classifier with Ray Train." if task else "Fine-tune a classifier.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    if task is None:
+        parser.add_argument("task", choices=sorted(TASKS))
+    return add_train_arguments(parser)
+
+
+def train_config(args: argparse.Namespace, task: str | None = None):
+    from eyeray.train import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return TrainConfig(**{**values, "task": task or args.task})
+
+
+def train_main(task: str, argv: list[str] | None = None) -> int:
+    """Entry point of jobs/train_TASK.py."""
+    from eyeray.train import run
+
+    args = get_train_parser(task).parse_args(argv)
+    run(train_config(args, task))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from eyeray.train import run
+
+    result = run(train_config(args))
+    print("\n[eyeray demo] done. Look at:")
+    print(f"  bundle   {result.bundle}/manifest.json")
+    print(f"  report   {result.report}/metrics.json and the PNG plots beside it")
+    headline = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
+    print("  test set " + json.dumps(headline, indent=None))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eyeray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="fine-tune a classifier with Ray Train")
+    train.add_argument("task", choices=sorted(TASKS))
+    add_train_arguments(train)
+    demo = sub.add_parser("demo", help="train on generated data end to end: no dataset, no cluster, no download")
+    demo.add_argument("--task", default="oct", choices=sorted(TASKS))
+    add_train_arguments(demo)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from eyeray.train import run
+
+        run(train_config(args))
+        return 0
+    return _demo(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

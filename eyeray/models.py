@@ -1,0 +1,180 @@
+"""Backbones, heads, the two-phase fine-tuning schedule, and concatenation ensembles.
+
+Every model takes RGB uint8 pixels at the task's input size. Its first layer applies the
+backbone's own `keras.applications.<module>.preprocess_input`, so training, scoring and serving
+cannot disagree about normalisation, and a concatenation ensemble can mix backbones whose
+normalisations differ (VGG16 "caffe" vs Xception "tf").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import keras
+
+from eyeray import storage
+from eyeray.tasks import TaskSpec
+
+ENSEMBLE_SEPARATOR = "+"
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How to build one feature extractor and how much of it to unfreeze when fine-tuning."""
+
+    build: Callable[..., keras.Model]  # (input_shape, weights) -> headless model with pooled output
+    preprocess: str  # module of keras.applications whose preprocess_input applies, or "unit" (x/255)
+    min_size: int
+    fine_tune_layers: int  # top layers (BatchNorm excluded) unfrozen in phase 2; 0 = all
+
+
+def _application(name: str) -> Callable[..., keras.Model]:
+    def build(input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+        factory = getattr(keras.applications, name)
+        return factory(include_top=False, weights=weights, input_shape=input_shape, pooling="avg")
+
+    return build
+
+
+def _small_cnn(input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
+    """The glaucoma seed's plain CNN baseline: four conv blocks, trained from scratch."""
+    if weights == "imagenet":
+        raise ValueError("small_cnn has no ImageNet weights: use --weights none or a PATH")
+    inputs = keras.Input(input_shape)
+    x = inputs
+    for filters in (32, 64, 128, 128):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.Activation("relu")(x)
+        x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, x, name="small_cnn")
+
+
+BACKBONES: dict[str, Backbone] = {
+    "vgg16": Backbone(_application("VGG16"), "vgg16", 32, fine_tune_layers=4),  # block5
+    "xception": Backbone(_application("Xception"), "xception", 71, fine_tune_layers=30),  # blocks 13-14
+    "inception_resnet_v2": Backbone(
+        _application("InceptionResNetV2"), "inception_resnet_v2", 75, fine_tune_layers=40
+    ),
+    "mobilenet_v2": Backbone(_application("MobileNetV2"), "mobilenet_v2", 32, fine_tune_layers=30),
+    "small_cnn": Backbone(_small_cnn, "unit", 16, fine_tune_layers=0),
+}
+
+
+def backbone_names(backbone: str) -> list[str]:
+    """`"xception+inception_resnet_v2"` -> both names, checked against the registry."""
+    names = [n.strip().lower() for n in backbone.split(ENSEMBLE_SEPARATOR) if n.strip()]
+    unknown = [n for n in names if n not in BACKBONES]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)} "
+            f"or join several with '{ENSEMBLE_SEPARATOR}' for a concatenation ensemble"
+        )
+    return names
+
+
+@keras.saving.register_keras_serializable(package="eyeray")
+class BackbonePreprocess(keras.layers.Layer):
+    """uint8 RGB -> what the backbone was trained on, via the backbone's own preprocess_input."""
+
+    def __init__(self, preprocess: str, **kwargs):
+        super().__init__(**kwargs)
+        self.preprocess = preprocess
+
+    def call(self, inputs):
+        x = keras.ops.cast(inputs, "float32")
+        if self.preprocess == "unit":
+            return x / 255.0
+        module = getattr(keras.applications, self.preprocess)
+        return module.preprocess_input(x)
+
+    def get_config(self):
+        return {**super().get_config(), "preprocess": self.preprocess}
+
+
+def resolve_weights(weights: str | None) -> tuple[str | None, str | None]:
+    """`--weights` value -> (keras `weights=` argument, local weights file to load afterwards)."""
+    if weights is None or str(weights).lower() in ("none", ""):
+        return None, None
+    if str(weights).lower() == "imagenet":
+        return "imagenet", None
+    return None, str(weights)
+
+
+def build_model(
+    spec: TaskSpec,
+    backbone: str | None = None,
+    *,
+    weights: str | None = "imagenet",
+    image_size: int | None = None,
+    dropout: float = 0.3,
+    dense_units: int = 256,
+) -> keras.Model:
+    """A backbone (or several, concatenated) + a dense/dropout head with the task's activation.
+
+    `weights`: "imagenet" (downloads Keras' weights), None / "none", or a path / `s3://` URI of a
+    weights file saved from the same backbone (`backbone.save_weights`), for air-gapped sites.
+    """
+    names = backbone_names(backbone or spec.backbone)
+    size = image_size or spec.image_size
+    keras_weights, weights_file = resolve_weights(weights)
+    if weights_file and len(names) > 1:
+        raise ValueError("--weights PATH loads one backbone; ensembles take imagenet or none")
+    too_small = [n for n in names if size < BACKBONES[n].min_size]
+    if too_small:
+        raise ValueError(f"image size {size} is below the minimum of {too_small[0]} ({BACKBONES[too_small[0]].min_size})")
+
+    inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
+    features = []
+    for name in names:
+        info = BACKBONES[name]
+        x = BackbonePreprocess(info.preprocess, name=f"preprocess_{name}")(inputs)
+        base = info.build((size, size, 3), keras_weights)
+        base.name = f"backbone_{name}"
+        if weights_file:
+            local, tmp = storage.local_copy(weights_file)
+            base.load_weights(local)
+            if tmp is not None:
+                tmp.cleanup()
+        # training=False keeps BatchNorm statistics frozen, also while fine-tuning (keras-io).
+        features.append(base(x, training=False))
+    x = features[0] if len(features) == 1 else keras.layers.Concatenate(name="concat")(features)
+    x = keras.layers.Dropout(dropout)(x)
+    x = keras.layers.Dense(dense_units, activation="relu", name="head_dense")(x)
+    x = keras.layers.Dropout(dropout)(x)
+    outputs = keras.layers.Dense(spec.num_classes, activation=spec.activation, dtype="float32", name="predictions")(x)
+    model = keras.Model(inputs, outputs, name=f"{spec.name}_{'_'.join(names)}")
+    return model
+
+
+def backbones_of(model: keras.Model) -> list[tuple[str, keras.Model]]:
+    prefix = "backbone_"
+    return [(layer.name[len(prefix) :], layer) for layer in model.layers if layer.name.startswith(prefix)]
+
+
+def set_phase(model: keras.Model, phase: str, fine_tune_layers: int | None = None) -> None:
+    """Phase "head": backbones frozen. "fine_tune": the top layers unfrozen, BatchNorm kept frozen.
+
+    "full" trains everything (random initialisation, where freezing would freeze noise).
+    """
+    for name, base in backbones_of(model):
+        if phase == "full":
+            base.trainable = True
+            continue
+        base.trainable = phase == "fine_tune"
+        if phase != "fine_tune":
+            continue
+        count = BACKBONES[name].fine_tune_layers if fine_tune_layers is None else fine_tune_layers
+        layers = [layer for layer in base.layers if layer.weights]
+        for i, layer in enumerate(layers):
+            top = count == 0 or i >= len(layers) - count
+            layer.trainable = top and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def phases(pretrained: bool, epochs: int, fine_tune_epochs: int) -> list[tuple[str, int]]:
+    """The schedule: pretrained backbones train the head first, then fine-tune the top blocks."""
+    if not pretrained:
+        return [("full", epochs + fine_tune_epochs)]
+    return [(name, n) for name, n in (("head", epochs), ("fine_tune", fine_tune_epochs)) if n > 0]

@@ -1,0 +1,349 @@
+"""Distributed transfer-learning fine-tuning with Ray Train.
+
+Three parts, as in Ray's TensorFlow examples: `build_model` (eyeray.models), a worker loop that
+reads its config and its dataset shard, and a driver (`run`) that prepares the data, runs the
+`TensorflowTrainer`, then exports the bundle and the evaluation report.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+from eyeray import storage
+from eyeray.tasks import TaskSpec, get_task
+
+RUN_NAME = "ray_train"  # Ray Train's run folder inside --output (checkpoints, run state)
+WEIGHTS_FILE = "model.weights.h5"
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.npz"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. None means "the default": the demo's when `data` is None."""
+
+    task: str = "oct"
+    data: str | None = None
+    output: str | None = None
+    backbone: str | None = None
+    weights: str | None = None  # "imagenet" | "none" | path or s3:// URI of a weights file
+    image_size: int | None = None
+    epochs: int | None = None  # phase 1 (head; or the whole net when not pretrained)
+    fine_tune_epochs: int | None = None  # phase 2 (top blocks unfrozen)
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    fine_tune_lr_factor: float = 0.01
+    fine_tune_layers: int | None = None
+    dropout: float = 0.3
+    augment: bool = True
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None
+    resume: bool = False
+    max_failures: int = 2
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    fault_at_epoch: int | None = None  # test hook: the last worker kills itself once after this epoch
+
+    @property
+    def is_demo(self) -> bool:
+        return self.data is None
+
+    def resolved(self) -> "TrainConfig":
+        """Fill unset fields: the demo configuration without data, the task's defaults with it."""
+        spec = get_task(self.task)
+        demo = spec.demo
+        defaults = (
+            dict(backbone=demo.backbone, weights="none", image_size=demo.image_size, epochs=demo.epochs,
+                 fine_tune_epochs=0, batch_size=demo.batch_size, learning_rate=demo.learning_rate)
+            if self.is_demo
+            else dict(backbone=spec.backbone, weights="imagenet", image_size=spec.image_size, epochs=10,
+                      fine_tune_epochs=10, batch_size=32, learning_rate=1e-3)
+        )  # fmt: skip
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        defaults["output"] = os.path.join("runs", f"{spec.name}-{'demo-' if self.is_demo else ''}{stamp}")
+        given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return replace(self, **{**defaults, **given})
+
+
+@dataclass
+class TrainResult:
+    output: str
+    bundle: str
+    report: str
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    phase: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _restore(model, checkpoint: Checkpoint | None) -> tuple[_State, list[np.ndarray] | None]:
+    if checkpoint is None:
+        return _State(), None
+    with checkpoint.as_directory() as d:
+        model.load_weights(os.path.join(d, WEIGHTS_FILE))
+        state = _State(**json.loads(Path(d, STATE_FILE).read_text()))
+        opt_path = Path(d, OPTIMIZER_FILE)
+        optimizer = list(np.load(opt_path).values()) if opt_path.exists() else None
+    print(f"[eyeray] resumed from checkpoint after epoch {state.epoch} ({state.phase})")
+    return state, optimizer
+
+
+def _report(model, fitter, state: _State, metrics: dict[str, Any], rank: int) -> None:
+    """Every worker reports (a barrier); only rank 0 writes the checkpoint, since weights are mirrored."""
+    with tempfile.TemporaryDirectory(prefix="eyeray-ckpt-") as tmp:
+        checkpoint = None
+        if rank == 0:
+            model.save_weights(os.path.join(tmp, WEIGHTS_FILE))
+            np.savez(os.path.join(tmp, OPTIMIZER_FILE), *fitter.optimizer_state())
+            Path(tmp, STATE_FILE).write_text(json.dumps(asdict(state)))
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _maybe_inject_fault(cfg: TrainConfig, epoch: int, rank: int, world: int) -> None:
+    """Test-only: the last worker dies once, hard, right after `fault_at_epoch` was checkpointed."""
+    if cfg.fault_at_epoch != epoch or rank != world - 1:
+        return
+    marker = Path(cfg.output, ".fault-injected")
+    if marker.exists():
+        return
+    marker.write_text(f"killed worker rank {rank} after epoch {epoch}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import tensorflow as tf
+
+    from eyeray.distributed import DistributedFitter
+    from eyeray.models import build_model, phases, set_phase
+
+    cfg = TrainConfig(**config["train"])
+    spec = get_task(cfg.task)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = build_model(spec, cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, dropout=cfg.dropout)
+    state, optimizer_state = _restore(model, ray.train.get_checkpoint())
+    fitter = DistributedFitter(strategy, model, spec, np.asarray(config["class_weights"], np.float32))
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+
+    pretrained = cfg.weights not in (None, "none")
+    epoch = 0
+    for phase, n_epochs in phases(pretrained, cfg.epochs, cfg.fine_tune_epochs):
+        if epoch + n_epochs <= state.epoch:
+            epoch += n_epochs
+            continue
+        lr = cfg.learning_rate * (cfg.fine_tune_lr_factor if phase == "fine_tune" else 1.0)
+        set_phase(model, phase, cfg.fine_tune_layers)
+        fitter.compile(lr)
+        if optimizer_state is not None and state.phase == phase:
+            fitter.load_optimizer_state(optimizer_state)
+        for _ in range(n_epochs):
+            epoch += 1
+            if epoch <= state.epoch:
+                continue
+            start = time.perf_counter()
+            train = fitter.train_epoch(
+                train_shard.iter_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size)
+            )
+            seconds = time.perf_counter() - start
+            val = fitter.evaluate(val_shard.iter_batches(batch_size=cfg.batch_size))
+            metrics = {"epoch": epoch, "phase": phase, "learning_rate": lr, **train.as_dict(), **val.as_dict("val_"),
+                       "train_images": train.examples, "images_per_s": train.examples / max(seconds, 1e-9),
+                       "epoch_seconds": seconds}  # fmt: skip
+            state = _State(epoch=epoch, phase=phase, history=[*state.history, metrics])
+            _report(model, fitter, state, metrics, rank)
+            _maybe_inject_fault(cfg, epoch, rank, world)
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def _scaling(cfg: TrainConfig) -> ScalingConfig:
+    """One GPU per worker when asked; CPUs sized so Ray Data keeps some for decoding and augmenting
+    (2 workers x 1 CPU on a 2-CPU node leaves Ray Data none and the run hangs)."""
+    cpus = cfg.cpus_per_worker
+    if cpus is None:
+        total = ray.cluster_resources().get("CPU", 1.0)
+        cpus = 1.0 if cfg.use_gpu else max(0.25, min(1.0, (total - 1.0) / cfg.workers))
+    resources = {"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})}
+    return ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+
+
+def _run_config(cfg: TrainConfig) -> RunConfig:
+    fs = storage.pyarrow_filesystem(cfg.output)
+    storage_path = cfg.output.removeprefix("s3://") if fs is not None else os.path.abspath(cfg.output)
+    return RunConfig(
+        name=RUN_NAME,
+        storage_path=storage_path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+        ),
+    )
+
+
+def _check_output(cfg: TrainConfig) -> None:
+    fs, path = storage.filesystem(cfg.output)
+    previous = fs.exists(f"{path}/{RUN_NAME}")
+    if previous and not cfg.resume:
+        raise FileExistsError(
+            f"{cfg.output} already holds a training run; pass --resume to continue it, "
+            "or choose another --output"
+        )
+    if cfg.resume and not previous:
+        print(f"[eyeray] --resume: no earlier run in {cfg.output}; starting a new one")
+
+
+def _prepare_data(spec: TaskSpec, cfg: TrainConfig):
+    from eyeray import synthetic
+    from eyeray.datasets import read_layout
+    from eyeray.ingest import decode_split
+
+    data = cfg.data
+    if data is None:
+        data = storage.join(cfg.output, "demo_data")
+        fs, path = storage.filesystem(data)
+        if not fs.exists(path):
+            print(f"[eyeray] no --data: generating a synthetic {spec.name} dataset in {data}")
+            synthetic.make_dataset(spec, data, seed=cfg.seed)
+    layout = read_layout(spec, data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    print(layout.summary())
+    decoded = {
+        split: decode_split(records, cfg.image_size, seed=cfg.seed if split == "train" else None)
+        for split, records in layout.splits.items()
+    }
+    for split, d in decoded.items():
+        for e in d.errors:
+            print(f"[eyeray] skipped undecodable {split} image {e['path']}: {e['error']}")
+        if d.count == 0:
+            raise ValueError(f"no usable images in the {split} split of {data} ({len(d.errors)} failed to decode)")
+    return layout, decoded
+
+
+def _samples(spec: TaskSpec, ds, per_class: int = 6) -> dict[str, list[np.ndarray]]:
+    rows = ds.take(min(400, ds.count()))
+    grid: dict[str, list[np.ndarray]] = {c: [] for c in spec.classes}
+    for row in rows:
+        for i in np.flatnonzero(np.asarray(row["label"]) > 0.5):
+            if len(grid[spec.classes[i]]) < per_class:
+                grid[spec.classes[i]].append(row["image"])
+    return grid
+
+
+def _predict(model, ds, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test-set predictions: Ray Data streams decoded batches, the exported model predicts."""
+    labels, probs = [], []
+    for batch in ds.iter_batches(batch_size=batch_size):
+        labels.append(batch["label"])
+        probs.append(model.predict(batch["image"], verbose=0))
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def _history(checkpoint: Checkpoint) -> list[dict[str, Any]]:
+    with checkpoint.as_directory() as d:
+        return json.loads(Path(d, STATE_FILE).read_text())["history"]
+
+
+def run(config: TrainConfig) -> TrainResult:
+    """Train, evaluate on the test split, and write OUTPUT/bundle and OUTPUT/report."""
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from eyeray import bundle, evaluate
+    from eyeray.augment import augment_batch
+    from eyeray.distributed import class_weights
+    from eyeray.models import build_model
+
+    cfg = config.resolved()
+    spec = get_task(cfg.task)
+    if not ray.is_initialized():
+        ray.init()
+    _check_output(cfg)
+    print(f"[eyeray] training {spec.name}: {cfg.backbone} @ {cfg.image_size}px, weights={cfg.weights}, "
+          f"{cfg.workers} worker(s){' with GPUs' if cfg.use_gpu else ''}, output {cfg.output}")  # fmt: skip
+
+    layout, decoded = _prepare_data(spec, cfg)
+    train_labels = np.stack([np.asarray(r["label"]) for r in layout.splits["train"]])
+    train_ds = decoded["train"].images.randomize_block_order()
+    if cfg.augment:
+        train_ds = train_ds.map_batches(augment_batch, fn_kwargs={"spec": spec.augment}, batch_size=64)
+
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=train_loop_per_worker,
+        train_loop_config={"train": asdict(cfg), "class_weights": class_weights(spec, train_labels).tolist()},
+        scaling_config=_scaling(cfg),
+        run_config=_run_config(cfg),
+        datasets={"train": train_ds, "validation": decoded["validation"].images},
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(metric="val_loss", mode="min") or result.checkpoint
+    history = _history(result.checkpoint)
+
+    model = build_model(spec, cfg.backbone, weights=None, image_size=cfg.image_size, dropout=cfg.dropout)
+    with best.as_directory() as d:
+        model.load_weights(os.path.join(d, WEIGHTS_FILE))
+    y_true, probs = _predict(model, decoded["test"].images, cfg.batch_size)
+
+    data_report = {
+        "source": cfg.data or "synthetic (embedded default)",
+        "counts": layout.counts(),
+        "notes": layout.notes,
+        "skipped": layout.skipped,
+        "decode_errors": {split: d.errors for split, d in decoded.items()},
+    }
+    report_uri = storage.join(cfg.output, "report")
+    with tempfile.TemporaryDirectory(prefix="eyeray-report-") as tmp:
+        metrics = evaluate.write_report(
+            spec, tmp, y_true=y_true, probs=probs, history=history,
+            samples=_samples(spec, decoded["train"].images),
+            extra={"run": {"config": asdict(cfg), "best_epoch": _best_epoch(history)}, "data": data_report},
+        )  # fmt: skip
+        storage.publish_dir(tmp, report_uri, commit_file="metrics.json")
+
+    training = {"config": asdict(cfg), "epochs_run": len(history), "best_epoch": _best_epoch(history),
+                "train_images": int(decoded["train"].count)}  # fmt: skip
+    manifest = bundle.make_manifest(
+        spec, model, backbone=cfg.backbone, image_size=cfg.image_size, weights=cfg.weights,
+        metrics=_headline(metrics), training=training,
+    )  # fmt: skip
+    bundle_uri = storage.join(cfg.output, "bundle")
+    bundle.save(model, manifest, bundle_uri)
+    print(f"[eyeray] bundle: {bundle_uri}\n[eyeray] report: {report_uri}")
+    print("[eyeray] test metrics: " + json.dumps(_headline(metrics)))
+    return TrainResult(output=cfg.output, bundle=bundle_uri, report=report_uri, metrics=metrics, history=history)
+
+
+def _best_epoch(history: list[dict[str, Any]]) -> int | None:
+    return min(history, key=lambda h: h["val_loss"])["epoch"] if history else None
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The scalar metrics (per-class tables and matrices stay in the report)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}
