@@ -138,8 +138,10 @@ def build_model(
             base.load_weights(local)
             if tmp is not None:
                 tmp.cleanup()
-        # training=False keeps BatchNorm statistics frozen, also while fine-tuning (keras-io).
-        features.append(base(x, training=False))
+        # Pretrained: training=False keeps BatchNorm statistics frozen, also while fine-tuning
+        # (keras-io). From scratch, BatchNorm must learn its statistics.
+        pretrained = keras_weights is not None or weights_file is not None
+        features.append(base(x, training=False) if pretrained else base(x))
     x = features[0] if len(features) == 1 else keras.layers.Concatenate(name="concat")(features)
     x = keras.layers.Dropout(dropout)(x)
     x = keras.layers.Dense(dense_units, activation="relu", name="head_dense")(x)
@@ -160,17 +162,13 @@ def set_phase(model: keras.Model, phase: str, fine_tune_layers: int | None = Non
     "full" trains everything (random initialisation, where freezing would freeze noise).
     """
     for name, base in backbones_of(model):
-        if phase == "full":
-            base.trainable = True
-            continue
-        base.trainable = phase == "fine_tune"
-        if phase != "fine_tune":
-            continue
+        base.trainable = phase != "head"
         count = BACKBONES[name].fine_tune_layers if fine_tune_layers is None else fine_tune_layers
         layers = [layer for layer in base.layers if layer.weights]
         for i, layer in enumerate(layers):
             top = count == 0 or i >= len(layers) - count
-            layer.trainable = top and not isinstance(layer, keras.layers.BatchNormalization)
+            batchnorm = isinstance(layer, keras.layers.BatchNormalization)
+            layer.trainable = phase == "full" or (phase == "fine_tune" and top and not batchnorm)
 
 
 def phases(pretrained: bool, epochs: int, fine_tune_epochs: int) -> list[tuple[str, int]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,35 @@ def glaucoma_sample() -> Path:
 @pytest.fixture(scope="session")
 def odir_sample() -> Path:
     return _sample("odir-sample")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster (`ray start --head` on 127.0.0.1, with the dashboard for job
+    submission) shared by every test that needs Ray; this process connects to it as a driver."""
+    import ray
+
+    port, dashboard_port = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    cmd = [
+        "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+    address = f"127.0.0.1:{port}"
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        ray.init(address=address, log_to_driver=False)
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": {**env, "RAY_ADDRESS": address}}
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
