@@ -133,12 +133,14 @@ class DistributedFitter:
         return _stats(self.all_reduce_sum(totals))
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
-        local = tf.constant(values, tf.float64)
-        per_replica = self.strategy.run(lambda: tf.identity(local))
         # Each local replica contributes the same worker-local sums: count each worker once.
-        total = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
         local_replicas = max(1, len(self.strategy.extended.worker_devices))
-        return total.numpy() / local_replicas
+        return self._all_reduce(tf.constant(values, tf.float64)).numpy() / local_replicas
+
+    @tf.function
+    def _all_reduce(self, local):
+        per_replica = self.strategy.run(lambda: tf.identity(local))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
 
 def _stats(totals: np.ndarray) -> EpochStats:

@@ -98,6 +98,7 @@ def publish_dir(local_dir: str | Path, uri: str, commit_file: str | None = None)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         shutil.rmtree(staging)
         shutil.copytree(local_dir, staging)
+        staging.chmod(0o755)  # copytree keeps the 0700 of a temporary source directory
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -87,6 +87,7 @@ class TrainResult:
     report: str
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_after: list[int] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -97,6 +98,7 @@ class _State:
     epoch: int = 0
     phase: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_after: list[int] = field(default_factory=list)  # epochs after which a restart resumed
 
 
 def _restore(model, checkpoint: Checkpoint | None) -> tuple[_State, list[np.ndarray] | None]:
@@ -105,6 +107,7 @@ def _restore(model, checkpoint: Checkpoint | None) -> tuple[_State, list[np.ndar
     with checkpoint.as_directory() as d:
         model.load_weights(os.path.join(d, WEIGHTS_FILE))
         state = _State(**json.loads(Path(d, STATE_FILE).read_text()))
+        state.resumed_after.append(state.epoch)
         opt_path = Path(d, OPTIMIZER_FILE)
         optimizer = list(np.load(opt_path).values()) if opt_path.exists() else None
     print(f"[eyeray] resumed from checkpoint after epoch {state.epoch} ({state.phase})")
@@ -145,6 +148,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
+    gpus = len(ray.get_gpu_ids())
+    if cfg.use_gpu and not tf.config.list_physical_devices("GPU"):
+        print(f"[eyeray] worker {rank}: Ray assigned {gpus} GPU(s) but TensorFlow sees none; computing on the CPU")
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
         model = build_model(spec, cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, dropout=cfg.dropout)
@@ -176,8 +182,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             val = fitter.evaluate(val_shard.iter_batches(batch_size=cfg.batch_size))
             metrics = {"epoch": epoch, "phase": phase, "learning_rate": lr, **train.as_dict(), **val.as_dict("val_"),
                        "train_images": train.examples, "images_per_s": train.examples / max(seconds, 1e-9),
-                       "epoch_seconds": seconds}  # fmt: skip
-            state = _State(epoch=epoch, phase=phase, history=[*state.history, metrics])
+                       "epoch_seconds": seconds, "workers": world, "gpus_per_worker": gpus}  # fmt: skip
+            state = replace(state, epoch=epoch, phase=phase, history=[*state.history, metrics])
             _report(model, fitter, state, metrics, rank)
             _maybe_inject_fault(cfg, epoch, rank, world)
 
@@ -191,7 +197,7 @@ def _scaling(cfg: TrainConfig) -> ScalingConfig:
     cpus = cfg.cpus_per_worker
     if cpus is None:
         total = ray.cluster_resources().get("CPU", 1.0)
-        cpus = 1.0 if cfg.use_gpu else max(0.25, min(1.0, (total - 1.0) / cfg.workers))
+        cpus = max(0.25, min(1.0, (total - 1.0) / cfg.workers))
     resources = {"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})}
     return ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
 
@@ -223,12 +229,13 @@ def _check_output(cfg: TrainConfig) -> None:
 
 
 def _prepare_data(spec: TaskSpec, cfg: TrainConfig):
-    from eyeray import synthetic
     from eyeray.datasets import read_layout
     from eyeray.ingest import decode_split
 
     data = cfg.data
     if data is None:
+        from eyeray import synthetic
+
         data = storage.join(cfg.output, "demo_data")
         fs, path = storage.filesystem(data)
         if not fs.exists(path):
@@ -267,9 +274,9 @@ def _predict(model, ds, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(labels), np.concatenate(probs)
 
 
-def _history(checkpoint: Checkpoint) -> list[dict[str, Any]]:
+def _final_state(checkpoint: Checkpoint) -> _State:
     with checkpoint.as_directory() as d:
-        return json.loads(Path(d, STATE_FILE).read_text())["history"]
+        return _State(**json.loads(Path(d, STATE_FILE).read_text()))
 
 
 def run(config: TrainConfig) -> TrainResult:
@@ -304,7 +311,8 @@ def run(config: TrainConfig) -> TrainResult:
     )
     result = trainer.fit()
     best = result.get_best_checkpoint(metric="val_loss", mode="min") or result.checkpoint
-    history = _history(result.checkpoint)
+    final = _final_state(result.checkpoint)
+    history, resumed = final.history, final.resumed_after
 
     model = build_model(spec, cfg.backbone, weights=None, image_size=cfg.image_size, dropout=cfg.dropout)
     with best.as_directory() as d:
@@ -319,15 +327,13 @@ def run(config: TrainConfig) -> TrainResult:
         "decode_errors": {split: d.errors for split, d in decoded.items()},
     }
     report_uri = storage.join(cfg.output, "report")
-    with tempfile.TemporaryDirectory(prefix="eyeray-report-") as tmp:
-        metrics = evaluate.write_report(
-            spec, tmp, y_true=y_true, probs=probs, history=history,
-            samples=_samples(spec, decoded["train"].images),
-            extra={"run": {"config": asdict(cfg), "best_epoch": _best_epoch(history)}, "data": data_report},
-        )  # fmt: skip
-        storage.publish_dir(tmp, report_uri, commit_file="metrics.json")
+    metrics = evaluate.write_report(
+        spec, report_uri, y_true=y_true, probs=probs, history=history,
+        samples=_samples(spec, decoded["train"].images),
+        extra={"config": asdict(cfg), "best_epoch": _best_epoch(history), "resumed_after": resumed, "data": data_report},
+    )  # fmt: skip
 
-    training = {"config": asdict(cfg), "epochs_run": len(history), "best_epoch": _best_epoch(history),
+    training = {"config": asdict(cfg), "epochs": len(history), "best_epoch": _best_epoch(history),
                 "train_images": int(decoded["train"].count)}  # fmt: skip
     manifest = bundle.make_manifest(
         spec, model, backbone=cfg.backbone, image_size=cfg.image_size, weights=cfg.weights,
@@ -337,7 +343,8 @@ def run(config: TrainConfig) -> TrainResult:
     bundle.save(model, manifest, bundle_uri)
     print(f"[eyeray] bundle: {bundle_uri}\n[eyeray] report: {report_uri}")
     print("[eyeray] test metrics: " + json.dumps(_headline(metrics)))
-    return TrainResult(output=cfg.output, bundle=bundle_uri, report=report_uri, metrics=metrics, history=history)
+    return TrainResult(output=cfg.output, bundle=bundle_uri, report=report_uri, metrics=metrics, history=history,
+                       resumed_after=resumed)  # fmt: skip
 
 
 def _best_epoch(history: list[dict[str, Any]]) -> int | None:

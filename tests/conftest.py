@@ -54,6 +54,7 @@ def ray_cluster():
     os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     cmd = [
         "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+        "--num-gpus=2",  # logical GPUs: --use-gpu runs its real code path (TF falls back to the CPU)
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         "--disable-usage-stats",
     ]  # fmt: skip

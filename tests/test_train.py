@@ -1,0 +1,96 @@
+"""End to end on a real local Ray cluster: job submission, 2 workers, a killed worker, --resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from eyeray import bundle, synthetic
+from eyeray.tasks import get_task
+from eyeray.train import TrainConfig, run
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.cluster
+
+
+def test_ray_job_submit_trains_oct_with_two_workers(ray_cluster, tmp_path):
+    output = tmp_path / "oct-run"
+    cmd = [
+        sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", ray_cluster["dashboard"],
+        "--working-dir", str(REPO), "--",
+        "python", "jobs/train_oct.py", "--output", str(output), "--workers", "2", "--weights", "none",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "succeeded" in proc.stdout.lower(), proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    manifest = json.loads((output / "bundle" / "manifest.json").read_text())
+    assert manifest["task"] == "oct" and manifest["classes"] == ["CNV", "DME", "DRUSEN", "NORMAL"]
+    assert manifest["training"]["config"]["workers"] == 2
+    metrics = json.loads((output / "report" / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "auc", "urgent_referral_auc", "confusion_matrix", "per_class"):
+        assert key in metrics
+    assert metrics["accuracy"] >= 0.9, metrics
+    for png in ("curves.png", "confusion_matrix.png", "roc.png", "samples.png"):
+        assert (output / "report" / png).stat().st_size > 5000
+    history = metrics["history"]
+    assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
+    assert history[-1]["loss"] < history[0]["loss"]
+    loaded = bundle.load(str(output / "bundle"))
+    bundle.verify(loaded)
+
+
+def make_data(task: str, root: Path, per_class: int) -> Path:
+    return synthetic.make_dataset(get_task(task), root, images_per_class=per_class, image_size=64, seed=1)
+
+
+def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, tmp_path):
+    """A pretrained backbone (--weights PATH) runs head then fine-tune on 2 GPU workers (the session
+    cluster's GPUs are logical: the same code, TensorFlow computes on the CPU); one dies after epoch 2."""
+    data = make_data("glaucoma", tmp_path / "data", per_class=24)
+    weights = tmp_path / "vgg16_backbone.weights.h5"
+    keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg").save_weights(weights)
+    cfg = TrainConfig(
+        task="glaucoma", data=str(data), output=str(tmp_path / "run"), backbone="vgg16", weights=str(weights),
+        image_size=32, epochs=2, fine_tune_epochs=2, batch_size=16, workers=2, use_gpu=True, fault_at_epoch=2,
+    )  # fmt: skip
+    result = run(cfg)
+    assert (tmp_path / "run" / ".fault-injected").exists()
+    assert result.resumed_after == [2]
+    assert [(h["epoch"], h["phase"]) for h in result.history] == [(1, "head"), (2, "head"), (3, "fine_tune"), (4, "fine_tune")]
+    assert {(h["workers"], h["gpus_per_worker"]) for h in result.history} == {(2, 1)}
+    assert result.history[2]["learning_rate"] == pytest.approx(result.history[0]["learning_rate"] * 0.01)
+    for key in ("pauc_90_100", "sens_at_95_spec", "auc"):
+        assert key in result.metrics
+    assert bundle.read_manifest(result.bundle)["weights"] == str(weights)
+
+
+def test_interrupted_run_resumes_with_resume_flag_and_reports_bad_files(ray_cluster, tmp_path):
+    data = make_data("odir", tmp_path / "data", per_class=10)
+    sheet = (data / "data.csv").read_text().splitlines()
+    victim = sheet[1].split(",")[3]  # the first patient's left eye
+    (data / "images" / victim).write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    cfg = TrainConfig(task="odir", data=str(data), output=str(tmp_path / "run"), image_size=32, epochs=3,
+                      workers=1, max_failures=0, fault_at_epoch=1)  # fmt: skip
+    with pytest.raises(Exception):
+        run(cfg)  # the only worker dies after epoch 1 and no restart is allowed
+    assert not (tmp_path / "run" / "bundle").exists()  # no half-written bundle
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(cfg)
+    result = run(TrainConfig(**{**cfg.__dict__, "resume": True}))
+    assert result.resumed_after == [1]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    errors = [e for split in result.metrics["run"]["data"]["decode_errors"].values() for e in split]
+    assert [Path(e["path"]).name for e in errors] == [victim]
+    assert "corrupt" in errors[0]["error"]
+    for key in ("odir_score", "kappa", "f1", "auc"):
+        assert key in result.metrics
+    manifest = bundle.read_manifest(result.bundle)
+    assert manifest["multi_label"] and len(manifest["thresholds"]) == 8
+    probs = bundle.load(result.bundle).predict(np.zeros((2, 32, 32, 3), np.uint8))
+    assert probs.shape == (2, 8)

@@ -1,0 +1,67 @@
+"""Pieces of training that run without Ray: augmentation, class weights, config resolution, CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from eyeray.augment import augment_batch, augment_image
+from eyeray.cli import get_train_parser, train_config
+from eyeray.distributed import class_weights
+from eyeray.tasks import AugmentSpec, get_task
+from eyeray.train import TrainConfig
+
+
+def test_augmentation_keeps_shape_and_dtype_and_varies():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    spec = AugmentSpec()
+    outs = [augment_image(image, spec, rng) for _ in range(4)]
+    assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
+    assert len({o.tobytes() for o in outs}) == 4
+    batch = {"image": np.stack([image] * 3), "label": np.eye(3, dtype=np.float32)}
+    a, b = augment_batch(batch, spec), augment_batch(batch, spec)
+    assert not np.array_equal(a["image"], b["image"])  # fresh randomness each epoch
+    np.testing.assert_array_equal(a["label"], batch["label"])
+
+
+def test_augmentation_off_is_identity_and_flip_is_a_mirror():
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    off = AugmentSpec(hflip=False, rotation_deg=0, zoom=0, brightness=0, contrast=0)
+    np.testing.assert_array_equal(augment_image(image, off, rng), image)
+    flip_only = AugmentSpec(hflip=True, rotation_deg=0, zoom=0, brightness=0, contrast=0)
+    seen = {augment_image(image, flip_only, rng).tobytes() for _ in range(20)}
+    assert seen == {image.tobytes(), image[:, ::-1].tobytes()}
+
+
+def test_class_weights_balance_single_and_multi_label():
+    oct_spec = get_task("oct")
+    labels = np.eye(4)[[0] * 6 + [1] * 2 + [2] * 2 + [3] * 2]  # 12 images, CNV x6
+    np.testing.assert_allclose(class_weights(oct_spec, labels), [0.5, 1.5, 1.5, 1.5])  # n / (k * count)
+    odir = get_task("odir")
+    multi = np.zeros((10, 8))
+    multi[:2, 0] = 1  # N: 2 positives, 8 negatives -> 4
+    multi[:, 1] = 1  # D: all positive -> 0 / 10, floored at 1
+    weights = class_weights(odir, multi)
+    assert weights[0] == pytest.approx(4.0) and weights[1] == 1.0 and weights[2] == 10.0  # G: 10 / max(0, 1)
+
+
+def test_demo_defaults_apply_without_data_and_flags_override():
+    demo = TrainConfig(task="glaucoma").resolved()
+    assert (demo.backbone, demo.weights, demo.image_size, demo.fine_tune_epochs) == ("small_cnn", "none", 64, 0)
+    assert demo.output.startswith("runs/glaucoma-demo-")
+    real = TrainConfig(task="glaucoma", data="/data/airogs", epochs=3).resolved()
+    assert (real.backbone, real.weights, real.image_size, real.epochs) == ("xception", "imagenet", 299, 3)
+
+
+def test_job_flags_parse_into_the_config():
+    args = get_train_parser("oct").parse_args(
+        ["--data", "s3://b/k", "--output", "s3://b/r", "--backbone", "vgg16", "--weights", "None", "--image-size", "96",
+         "--epochs", "2", "--batch-size", "8", "--learning-rate", "0.01", "--workers", "4", "--use-gpu", "--resume"]
+    )  # fmt: skip
+    cfg = train_config(args, "oct")
+    assert (cfg.task, cfg.data, cfg.output, cfg.weights, cfg.image_size, cfg.workers, cfg.use_gpu, cfg.resume) == (
+        "oct", "s3://b/k", "s3://b/r", "none", 96, 4, True, True
+    )
+    assert cfg.learning_rate == 0.01 and cfg.batch_size == 8 and cfg.epochs == 2
