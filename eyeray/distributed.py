@@ -68,6 +68,9 @@ class DistributedFitter:
         self._train_step = tf.function(self._step, reduce_retracing=True)
         self._eval_step = tf.function(self._eval, reduce_retracing=True)
 
+    def set_learning_rate(self, value: float) -> None:
+        self.optimizer.learning_rate.assign(value)
+
     def optimizer_state(self) -> list[np.ndarray]:
         return [np.asarray(v.numpy()) for v in self.optimizer.variables]
 

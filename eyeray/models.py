@@ -45,7 +45,7 @@ def _small_cnn(input_shape: tuple[int, int, int], weights: str | None) -> keras.
     x = inputs
     for filters in (32, 64, 128, 128):
         x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.BatchNormalization(momentum=0.9)(x)  # few steps in short runs: track fast
         x = keras.layers.Activation("relu")(x)
         x = keras.layers.MaxPooling2D()(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
@@ -131,7 +131,7 @@ def build_model(
     for name in names:
         info = BACKBONES[name]
         x = BackbonePreprocess(info.preprocess, name=f"preprocess_{name}")(inputs)
-        base = info.build((size, size, 3), keras_weights)
+        base = _build_backbone(name, info, size, keras_weights)
         base.name = f"backbone_{name}"
         if weights_file:
             local, tmp = storage.local_copy(weights_file)
@@ -149,6 +149,18 @@ def build_model(
     outputs = keras.layers.Dense(spec.num_classes, activation=spec.activation, dtype="float32", name="predictions")(x)
     model = keras.Model(inputs, outputs, name=f"{spec.name}_{'_'.join(names)}")
     return model
+
+
+def _build_backbone(name: str, info: Backbone, size: int, keras_weights: str | None) -> keras.Model:
+    try:
+        return info.build((size, size, 3), keras_weights)
+    except Exception as exc:
+        if keras_weights != "imagenet" or isinstance(exc, ValueError):
+            raise
+        raise RuntimeError(
+            f"could not download Keras' ImageNet weights for {name} ({exc}). Without internet access, "
+            "pass --weights PATH (a weights file saved where the internet is reachable) or --weights none"
+        ) from exc
 
 
 def backbones_of(model: keras.Model) -> list[tuple[str, keras.Model]]:

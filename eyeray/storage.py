@@ -57,16 +57,15 @@ def read_bytes(uri: str) -> bytes:
 
 
 def pyarrow_filesystem(uri: str):
-    """A pyarrow filesystem for Ray Train's `RunConfig(storage_filesystem=...)`, or None for local."""
-    if not uri.startswith("s3://"):
+    """A pyarrow view of the same s3fs filesystem, for Ray Train's `storage_filesystem`, or None
+    for local paths. Going through s3fs keeps one S3 client (credentials, endpoint override) for
+    everything eyeray writes."""
+    if not is_remote(uri):
         return None
     import pyarrow.fs as pafs
 
-    endpoint = s3_endpoint()
-    if endpoint:
-        scheme = "https" if endpoint.startswith("https") else "http"
-        return pafs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme)
-    return pafs.S3FileSystem()
+    fs, _ = filesystem(uri)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def local_copy(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:

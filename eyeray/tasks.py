@@ -28,10 +28,10 @@ class DemoSpec:
     modality: str  # "oct" | "fundus": which synthetic generator draws the images
     backbone: str = "small_cnn"
     image_size: int = 64
-    epochs: int = 6
+    epochs: int = 15
     batch_size: int = 16
     learning_rate: float = 2e-3
-    images_per_class: int = 60
+    images_per_class: int = 120
 
 
 @dataclass(frozen=True)

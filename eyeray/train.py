@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import signal
 import tempfile
@@ -29,6 +30,7 @@ RUN_NAME = "ray_train"  # Ray Train's run folder inside --output (checkpoints, r
 WEIGHTS_FILE = "model.weights.h5"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.npz"
+FAULT_MARKER = ".fault-injected"
 
 
 @dataclass
@@ -130,11 +132,18 @@ def _maybe_inject_fault(cfg: TrainConfig, epoch: int, rank: int, world: int) -> 
     """Test-only: the last worker dies once, hard, right after `fault_at_epoch` was checkpointed."""
     if cfg.fault_at_epoch != epoch or rank != world - 1:
         return
-    marker = Path(cfg.output, ".fault-injected")
-    if marker.exists():
+    fs, path = storage.filesystem(cfg.output)
+    marker = f"{path}/{FAULT_MARKER}"
+    if fs.exists(marker):
         return
-    marker.write_text(f"killed worker rank {rank} after epoch {epoch}\n")
+    fs.pipe(marker, f"killed worker rank {rank} after epoch {epoch}\n".encode())
+    time.sleep(5)  # die early in the next epoch, after the controller collected this report
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def cosine(base_lr: float, step: int, steps: int) -> float:
+    """Cosine decay over a phase's epochs: the late epochs settle instead of oscillating."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -165,15 +174,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if epoch + n_epochs <= state.epoch:
             epoch += n_epochs
             continue
-        lr = cfg.learning_rate * (cfg.fine_tune_lr_factor if phase == "fine_tune" else 1.0)
+        base_lr = cfg.learning_rate * (cfg.fine_tune_lr_factor if phase == "fine_tune" else 1.0)
         set_phase(model, phase, cfg.fine_tune_layers)
-        fitter.compile(lr)
+        fitter.compile(base_lr)
         if optimizer_state is not None and state.phase == phase:
             fitter.load_optimizer_state(optimizer_state)
-        for _ in range(n_epochs):
+        for i in range(n_epochs):
             epoch += 1
             if epoch <= state.epoch:
                 continue
+            lr = cosine(base_lr, i, n_epochs)
+            fitter.set_learning_rate(lr)
             start = time.perf_counter()
             train = fitter.train_epoch(
                 train_shard.iter_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size)
@@ -204,7 +215,7 @@ def _scaling(cfg: TrainConfig) -> ScalingConfig:
 
 def _run_config(cfg: TrainConfig) -> RunConfig:
     fs = storage.pyarrow_filesystem(cfg.output)
-    storage_path = cfg.output.removeprefix("s3://") if fs is not None else os.path.abspath(cfg.output)
+    storage_path = storage.filesystem(cfg.output)[1] if fs is not None else os.path.abspath(cfg.output)
     return RunConfig(
         name=RUN_NAME,
         storage_path=storage_path,

@@ -44,7 +44,36 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3_server():
+    """A real S3 API (moto's server) on 127.0.0.1 for the whole session. Its endpoint and dummy
+    credentials go into the environment before the Ray cluster starts, so Ray workers, s3fs and
+    pyarrow all reach it the way a cluster reaches MinIO."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )  # fmt: skip
+    for key in ("EYERAY_S3_ENDPOINT", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        os.environ.pop(key, None)
+    try:
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+          "EYERAY_S3_ENDPOINT", "AWS_PROFILE", "AWS_SESSION_TOKEN")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
     """One real local Ray cluster (`ray start --head` on 127.0.0.1, with the dashboard for job
     submission) shared by every test that needs Ray; this process connects to it as a driver."""
     import ray

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-import socket
 from pathlib import Path
 
 import pandas as pd
@@ -386,44 +385,24 @@ def test_odir_bad_label_values(odir_sample, tmp_path):
 BUCKET = "eyeray-test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3(oct_sample, odir_sample):
-    """A moto S3 server holding part of the OCT sample (inside a Kaggle-style wrapper) and ODIR."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-            env.delenv("EYERAY_S3_ENDPOINT", raising=False)
-            env.delenv("AWS_PROFILE", raising=False)
-            env.setenv("AWS_ACCESS_KEY_ID", "testing")
-            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            fs, _ = storage.filesystem(f"s3://{BUCKET}")  # no region_name: moto rejects it on create
-            fs.mkdir(BUCKET)
-            local, remote = [], []
-            for cls in OCT.classes:
-                for name in sorted(os.listdir(oct_sample / cls))[:8]:
-                    local.append(str(oct_sample / cls / name))
-                    remote.append(f"{BUCKET}/oct/OCT2017 /{cls}/{name}")
-            for path in sorted(odir_sample.rglob("*")):
-                if path.is_file():
-                    local.append(str(path))
-                    remote.append(f"{BUCKET}/odir/{path.relative_to(odir_sample).as_posix()}")
-            fs.put(local, remote)
-            fs.invalidate_cache()
-            yield fs
-    finally:
-        server.stop()
+def s3(s3_server, oct_sample, odir_sample):
+    """The session's S3 server holding part of the OCT sample (inside a Kaggle-style wrapper) and ODIR."""
+    fs, _ = storage.filesystem(f"s3://{BUCKET}")  # no region_name: moto rejects it on create
+    fs.mkdir(BUCKET)
+    local, remote = [], []
+    for cls in OCT.classes:
+        for name in sorted(os.listdir(oct_sample / cls))[:8]:
+            local.append(str(oct_sample / cls / name))
+            remote.append(f"{BUCKET}/oct/OCT2017 /{cls}/{name}")
+    for path in sorted(odir_sample.rglob("*")):
+        if path.is_file():
+            local.append(str(path))
+            remote.append(f"{BUCKET}/odir/{path.relative_to(odir_sample).as_posix()}")
+    fs.put(local, remote)
+    fs.invalidate_cache()
+    yield fs
+    fs.rm(BUCKET, recursive=True)
 
 
 def test_s3_class_folders_match_local(s3, oct_sample):
