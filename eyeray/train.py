@@ -245,13 +245,7 @@ def _prepare_data(spec: TaskSpec, cfg: TrainConfig):
 
     data = cfg.data
     if data is None:
-        from eyeray import synthetic
-
-        data = storage.join(cfg.output, "demo_data")
-        fs, path = storage.filesystem(data)
-        if not fs.exists(path):
-            print(f"[eyeray] no --data: generating a synthetic {spec.name} dataset in {data}")
-            synthetic.make_dataset(spec, data, seed=cfg.seed)
+        data = _demo_data(spec, cfg)
     layout = read_layout(spec, data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     print(layout.summary())
     decoded = {
@@ -264,6 +258,24 @@ def _prepare_data(spec: TaskSpec, cfg: TrainConfig):
         if d.count == 0:
             raise ValueError(f"no usable images in the {split} split of {data} ({len(d.errors)} failed to decode)")
     return layout, decoded
+
+
+def _demo_data(spec: TaskSpec, cfg: TrainConfig) -> str:
+    """The embedded default: a synthetic dataset beside the run (reused by --resume), written to a
+    staging folder and renamed so a crash never leaves half a dataset. Local even for s3:// runs."""
+    from eyeray import synthetic
+
+    if storage.is_remote(cfg.output):
+        return str(synthetic.make_dataset(spec, tempfile.mkdtemp(prefix="eyeray-demo-"), seed=cfg.seed))
+    data = Path(cfg.output, "demo_data")
+    if not data.exists():
+        print(f"[eyeray] no --data: generating a synthetic {spec.name} dataset in {data}")
+        data.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".demo_data-", dir=data.parent))
+        staging.chmod(0o755)
+        synthetic.make_dataset(spec, staging, seed=cfg.seed)
+        staging.rename(data)
+    return str(data)
 
 
 def _samples(spec: TaskSpec, ds, per_class: int = 6) -> dict[str, list[np.ndarray]]:

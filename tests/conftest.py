@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+
+# Loopback only. Ray otherwise swaps 127.0.0.1 for the machine's network address; this switch
+# (Ray's single-machine mode) keeps every Ray, gRPC and TF collective socket on 127.0.0.1. Ray reads
+# it at import time, so it is set before any test module imports Ray.
+RAY_TEST_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+os.environ.update(RAY_TEST_ENV)
 
 SHARED_DATA = Path(os.environ.get("EYERAY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -79,8 +86,7 @@ def ray_cluster(s3_server):
     import ray
 
     port, dashboard_port = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env = {**os.environ, **RAY_TEST_ENV}
     cmd = [
         "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
         "--num-gpus=2",  # logical GPUs: --use-gpu runs its real code path (TF falls back to the CPU)
@@ -92,8 +98,30 @@ def ray_cluster(s3_server):
     os.environ["RAY_ADDRESS"] = address
     try:
         ray.init(address=address, log_to_driver=False)
+        _wait_for_job_agent(f"http://127.0.0.1:{dashboard_port}")
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": {**env, "RAY_ADDRESS": address}}
     finally:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _wait_for_job_agent(dashboard: str, timeout_s: float = 90.0) -> None:
+    """The dashboard answers before its job agent has registered ("No available agent to submit
+    job"): wait until a trivial job has run, so job-submission tests start on a ready cluster."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(dashboard)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            job = client.submit_job(entrypoint="python -c pass")
+            break
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    while client.get_job_status(job) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the warm-up job did not finish")
+        time.sleep(0.5)

@@ -98,3 +98,17 @@ def test_every_task_default_backbone_is_registered():
     for spec in TASKS.values():
         backbone_names(spec.backbone)
         backbone_names(spec.demo.backbone)
+
+
+def test_weights_file_on_s3(s3_server, tmp_path):
+    """Air-gapped hospitals keep the backbone file in their object store: --weights s3://..."""
+    from eyeray import storage
+
+    source = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg")
+    path = tmp_path / "vgg16.weights.h5"
+    source.save_weights(path)
+    fs, _ = storage.filesystem("s3://weights")
+    fs.mkdir("weights")
+    fs.put_file(str(path), "weights/vgg16.weights.h5")
+    model = build_model(get_task("odir"), "vgg16", weights="s3://weights/vgg16.weights.h5", image_size=32)
+    np.testing.assert_array_equal(dict(backbones_of(model))["vgg16"].get_weights()[0], source.get_weights()[0])
