@@ -141,6 +141,11 @@ def _maybe_inject_fault(cfg: TrainConfig, epoch: int, rank: int, world: int) -> 
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def train_batches(shard, batch_size: int):
+    """One epoch of a worker's training shard: shuffled locally, prefetched while the step runs."""
+    return shard.iter_batches(batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size, prefetch_batches=2)
+
+
 def cosine(base_lr: float, step: int, steps: int) -> float:
     """Cosine decay over a phase's epochs: the late epochs settle instead of oscillating."""
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
@@ -186,9 +191,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             lr = cosine(base_lr, i, n_epochs)
             fitter.set_learning_rate(lr)
             start = time.perf_counter()
-            train = fitter.train_epoch(
-                train_shard.iter_batches(batch_size=cfg.batch_size, local_shuffle_buffer_size=4 * cfg.batch_size)
-            )
+            train = fitter.train_epoch(train_batches(train_shard, cfg.batch_size))
             seconds = time.perf_counter() - start
             val = fitter.evaluate(val_shard.iter_batches(batch_size=cfg.batch_size))
             metrics = {"epoch": epoch, "phase": phase, "learning_rate": lr, **train.as_dict(), **val.as_dict("val_"),
