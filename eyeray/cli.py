@@ -88,6 +88,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add = parser.add_argument
+    add("--bundle", required=True, help="model bundle folder or s3:// URI (from training)")
+    add("--input", required=True, help="archive to score: local folder or s3://bucket/prefix (recursive)")
+    add("--output", required=True, help="results folder or s3:// URI (Parquet shards + summary.json)")
+    add("--actors", type=int, default=1, help="model actors (each loads the bundle once)")
+    add("--gpus-per-actor", type=float, default=0.0, help="GPUs per model actor")
+    add("--batch-size", type=int, default=32, help="images per model call")
+    return parser
+
+
+def score_main(argv: list[str] | None = None) -> int:
+    """Entry point of jobs/score_archive.py."""
+    from eyeray.score import ScoreConfig, run
+
+    parser = argparse.ArgumentParser(description="Score an image archive with Ray Data.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    args = add_score_arguments(parser).parse_args(argv)
+    run(ScoreConfig(**vars(args)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eyeray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train on generated data end to end: no dataset, no cluster, no download")
     demo.add_argument("--task", default="oct", choices=sorted(TASKS))
     add_train_arguments(demo)
+    add_score_arguments(sub.add_parser("score", help="score an image archive with Ray Data (Parquet out)"))
     args = parser.parse_args(argv)
+    if args.command == "score":
+        from eyeray.score import ScoreConfig, run as score
+
+        score(ScoreConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+        return 0
     if args.command == "train":
         from eyeray.train import run
 
