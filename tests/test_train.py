@@ -11,6 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import ray.train
 
 from eyeray import bundle, storage, synthetic
 from eyeray.tasks import get_task
@@ -86,7 +87,7 @@ def test_interrupted_run_on_s3_resumes_with_resume_flag_and_reports_bad_files(ra
     cfg = TrainConfig(task="odir", data="s3://odir-train/odir5k", output=output, backbone="small_cnn",
                       weights="none", image_size=32, epochs=3, fine_tune_epochs=0, workers=1, max_failures=0,
                       fault_at_epoch=1)  # fmt: skip
-    with pytest.raises(Exception):
+    with pytest.raises(ray.train.TrainingFailedError):
         run(cfg)  # the only worker dies after epoch 1 and no restart is allowed
     assert fs.exists("odir-train/runs/odir-1/ray_train")
     assert not fs.exists("odir-train/runs/odir-1/bundle")  # no half-written bundle
