@@ -77,14 +77,18 @@ def train_main(task: str, argv: list[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from eyeray.train import run
+    from eyeray import demo
 
-    result = run(train_config(args))
+    out = demo.run(train_config(args))
+    result, summary = out["train"], out["score"]
     print("\n[eyeray demo] done. Look at:")
     print(f"  bundle   {result.bundle}/manifest.json")
     print(f"  report   {result.report}/metrics.json and the PNG plots beside it")
     headline = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
     print("  test set " + json.dumps(headline, indent=None))
+    print(f"  scores   {out['scores']}/ (Parquet, one row per archive file) and summary.json:")
+    keys = ("files_seen", "scored", "errors", "errors_by_reason", "predictions")
+    print("           " + json.dumps({k: summary[k] for k in keys}))
     return 0
 
 

@@ -91,3 +91,17 @@ def test_archive_and_results_on_s3(ray_cluster, oct_bundle, glaucoma_sample):
     assert len(rows) == 13 and summary["errors"] == 0
     assert all(r["path"].startswith("s3://pacs/export/RG/") for r in rows)
     assert fs.exists("pacs/results/summary.json")
+
+
+def test_demo_trains_then_scores_an_archive_with_broken_files(ray_cluster, tmp_path):
+    """`eyeray demo` end to end (shortened): the archive's broken files become error rows."""
+    from eyeray import demo
+    from eyeray.train import TrainConfig
+
+    out = demo.run(TrainConfig(task="glaucoma", output=str(tmp_path / "run"), epochs=1, image_size=32))
+    summary = out["score"]
+    assert summary["files_seen"] == 2 * 10 + len(demo.BROKEN_FILES)
+    assert summary["errors"] == len(demo.BROKEN_FILES) and summary["scored"] == 20
+    rows = read_rows(out["scores"])
+    assert {r["path"].rsplit("/", 1)[-1] for r in rows if r["status"] == "error"} == set(demo.BROKEN_FILES)
+    assert (tmp_path / "run" / "bundle" / "manifest.json").exists()
