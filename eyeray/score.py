@@ -121,16 +121,22 @@ def write_shard(batch: dict[str, np.ndarray], output: str, manifest: dict[str, A
     return {"file": np.array([name], dtype=object), "rows": np.array([table.num_rows])}
 
 
-def scored_paths(output: str, version: str) -> set[str]:
-    """Paths already in committed shards of this bundle version (only those two columns are read)."""
+def committed_rows(output: str, version: str, columns: list[str]) -> pa.Table | None:
+    """`columns` of every committed shard of this bundle version (temporary shards are hidden)."""
     fs, root = storage.filesystem(output)
     if not fs.exists(root):
-        return set()
-    done: set[str] = set()
+        return None
+    tables = []
     for path in fs.glob(f"{root}/{PART_PREFIX}{version}-*.parquet"):
         with fs.open(path, "rb") as f:
-            done.update(pq.read_table(f, columns=["path"]).column("path").to_pylist())
-    return done
+            tables.append(pq.read_table(f, columns=columns))
+    return pa.concat_tables(tables) if tables else None
+
+
+def scored_paths(output: str, version: str) -> set[str]:
+    """Paths already in committed shards of this bundle version (only that column is read)."""
+    table = committed_rows(output, version, ["path"])
+    return set(table.column("path").to_pylist()) if table is not None else set()
 
 
 def run(cfg: ScoreConfig) -> dict[str, Any]:
@@ -168,12 +174,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
 
 
 def summarize(output: str, manifest: dict[str, Any], *, files_seen: int, scored_now: int, seconds: float) -> dict:
-    fs, root = storage.filesystem(output)
-    tables = []
-    for path in fs.glob(f"{root}/{PART_PREFIX}{manifest['version']}-*.parquet"):
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=["status", "error", "label"]))
-    rows = pa.concat_tables(tables).to_pylist() if tables else []
+    table = committed_rows(output, manifest["version"], ["status", "error", "label"])
+    rows = table.to_pylist() if table is not None else []
     errors = Counter(r["error"] for r in rows if r["status"] == "error")
     labels: Counter = Counter()
     for r in rows:
