@@ -166,6 +166,26 @@ class Bundle:
             return np.zeros((0, len(self.classes)), np.float32)
         return np.asarray(self.model.predict(images, batch_size=batch_size, verbose=0), np.float32)
 
+    def labels(self, probabilities: np.ndarray) -> list[list[str]]:
+        """The decision for each row: argmax (single-label), or every class at or above its
+        manifest threshold (multi-label, possibly none). One rule for scoring and serving."""
+        return decide(self.manifest, probabilities)
+
+    def referral(self, labels: list[str]) -> bool | None:
+        """True when a predicted label is a referral class (OCT: CNV or DME); None: no rule."""
+        refer = self.manifest.get("referral_classes") or []
+        return any(label in refer for label in labels) if refer else None
+
+
+def decide(manifest: dict[str, Any], probabilities: np.ndarray) -> list[list[str]]:
+    """Probabilities (n, classes) -> labels per row, by the manifest's classes and thresholds."""
+    classes = manifest["classes"]
+    probs = np.asarray(probabilities, np.float32).reshape(-1, len(classes))
+    if manifest["multi_label"]:
+        thresholds = np.asarray(manifest["thresholds"], np.float32)
+        return [[c for c, hit in zip(classes, row >= thresholds) if hit] for row in probs]
+    return [[classes[int(i)]] for i in np.argmax(probs, axis=1)]
+
 
 def load(uri: str, verify_hash: bool = True) -> Bundle:
     """Load a bundle from a local directory or an `s3://` prefix."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,30 +83,64 @@ S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server):
+def ray_cluster(s3_server, tmp_path_factory):
     """One real local Ray cluster (`ray start --head` on 127.0.0.1, with the dashboard for job
-    submission) shared by every test that needs Ray; this process connects to it as a driver."""
+    submission) shared by every test that needs Ray; this process connects to it as a driver.
+
+    Every port is a free one and the session directory is private, and teardown stops only this
+    cluster's processes (never `ray stop`, which would take down any other Ray on the machine)."""
     import ray
 
     port, dashboard_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, **RAY_TEST_ENV}
     cmd = [
         "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
         "--num-gpus=2",  # logical GPUs: --use-gpu runs its real code path (TF falls back to the CPU)
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        "--disable-usage-stats",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]  # fmt: skip
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     address = f"127.0.0.1:{port}"
-    os.environ["RAY_ADDRESS"] = address
     try:
+        subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+        os.environ["RAY_ADDRESS"] = address
         ray.init(address=address, log_to_driver=False)
         _wait_for_job_agent(f"http://127.0.0.1:{dashboard_port}")
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}", "env": {**env, "RAY_ADDRESS": address}}
+        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}",
+               "env": {**env, "RAY_ADDRESS": address}, "temp_dir": temp_dir}  # fmt: skip
     finally:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_cluster(temp_dir, address)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def stop_cluster(temp_dir: str, address: str) -> None:
+    """Kill the processes of one local cluster: those naming its session directory or address
+    (GCS, raylet, dashboard, monitors, client server) and everything they started (workers, agents)."""
+    import psutil
+
+    roots = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.pid != os.getpid() and (temp_dir in cmdline or f"--address={address}" in cmdline):
+            roots.append(proc)
+    doomed = {p.pid: p for root in roots for p in [root, *_descendants(root)]}
+    for proc in doomed.values():
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(list(doomed.values()), timeout=30)
+
+
+def _descendants(proc):
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def _wait_for_job_agent(dashboard: str, timeout_s: float = 90.0) -> None:
