@@ -12,6 +12,7 @@ import json
 import sys
 from dataclasses import fields
 
+from eyeray.ensemble import METHODS
 from eyeray.tasks import TASKS
 
 
@@ -86,7 +87,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  report   {result.report}/metrics.json and the PNG plots beside it")
     headline = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
     print("  test set " + json.dumps(headline, indent=None))
-    print(f"  scores   {out['scores']}/ (Parquet, one row per archive file) and summary.json:")
+    print(f"  scores   {out['scores']}/ (Parquet, one row per archive file), report.html and summary.json:")
     keys = ("files_seen", "scored", "errors", "errors_by_reason", "predictions")
     print("           " + json.dumps({k: summary[k] for k in keys}))
     return 0
@@ -94,23 +95,36 @@ def _demo(args: argparse.Namespace) -> int:
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add = parser.add_argument
-    add("--bundle", required=True, help="model bundle folder or s3:// URI (from training)")
+    add("--bundle", dest="bundles", action="append", required=True, metavar="DIR_OR_S3_URI",
+        help="model bundle folder or s3:// URI (from training); repeat for an ensemble of one task")  # fmt: skip
     add("--input", required=True, help="archive to score: local folder or s3://bucket/prefix (recursive)")
-    add("--output", required=True, help="results folder or s3:// URI (Parquet shards + summary.json)")
-    add("--actors", type=int, default=1, help="model actors (each loads the bundle once)")
+    add("--output", required=True, help="results folder or s3:// URI (Parquet shards, summary.json, report.html)")
+    add("--ensemble", choices=METHODS, default="mean",
+        help="with several bundles: average the probabilities, or majority vote")  # fmt: skip
+    add("--actors", type=int, default=1, help="model actors (each loads the bundles once)")
     add("--gpus-per-actor", type=float, default=0.0, help="GPUs per model actor")
+    add("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per model actor")
     add("--batch-size", type=int, default=32, help="images per model call")
+    add("--rows-per-shard", type=int, default=1000, help="rows per Parquet shard (the unit of commit and resume)")
+    add("--no-report", dest="report", action="store_false", help="skip report.html")
     return parser
+
+
+def score_config(args: argparse.Namespace):
+    from eyeray.score import ScoreConfig
+
+    names = ("bundles", "input", "output", "ensemble", "actors", "gpus_per_actor", "cpus_per_actor", "batch_size",
+             "rows_per_shard", "report")  # fmt: skip
+    return ScoreConfig(**{k: getattr(args, k) for k in names})
 
 
 def score_main(argv: list[str] | None = None) -> int:
     """Entry point of jobs/score_archive.py."""
-    from eyeray.score import ScoreConfig, run
+    from eyeray.score import run
 
     parser = argparse.ArgumentParser(description="Score an image archive with Ray Data.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
-    args = add_score_arguments(parser).parse_args(argv)
-    run(ScoreConfig(**vars(args)))
+    run(score_config(add_score_arguments(parser).parse_args(argv)))
     return 0
 
 
@@ -126,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     add_score_arguments(sub.add_parser("score", help="score an image archive with Ray Data (Parquet out)"))
     args = parser.parse_args(argv)
     if args.command == "score":
-        from eyeray.score import ScoreConfig, run as score
+        from eyeray.score import run as score
 
-        score(ScoreConfig(**{k: v for k, v in vars(args).items() if k != "command"}))
+        score(score_config(args))
         return 0
     if args.command == "train":
         from eyeray.train import run

@@ -35,6 +35,6 @@ def run(train_config) -> dict[str, Any]:
     result = train.run(train_config)
     base = result.output if not storage.is_remote(result.output) else None
     archive = make_archive(train_config.task, Path(base or ".") / "demo_archive", seed=train_config.seed + 1)
-    summary = score.run(score.ScoreConfig(bundle=result.bundle, input=str(archive),
+    summary = score.run(score.ScoreConfig(bundles=[result.bundle], input=str(archive),
                                           output=storage.join(result.output, "scores")))  # fmt: skip
     return {"train": result, "score": summary, "scores": storage.join(result.output, "scores")}

@@ -47,6 +47,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             _check_size(img.size, max_pixels)
+            if getattr(img, "n_frames", 1) > 1:  # a volume (multi-page TIFF): its central frame, as for DICOM
+                img.seek(img.n_frames // 2)
             img = ImageOps.exif_transpose(img)  # camera orientation, as a viewer shows it
             img.load()
     except DecodeError:
@@ -107,6 +109,8 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         raise DecodeError("DICOM support needs pydicom") from None
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+        if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise DecodeError("DICOM without pixel data (a report, structured document or key object)")
         _check_size((int(ds.Columns), int(ds.Rows)), max_pixels)
         arr = ds.pixel_array
     except DecodeError:
@@ -133,10 +137,13 @@ def preprocess(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
-def load_record(record: dict[str, Any], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Any]:
+def load_record(record: dict[str, Any], size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                extra_sizes: tuple[int, ...] = ()) -> dict[str, Any]:  # fmt: skip
     """Read, decode and preprocess one record's file; errors become `error`, never exceptions.
 
     Uses `record["bytes"]` when present (uploads, `read_binary_files`), else reads `record["path"]`.
+    `extra_sizes` adds `image_<size>` columns from the same decode (ensembles of models whose
+    input sizes differ decode each file once).
     """
     from eyeray import storage
 
@@ -146,23 +153,28 @@ def load_record(record: dict[str, Any], size: int, max_pixels: int = DEFAULT_MAX
         data = record["bytes"] if record.get("bytes") is not None else storage.read_bytes(record["path"])
         image = decode(data, max_pixels)
     except DecodeError as exc:
-        return _failed(out, size, str(exc))
+        return _failed(out, size, extra_sizes, str(exc))
     except (OSError, ValueError) as exc:  # missing file, permission, network
-        return _failed(out, size, f"unreadable file: {type(exc).__name__}: {exc}")
+        return _failed(out, size, extra_sizes, f"unreadable file: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # a decoder bug on one odd file must not fail its whole block
+        return _failed(out, size, extra_sizes, f"undecodable file: {type(exc).__name__}: {exc}")
     out.update(image=preprocess(image, size), height=image.shape[0], width=image.shape[1], error="")
+    out.update({f"image_{s}": preprocess(image, s) for s in extra_sizes})
     return out
 
 
-def _failed(out: dict[str, Any], size: int, reason: str) -> dict[str, Any]:
+def _failed(out: dict[str, Any], size: int, extra_sizes: tuple[int, ...], reason: str) -> dict[str, Any]:
     # A blank image keeps every column the same shape, so the row travels with its batch.
     out.update(image=np.zeros((size, size, 3), np.uint8), height=0, width=0, error=reason)
+    out.update({f"image_{s}": np.zeros((s, s, 3), np.uint8) for s in extra_sizes})
     return out
 
 
-def load_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+def load_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               extra_sizes: tuple[int, ...] = ()) -> dict[str, np.ndarray]:  # fmt: skip
     """`load_record` over a Ray Data batch (dict of columns) -> dict of columns."""
     n = len(next(iter(batch.values())))
-    rows = [load_record({k: v[i] for k, v in batch.items()}, size, max_pixels) for i in range(n)]
+    rows = [load_record({k: v[i] for k, v in batch.items()}, size, max_pixels, extra_sizes) for i in range(n)]
     return {key: _column([row[key] for row in rows]) for key in rows[0]} if rows else dict(batch)
 
 

@@ -1,196 +1,224 @@
 """Batch scoring of an image archive with Ray Data: one Parquet row per input file, exactly once.
 
-Pipeline: list files -> read + decode + resize (CPU tasks, `eyeray.imaging`) -> predict
-(`BundlePredictor` actors, model loaded once per actor, `num_gpus` when asked) -> write shards.
-Each shard is written under a hidden temporary name and renamed when complete, so a reader (and
-a re-run) only ever sees whole shards. A re-run lists what committed shards already hold for the
-same bundle version and scores only the rest: killed and re-run, every file ends up once.
+Pipeline: list files -> read + decode + resize (CPU tasks, `eyeray.imaging`, the functions
+training used) -> predict (`BundlePredictor` actors: one or more bundles loaded once per actor,
+`num_gpus` when asked) -> write shards (`eyeray.shards`: committed by rename). The stages stream,
+so the model is fed while files are still being read. A re-run lists what committed shards hold
+for the same scoring version and scores only the rest: killed and re-run, every file ends up once.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
+import os
 import posixpath
 import time
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import ray
 
-from eyeray import imaging, storage
+from eyeray import imaging, shards, storage
 from eyeray.datasets import IMAGE_EXTENSIONS
+from eyeray.ensemble import METHODS, check_compatible, combine, version_key
 
 SUMMARY_FILE = "summary.json"
-PART_PREFIX = "part-"
+ACTOR_RUNTIME_BYTES = 1 << 30  # TensorFlow, Keras and the Ray worker itself
+FAULT_MARKER = ".fault-injected"
+REPORT_COLUMNS = ["path", "status", "error", "label"]
+SUMMARY_PRINTED = ("files_seen", "scored", "errors", "errors_by_reason", "predictions", "wall_seconds")
 
 
 @dataclass
 class ScoreConfig:
-    bundle: str
+    bundles: list[str]
     input: str
     output: str
+    ensemble: str = "mean"  # how several bundles combine: "mean" or "vote"
     actors: int = 1
     gpus_per_actor: float = 0.0
     batch_size: int = 32
     rows_per_shard: int = 1000
+    report: bool = True  # write OUTPUT/report.html
+    cpus_per_actor: float = 1.0
+    memory_per_actor: int | None = None  # bytes Ray reserves per model actor; None: estimated from the bundles
+    fault_after_batches: int | None = None  # test hook: one predictor actor dies once after this many batches
+    block_batches: int = field(default=4, repr=False)  # files per read task, in batches
+
+    def __post_init__(self):
+        if isinstance(self.bundles, str):
+            self.bundles = [self.bundles]
+        if self.ensemble not in METHODS:
+            raise ValueError(f"--ensemble must be one of {', '.join(METHODS)}, not {self.ensemble!r}")
+        for name in ("actors", "batch_size", "rows_per_shard", "block_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
+            raise ValueError("gpus_per_actor and cpus_per_actor must not be negative")
 
 
 def list_archive(uri: str) -> list[str]:
-    """Every image-like file under `uri` (recursive; extension-less files may be DICOM), sorted."""
+    """Every image-like file under `uri`, recursive, sorted: image extensions, plus files without
+    one or named by a UID (DICOM exports; the decoder tells DICOM from anything else). Hidden files
+    and folders (`.DS_Store`, `._x.jpg`, `.Trash/`) are not inputs. Only the path list is held."""
     fs, root = storage.filesystem(uri)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"--input {uri} does not exist (or is not readable with these credentials)")
     found = []
     for path in fs.find(root):
-        name = posixpath.basename(path)
-        if name.startswith("."):
+        relative = posixpath.relpath(path, root) if path != root else posixpath.basename(path)
+        if any(part.startswith(".") for part in relative.split("/")):
             continue
-        ext = posixpath.splitext(name)[1].lower()
-        if ext in IMAGE_EXTENSIONS or ext == "":
+        ext = posixpath.splitext(relative)[1].lower()
+        if ext in IMAGE_EXTENSIONS or ext == "" or ext[1:].isdigit():  # 1.2.840...: UID-named DICOM
             found.append(storage.to_uri(fs, path))
     return sorted(found)
 
 
-class BundlePredictor:
-    """Ray Data callable class: loads the bundle once per actor, adds prediction columns."""
+def image_column(size: int, primary: int) -> str:
+    """The decode stage's column holding images resized for a model of input `size`."""
+    return "image" if size == primary else f"image_{size}"
 
-    def __init__(self, bundle_uri: str):
+
+class BundlePredictor:
+    """Ray Data callable class: loads the bundles once per actor; adds prediction columns.
+
+    With several bundles, each predicts from the image column of its own input size and the
+    results combine (`eyeray.ensemble`); per-model probabilities stay in the rows."""
+
+    def __init__(self, bundle_uris: list[str], method: str = "mean", primary_size: int | None = None,
+                 fault_after_batches: int | None = None, fault_marker: str | None = None):  # fmt: skip
         from eyeray import bundle
 
-        self.bundle = bundle.load(bundle_uri)
-        self.thresholds = np.asarray(self.bundle.manifest["thresholds"], np.float32)
+        self.bundles = [bundle.load(uri) for uri in bundle_uris]
+        self.manifests = [b.manifest for b in self.bundles]
+        check_compatible(self.manifests)
+        self.method = method
+        self.primary = primary_size or min(b.image_size for b in self.bundles)
+        self.fault_after, self.fault_marker, self.batches = fault_after_batches, fault_marker, 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.asarray([e == "" for e in batch["error"]])
-        probs = np.full((len(ok), len(self.bundle.classes)), np.nan, np.float32)
-        if ok.any():
-            probs[ok] = self.bundle.predict(batch["image"][ok])
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out["probabilities"] = probs
-        out["label"] = np.array([self._label(p) if good else "" for p, good in zip(probs, ok)], dtype=object)
+        self._maybe_inject_fault()
+        ok = np.asarray([e == "" for e in batch["error"]], bool)
+        n, classes = len(ok), len(self.manifests[0]["classes"])
+        per_model = [b.predict(batch[image_column(b.image_size, self.primary)][ok]) for b in self.bundles]
+        scores, labels = combine(self.manifests, per_model, self.method)
+        out = {k: v for k, v in batch.items() if not k.startswith("image")}
+        out["probabilities"] = np.full((n, classes), np.nan, np.float32)
+        out["probabilities"][ok] = scores
+        joined = iter(shards.LABEL_SEPARATOR.join(x) for x in labels)
+        out["label"] = np.array([next(joined) if good else "" for good in ok], dtype=object)
+        if len(self.bundles) > 1:
+            out["model_probabilities"] = np.full((n, len(self.bundles), classes), np.nan, np.float32)
+            out["model_probabilities"][ok] = np.stack(per_model, axis=1)
+        self.batches += 1
         return out
 
-    def _label(self, p: np.ndarray) -> str:
-        classes = self.bundle.classes
-        if self.bundle.manifest["multi_label"]:
-            return "|".join(c for c, v, t in zip(classes, p, self.thresholds) if v >= t)
-        return classes[int(np.argmax(p))]
-
-
-def shard_table(batch: dict[str, np.ndarray], manifest: dict[str, Any]) -> pa.Table:
-    """Prediction columns -> the documented Parquet schema (probabilities as a class -> float struct)."""
-    classes = manifest["classes"]
-    probs = np.asarray(batch["probabilities"], np.float32).reshape(len(batch["path"]), len(classes))
-    ok = np.asarray([e == "" for e in batch["error"]])
-    prob_struct = pa.StructArray.from_arrays(
-        [pa.array(probs[:, i], mask=~ok) for i in range(len(classes))], names=classes, mask=pa.array(~ok)
-    )
-    labels = [str(x) for x in batch["label"]]
-    label = (pa.array([x.split("|") if x else [] for x in labels], pa.list_(pa.string()))
-             if manifest["multi_label"] else pa.array([x or None for x in labels], pa.string()))  # fmt: skip
-    scored_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    n = len(labels)
-    return pa.table({
-        "path": pa.array([str(p) for p in batch["path"]], pa.string()),
-        "status": pa.array(["ok" if good else "error" for good in ok], pa.string()),
-        "error": pa.array([str(e) or None for e in batch["error"]], pa.string()),
-        "label": label,
-        "probabilities": prob_struct,
-        "task": pa.array([manifest["task"]] * n, pa.string()),
-        "bundle_version": pa.array([manifest["version"]] * n, pa.string()),
-        "width": pa.array(np.asarray(batch["width"], np.int64)),
-        "height": pa.array(np.asarray(batch["height"], np.int64)),
-        "scored_at": pa.array([scored_at] * n, pa.string()),
-    })  # fmt: skip
-
-
-def write_shard(batch: dict[str, np.ndarray], output: str, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Write one batch as a Parquet shard: temporary hidden name, then rename (the commit)."""
-    table = shard_table(batch, manifest)
-    digest = hashlib.sha1("\n".join(sorted(table.column("path").to_pylist())).encode()).hexdigest()[:16]
-    name = f"{PART_PREFIX}{manifest['version']}-{digest}.parquet"
-    fs, root = storage.filesystem(output)
-    tmp, final = f"{root}/.tmp-{name}", f"{root}/{name}"
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(tmp, final)
-    return {"file": np.array([name], dtype=object), "rows": np.array([table.num_rows])}
-
-
-def committed_rows(output: str, version: str, columns: list[str]) -> pa.Table | None:
-    """`columns` of every committed shard of this bundle version (temporary shards are hidden)."""
-    fs, root = storage.filesystem(output)
-    if not fs.exists(root):
-        return None
-    tables = []
-    for path in fs.glob(f"{root}/{PART_PREFIX}{version}-*.parquet"):
-        with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
-    return pa.concat_tables(tables) if tables else None
-
-
-def scored_paths(output: str, version: str) -> set[str]:
-    """Paths already in committed shards of this bundle version (only that column is read)."""
-    table = committed_rows(output, version, ["path"])
-    return set(table.column("path").to_pylist()) if table is not None else set()
+    def _maybe_inject_fault(self) -> None:
+        """Test-only: the first actor to reach `fault_after_batches` dies hard, once per output."""
+        if self.fault_after is None or self.batches != self.fault_after:
+            return
+        fs, path = storage.filesystem(self.fault_marker)
+        if not fs.exists(path):
+            fs.pipe(path, b"killed")
+            os._exit(1)
 
 
 def run(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every file of `cfg.input` not yet scored into `cfg.output`; write and return the summary."""
-    from eyeray import bundle
+    from eyeray import bundle, score_report
 
-    if not ray.is_initialized():
-        ray.init()
     start = time.perf_counter()
-    manifest = bundle.read_manifest(cfg.bundle)
-    files = list_archive(cfg.input)
-    done = scored_paths(cfg.output, manifest["version"])
-    todo = [p for p in files if p not in done]
+    manifests = [bundle.read_manifest(uri) for uri in cfg.bundles]
+    check_compatible(manifests)
+    key = version_key(manifests, cfg.ensemble)
     fs, root = storage.filesystem(cfg.output)
     fs.makedirs(root, exist_ok=True)
-    print(f"[eyeray] {len(files)} files in {cfg.input}; {len(done)} already scored by bundle "
-          f"{manifest['version']}; scoring {len(todo)}")  # fmt: skip
+    shards.clear_incomplete(cfg.output)
+    files = pa.array(list_archive(cfg.input), pa.string())
+    done = shards.committed(cfg.output, key, ["path"]).column("path")
+    todo = files.filter(pc.invert(pc.is_in(files, value_set=done.combine_chunks())))
+    print(f"[eyeray] {len(files)} files in {cfg.input}; {len(files) - len(todo)} already scored "
+          f"(version {key}); scoring {len(todo)}")  # fmt: skip
     written = 0
-    if todo:
-        blocks = max(1, -(-len(todo) // cfg.batch_size))
-        ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
-        ds = ds.map_batches(imaging.load_batch, fn_kwargs={"size": int(manifest["input"]["shape"][0])},
-                            batch_size=cfg.batch_size)  # fmt: skip
-        ds = ds.map_batches(BundlePredictor, fn_constructor_kwargs={"bundle_uri": cfg.bundle},
-                            batch_size=cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-                            num_gpus=cfg.gpus_per_actor)  # fmt: skip
-        ds = ds.map_batches(write_shard, fn_kwargs={"output": cfg.output, "manifest": manifest},
-                            batch_size=cfg.rows_per_shard)  # fmt: skip
-        written = sum(int(row["rows"]) for row in ds.iter_rows())
-    summary = summarize(cfg.output, manifest, files_seen=len(files), scored_now=written,
+    if len(todo):
+        if not ray.is_initialized():
+            ray.init()
+        written = sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests).iter_rows())
+    summary = summarize(cfg.output, manifests, key, files_seen=len(files), scored_now=written,
                         seconds=time.perf_counter() - start)  # fmt: skip
+    summary["bundles"] = [{"uri": uri, "version": m["version"], "backbone": m["backbone"]}
+                          for uri, m in zip(cfg.bundles, manifests)]  # fmt: skip
+    summary["ensemble"] = cfg.ensemble if len(manifests) > 1 else None
     fs.pipe(f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
-    print("[eyeray] summary: " + json.dumps({k: summary[k] for k in ("files_seen", "scored", "errors")}))
+    if cfg.report:
+        score_report.write(cfg.output, summary, shards.committed(cfg.output, key, REPORT_COLUMNS))
+    print("[eyeray] summary: " + json.dumps({k: summary[k] for k in SUMMARY_PRINTED}))
     return summary
 
 
-def summarize(output: str, manifest: dict[str, Any], *, files_seen: int, scored_now: int, seconds: float) -> dict:
-    table = committed_rows(output, manifest["version"], ["status", "error", "label"])
-    rows = table.to_pylist() if table is not None else []
-    errors = Counter(r["error"] for r in rows if r["status"] == "error")
-    labels: Counter = Counter()
-    for r in rows:
-        if r["status"] == "ok":
-            labels.update(r["label"] if isinstance(r["label"], list) else [r["label"]])
+def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.data.Dataset:
+    """The Ray Data pipeline over the files to score: one row (file name, rows) per committed shard."""
+    key, members = version_key(manifests, cfg.ensemble), [m["version"] for m in manifests]
+    sizes = sorted({int(m["input"]["shape"][0]) for m in manifests})
+    block = cfg.batch_size * cfg.block_batches
+    ds = ray.data.from_arrow([pa.table({"path": todo.slice(i, block)}) for i in range(0, len(todo), block)])
+    ds = ds.map_batches(imaging.load_batch, fn_kwargs={"size": sizes[0], "extra_sizes": tuple(sizes[1:])},
+                        batch_size=cfg.batch_size, num_cpus=1)  # fmt: skip
+    predictor_args = {"bundle_uris": cfg.bundles, "method": cfg.ensemble, "primary_size": sizes[0],
+                      "fault_after_batches": cfg.fault_after_batches,
+                      "fault_marker": storage.join(cfg.output, FAULT_MARKER)}  # fmt: skip
+    ds = ds.map_batches(BundlePredictor, fn_constructor_kwargs=predictor_args, batch_size=cfg.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=cfg.gpus_per_actor,
+                        num_cpus=cfg.cpus_per_actor, memory=cfg.memory_per_actor or actor_memory(cfg.bundles))  # fmt: skip
+    ds = ds.map_batches(shards.write_shard, batch_size=cfg.rows_per_shard,
+                        fn_kwargs={"output": cfg.output, "manifest": manifests[0], "key": key, "members": members})  # fmt: skip
+    return ds
+
+
+def actor_memory(bundle_uris: list[str]) -> int:
+    """Memory a model actor needs: the runtime plus a few times the weights (loaded model, graph,
+    activations). Reserving it keeps Ray from packing more model actors on a node than fit in
+    RAM, and, being a resource the decode tasks do not ask for, keeps decoding in its own tasks
+    rather than fused into the model actor (where it would stall the model on every read)."""
+    from eyeray.bundle import MODEL_FILE
+
+    weights = 0
+    for uri in bundle_uris:
+        fs, path = storage.filesystem(uri)
+        weights += fs.size(f"{path}/{MODEL_FILE}")
+    return ACTOR_RUNTIME_BYTES + 4 * weights
+
+
+def summarize(output: str, manifests: list[dict[str, Any]], key: str, *, files_seen: int, scored_now: int,
+              seconds: float) -> dict[str, Any]:  # fmt: skip
+    """Counts over every committed row of this scoring version (all runs, not just this one)."""
+    table = shards.committed(output, key, ["status", "error", "label"])
+    ok = pc.equal(table.column("status"), "ok") if table.num_rows else pa.array([], pa.bool_())
+    errors = _counts(table.column("error").filter(pc.invert(ok))) if table.num_rows else {}
+    labels = table.column("label").filter(ok) if table.num_rows else pa.array([], pa.string())
+    if manifests[0]["multi_label"] and len(labels):
+        labels = pc.list_flatten(labels)
+    predicted = _counts(labels)
     return {
-        "task": manifest["task"],
-        "bundle_version": manifest["version"],
+        "task": manifests[0]["task"],
+        "bundle_version": key,
         "files_seen": files_seen,
-        "rows": len(rows),
-        "scored": sum(r["status"] == "ok" for r in rows),
+        "rows": table.num_rows,
+        "scored": int(pc.sum(ok).as_py() or 0) if table.num_rows else 0,
         "errors": sum(errors.values()),
-        "errors_by_reason": dict(errors.most_common()),
-        "predictions": {c: labels.get(c, 0) for c in manifest["classes"]},
+        "errors_by_reason": errors,
+        "predictions": {c: predicted.get(c, 0) for c in manifests[0]["classes"]},
         "scored_this_run": scored_now,
         "wall_seconds": round(seconds, 2),
         "images_per_s_this_run": round(scored_now / seconds, 2) if seconds > 0 else None,
     }
+
+
+def _counts(values) -> dict[str, int]:
+    """Value -> count, most frequent first."""
+    counts = pc.value_counts(values).to_pylist() if len(values) else []
+    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: -c["counts"])}

@@ -11,17 +11,7 @@ from PIL import Image
 from eyeray import imaging
 from eyeray.imaging import DecodeError
 
-
-def encode(arr: np.ndarray, fmt: str, **kwargs) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def gradient(h: int = 40, w: int = 60) -> np.ndarray:
-    x = np.linspace(0, 255, w, dtype=np.float64)
-    rgb = np.stack([np.tile(x, (h, 1)), np.tile(x[::-1], (h, 1)), np.full((h, w), 128.0)], axis=2)
-    return rgb.astype(np.uint8)
+from corpus import encode, gradient, make_dicom
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF"])
@@ -106,33 +96,6 @@ def test_decompression_bomb_is_refused_before_decoding():
         imaging.decode(encode(gradient(), "PNG"), max_pixels=100)
 
 
-def make_dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", window: tuple[float, float] | None = None) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # ophthalmic tomography
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    if window:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def test_dicom_monochrome_is_scaled_and_monochrome1_inverted():
     pixels = np.tile(np.linspace(0, 4095, 32), (16, 1))
     data = make_dicom(pixels)
@@ -191,3 +154,21 @@ def test_every_real_sample_decodes(oct_sample, glaucoma_sample, odir_sample):
     kermany = imaging.decode(next(oct_sample.glob("CNV/*.jpeg")).read_bytes())
     assert kermany.shape[0] == 496 and kermany.shape[1] in (512, 768, 1024, 1536)
     assert np.array_equal(kermany[..., 0], kermany[..., 1])  # greyscale OCT replicated
+
+
+def test_dicom_without_pixels_and_multi_frame_tiff():
+    with pytest.raises(DecodeError, match="without pixel data"):
+        imaging.decode(make_dicom(None))
+    frames = [Image.fromarray(np.full((8, 10), v, np.uint8)) for v in (10, 128, 250)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="TIFF", save_all=True, append_images=frames[1:])
+    assert (imaging.decode(buf.getvalue()) == 128).all()  # the central frame, as for DICOM volumes
+
+
+def test_extra_sizes_come_from_one_decode(tmp_path):
+    (tmp_path / "a.png").write_bytes(encode(gradient(), "PNG"))
+    row = imaging.load_record({"path": str(tmp_path / "a.png")}, 16, extra_sizes=(24,))
+    assert row["image"].shape == (16, 16, 3) and row["image_24"].shape == (24, 24, 3)
+    np.testing.assert_array_equal(row["image_24"], imaging.preprocess(imaging.decode(encode(gradient(), "PNG")), 24))
+    bad = imaging.load_record({"path": str(tmp_path / "missing.png")}, 16, extra_sizes=(24,))
+    assert bad["error"].startswith("unreadable file") and bad["image_24"].shape == (24, 24, 3)

@@ -1,32 +1,44 @@
-"""Batch scoring on the session's Ray cluster: one row per file, bad files as rows, re-runs exactly once."""
+"""Batch scoring on the session's Ray cluster: one row per file, bad files as rows, exactly once
+across kills and re-runs, ensembles, S3, the report."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
-from eyeray import bundle, storage
+from corpus import gradient, write_bad_corpus
+from eyeray import bundle, imaging, storage
+from eyeray.cli import add_score_arguments, score_config
+from eyeray.ensemble import version_key
 from eyeray.models import build_model
-from eyeray.score import BundlePredictor, ScoreConfig, list_archive, run
+from eyeray.score import BundlePredictor, ScoreConfig, list_archive, pipeline, run
 from eyeray.tasks import get_task
 
 pytestmark = pytest.mark.cluster
+REPO = Path(__file__).resolve().parents[1]
+OCT_CLASSES = get_task("oct").classes
+
+
+def make_bundle(root: Path, task: str = "oct", size: int = 32) -> str:
+    spec = get_task(task)
+    model = build_model(spec, "small_cnn", weights="none", image_size=size)
+    manifest = bundle.make_manifest(spec, model, backbone="small_cnn", image_size=size, weights="none")
+    bundle.save(model, manifest, str(root / "bundle"))
+    return str(root / "bundle")
 
 
 @pytest.fixture(scope="module")
 def oct_bundle(tmp_path_factory):
-    spec = get_task("oct")
-    model = build_model(spec, "small_cnn", weights="none", image_size=32)
-    manifest = bundle.make_manifest(spec, model, backbone="small_cnn", image_size=32, weights="none")
-    uri = str(tmp_path_factory.mktemp("model") / "bundle")
-    bundle.save(model, manifest, uri)
-    return uri
+    return make_bundle(tmp_path_factory.mktemp("model"))
 
 
 def read_rows(output: str) -> list[dict]:
@@ -35,62 +47,167 @@ def read_rows(output: str) -> list[dict]:
     return dataset.to_table().to_pylist()
 
 
+def write_pngs(root: Path, n: int) -> None:
+    root.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.roll(gradient(48, 64), i, axis=1)).save(root / f"scan-{i:05d}.png")
+
+
 def test_predictor_adds_columns_without_ray(oct_bundle):
-    predictor = BundlePredictor(oct_bundle)
+    predictor = BundlePredictor([oct_bundle])
     batch = {"path": np.array(["a", "b"], dtype=object), "image": np.zeros((2, 32, 32, 3), np.uint8),
              "error": np.array(["", "corrupt image"], dtype=object)}  # fmt: skip
     out = predictor(batch)
-    assert "image" not in out
-    assert out["label"][0] in get_task("oct").classes and out["label"][1] == ""
+    assert "image" not in out and "model_probabilities" not in out
+    assert out["label"][0] in OCT_CLASSES and out["label"][1] == ""
     np.testing.assert_allclose(out["probabilities"][0].sum(), 1, rtol=1e-5)
     assert np.isnan(out["probabilities"][1]).all()
 
 
-def test_real_samples_plus_bad_files_score_once_each_and_rerun_scores_nothing(ray_cluster, oct_bundle, oct_sample, tmp_path):
+def test_real_samples_and_bad_file_corpus_give_one_row_per_file(ray_cluster, oct_bundle, oct_sample, tmp_path):
     archive = tmp_path / "archive"
-    shutil.copytree(oct_sample, archive)
-    (archive / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    (archive / "random.png").write_bytes(np.random.default_rng(0).bytes(4000))
-    (archive / "empty.jpeg").write_bytes(b"")
-    (archive / "notes.txt").write_text("not scored: not an image extension")
-    buf = io.BytesIO()
-    Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)).save(buf, format="PNG")
-    (archive / "scan 16-bit ü.png").write_bytes(buf.getvalue())
+    shutil.copytree(oct_sample, archive / "oct")
+    expected = write_bad_corpus(archive / "odd")
     output = str(tmp_path / "scored")
-    cfg = ScoreConfig(bundle=oct_bundle, input=str(archive), output=output, batch_size=16, rows_per_shard=30)
+    cfg = ScoreConfig(bundles=[oct_bundle], input=str(archive), output=output, batch_size=16, rows_per_shard=30)
 
     files = list_archive(str(archive))
-    assert len(files) == 101 + 4
+    inputs = [f"odd/{k}" for k, v in expected.items() if v is not None]
+    assert len(files) == 101 + len(inputs) and len(inputs) >= 20
     summary = run(cfg)
     rows = read_rows(output)
-    assert sorted(r["path"] for r in rows) == files  # one row per file, no more, no less
-    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
-    for bad in ("broken.jpg", "random.png", "empty.jpeg"):
-        assert by_name[bad]["status"] == "error" and by_name[bad]["error"], bad
-    assert by_name["scan 16-bit ü.png"]["status"] == "ok"
-    real = [r for r in rows if "/CNV/" in r["path"] or "/NORMAL/" in r["path"]]
-    assert all(r["status"] == "ok" and r["label"] in get_task("oct").classes for r in real)
-    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in real)
+    assert sorted(r["path"] for r in rows) == files  # one row per file: none lost, none twice
+    by_rel = {r["path"][len(str(archive)) + 1 :]: r for r in rows}
+    for rel, status in expected.items():
+        if status is None:
+            assert f"odd/{rel}" not in by_rel, rel
+        else:
+            row = by_rel[f"odd/{rel}"]
+            assert row["status"] == status, (rel, row["error"])
+            assert bool(row["error"]) == (status == "error") and (row["label"] is None) == (status == "error")
+    assert "pixel data" in by_rel["odd/no-pixels.dcm"]["error"] and "too large" in by_rel["odd/bomb.png"]["error"]
+    real = {p: r for p, r in by_rel.items() if p.startswith("oct/")}
+    assert len(real) == 101 and all(r["status"] == "ok" and r["label"] in OCT_CLASSES for r in real.values())
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in real.values())
+    assert all(r["width"] > 0 and r["height"] > 0 and r["scored_at"] for r in real.values())
     assert {r["bundle_version"] for r in rows} == {bundle.read_manifest(oct_bundle)["version"]}
-    assert (summary["files_seen"], summary["scored"], summary["errors"]) == (105, 102, 3)
-    assert json.loads((tmp_path / "scored" / "summary.json").read_text())["rows"] == 105
+    n_errors = sum(v == "error" for v in expected.values())
+    assert (summary["files_seen"], summary["rows"], summary["errors"]) == (len(files), len(files), n_errors)
+    assert summary["scored"] == len(files) - n_errors and sum(summary["predictions"].values()) == summary["scored"]
+    assert json.loads((tmp_path / "scored" / "summary.json").read_text())["rows"] == len(files)
+    report = (tmp_path / "scored" / "report.html").read_text()
+    assert "decompression bomb" in report and "without pixel data" in report
+    assert report.count("data:image/jpeg;base64") == sum(min(4, n) for n in summary["predictions"].values())
 
     again = run(cfg)
-    assert again["scored_this_run"] == 0 and len(read_rows(output)) == 105
-    (archive / "NORMAL" / "NORMAL-999-1.jpeg").write_bytes((archive / "broken.jpg").read_bytes())
+    assert again["scored_this_run"] == 0 and len(read_rows(output)) == len(files)
+    (archive / "oct" / "NORMAL" / "NORMAL-999-1.jpeg").write_bytes(b"\xff\xd8\xff truncated")
     third = run(cfg)  # a new file arrives: only it is scored
-    assert third["scored_this_run"] == 1 and len(read_rows(output)) == 106
+    assert third["scored_this_run"] == 1 and len(read_rows(output)) == len(files) + 1
+
+
+def test_ensemble_of_two_sizes_carries_each_models_probabilities(ray_cluster, oct_bundle, tmp_path, glaucoma_sample):
+    second = make_bundle(tmp_path / "second", size=48)
+    archive = tmp_path / "archive"
+    shutil.copytree(glaucoma_sample / "RG", archive)
+    (archive / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    output = str(tmp_path / "scored")
+    summary = run(ScoreConfig(bundles=[oct_bundle, second], input=str(archive), output=output, ensemble="vote"))
+    manifests = [bundle.read_manifest(u) for u in (oct_bundle, second)]
+    assert summary["bundle_version"] == version_key(manifests, "vote") and summary["ensemble"] == "vote"
+    rows = read_rows(output)
+    assert len(rows) == 14 and summary["errors"] == 1
+    loaded = [bundle.load(u) for u in (oct_bundle, second)]
+    for row in rows:
+        if row["status"] == "error":
+            assert row["model_probabilities"] is None and row["label"] is None
+            continue
+        image = imaging.decode(Path(row["path"]).read_bytes())
+        votes = []
+        for b in loaded:  # each member saw its own input size, from the same decode
+            expected = b.predict(imaging.preprocess(image, b.image_size)[None])[0]
+            np.testing.assert_allclose(list(row["model_probabilities"][b.version].values()), expected, atol=1e-5)
+            votes.append(b.labels(expected[None])[0][0])
+        shares = row["probabilities"]
+        assert all(shares[c] == pytest.approx(votes.count(c) / 2) for c in OCT_CLASSES)
+        assert row["label"] in votes
 
 
 def test_archive_and_results_on_s3(ray_cluster, oct_bundle, glaucoma_sample):
     fs, _ = storage.filesystem("s3://pacs")
     fs.mkdir("pacs")
     fs.put(str(glaucoma_sample / "RG"), "pacs/export/RG", recursive=True)
-    summary = run(ScoreConfig(bundle=oct_bundle, input="s3://pacs/export", output="s3://pacs/results", batch_size=8))
+    cfg = ScoreConfig(bundles=[oct_bundle], input="s3://pacs/export", output="s3://pacs/results", batch_size=8)
+    summary = run(cfg)
     rows = read_rows("s3://pacs/results")
     assert len(rows) == 13 and summary["errors"] == 0
     assert all(r["path"].startswith("s3://pacs/export/RG/") for r in rows)
-    assert fs.exists("pacs/results/summary.json")
+    assert fs.exists("pacs/results/summary.json") and fs.exists("pacs/results/report.html")
+    assert run(cfg)["scored_this_run"] == 0
+
+
+def test_driver_killed_mid_run_then_rerun_scores_each_file_exactly_once(ray_cluster, oct_bundle, tmp_path):
+    archive, output = tmp_path / "archive", tmp_path / "scored"
+    write_pngs(archive, 800)
+    cmd = [sys.executable, str(REPO / "jobs" / "score_archive.py"), "--bundle", oct_bundle, "--input", str(archive),
+           "--output", str(output), "--batch-size", "8", "--rows-per-shard", "16", "--no-report"]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=ray_cluster["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(output.glob("part-*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the scoring job ended before writing a shard"
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL: no cleanup, shards in flight stay half-written
+    proc.wait()
+    committed_at_kill = len(read_rows(str(output)))
+    assert 0 < committed_at_kill < 800, "the kill must land mid-run for this test to mean anything"
+
+    rerun = subprocess.run(cmd, env=ray_cluster["env"], capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    rows = read_rows(str(output))
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)) == 800  # every file exactly once
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["scored_this_run"] == 800 - committed_at_kill  # only what was missing
+    assert not list(output.glob(".tmp-*"))  # the killed run's partial shards were cleared
+
+
+def test_predictor_actor_crash_is_retried_by_ray(ray_cluster, oct_bundle, tmp_path):
+    write_pngs(tmp_path / "archive", 120)
+    output = tmp_path / "scored"
+    summary = run(ScoreConfig(bundles=[oct_bundle], input=str(tmp_path / "archive"), output=str(output),
+                              batch_size=8, rows_per_shard=16, fault_after_batches=3))  # fmt: skip
+    assert (output / ".fault-injected").exists()  # the actor did die
+    paths = [r["path"] for r in read_rows(str(output))]
+    assert len(paths) == len(set(paths)) == 120 and summary["errors"] == 0
+
+
+def test_decode_runs_in_its_own_tasks_beside_the_model_actors(ray_cluster, oct_bundle, tmp_path):
+    """Ray Data fuses a task stage into the next actor stage when their resources match; fused,
+    the model actor would read and decode every file itself and wait on the disk."""
+    import pyarrow as pa
+
+    write_pngs(tmp_path / "archive", 40)
+    cfg = ScoreConfig(bundles=[oct_bundle], input=str(tmp_path / "archive"), output=str(tmp_path / "out"), batch_size=8)
+    ds = pipeline(cfg, pa.array(list_archive(cfg.input)), [bundle.read_manifest(oct_bundle)])
+    assert sum(r["rows"] for r in ds.take_all()) == 40
+    stats = ds.stats()
+    assert "MapBatches(load_batch)->MapBatches(BundlePredictor)" not in stats
+    assert "MapBatches(load_batch)" in stats and "MapBatches(BundlePredictor)" in stats
+
+
+def test_cli_takes_repeated_bundles_and_refuses_bad_values():
+    import argparse
+
+    parser = add_score_arguments(argparse.ArgumentParser())
+    cfg = score_config(parser.parse_args(["--bundle", "a", "--bundle", "s3://m/b", "--input", "i", "--output", "o",
+                                          "--ensemble", "vote", "--gpus-per-actor", "1", "--actors", "8"]))  # fmt: skip
+    assert (cfg.bundles, cfg.ensemble, cfg.gpus_per_actor, cfg.actors) == (["a", "s3://m/b"], "vote", 1.0, 8)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--bundle", "a", "--input", "i", "--output", "o", "--ensemble", "median"])
+    with pytest.raises(ValueError, match="batch_size"):
+        ScoreConfig(bundles=["a"], input="i", output="o", batch_size=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_archive("/nonexistent/archive")
 
 
 def test_demo_trains_then_scores_an_archive_with_broken_files(ray_cluster, tmp_path):

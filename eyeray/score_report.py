@@ -1,0 +1,133 @@
+"""The scoring run's report.html: one self-contained page a clinician or an on-call engineer opens.
+
+Class distribution (bar chart), the errors grouped by reason with example paths, and a few
+thumbnails per predicted class (read back through the same decoder). Images are inlined as data
+URIs, so the page can be mailed or attached to a ticket; it holds no full-size pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections import defaultdict
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+from eyeray import imaging, storage
+
+REPORT_FILE = "report.html"
+EXAMPLES_PER_CLASS = 4
+ERROR_EXAMPLES = 5
+THUMBNAIL = 160
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f3}.num{text-align:right}figure{display:inline-block;margin:4px;text-align:center;font-size:11px;max-width:170px;word-break:break-all}
+.note{color:#666;font-size:90%}"""
+
+
+def write(output: str, summary: dict[str, Any], rows: pa.Table) -> str:
+    """Write OUTPUT/report.html from the summary and the committed rows (path, status, error, label)."""
+    page = render(summary, rows)
+    uri = storage.join(output, REPORT_FILE)
+    fs, path = storage.filesystem(uri)
+    fs.pipe(path, page.encode())
+    return uri
+
+
+def render(summary: dict[str, Any], rows: pa.Table) -> str:
+    e = html.escape
+    models = ", ".join(f"{b['backbone']} {b['version']}" for b in summary.get("bundles", []))
+    ensemble = f" ({summary['ensemble']} ensemble)" if summary.get("ensemble") else ""
+    parts = [
+        f"<!doctype html><meta charset='utf-8'><title>eyeray scoring: {e(summary['task'])}</title><style>{STYLE}</style>",
+        f"<h1>Scoring report: {e(summary['task'])}</h1>",
+        f"<p>Model{ensemble}: {e(models) or e(summary['bundle_version'])}. "
+        f"{summary['files_seen']} files seen, {summary['scored']} scored, {summary['errors']} errors; "
+        f"{summary['scored_this_run']} scored in this run ({summary['wall_seconds']} s, "
+        f"{summary['images_per_s_this_run']} images/s).</p>",
+        "<p class='note'>Research use only: predictions are not a diagnosis and must be reviewed by a "
+        "qualified clinician.</p>",
+        "<h2>Predicted classes</h2>",
+        _distribution(summary["predictions"]),
+        "<h2>Errors</h2>",
+        _errors(summary, rows),
+        "<h2>Examples per predicted class</h2>",
+        _examples(rows, list(summary["predictions"])),
+    ]
+    return "\n".join(parts)
+
+
+def _distribution(predictions: dict[str, int]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes, counts = list(predictions), list(predictions.values())
+    fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(classes) + 2), 3))
+    bars = ax.bar(classes, counts, color="#4c72b0")
+    ax.bar_label(bars)
+    ax.set_ylabel("images")
+    ax.spines[["top", "right"]].set_visible(False)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    total = sum(counts) or 1
+    table = "".join(f"<tr><td>{html.escape(c)}</td><td class='num'>{n}</td><td class='num'>{100 * n / total:.1f} %</td></tr>"
+                    for c, n in predictions.items())  # fmt: skip
+    return (f"<img alt='class distribution' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+            f"<table><tr><th>class</th><th>images</th><th>share</th></tr>{table}</table>")  # fmt: skip
+
+
+def _errors(summary: dict[str, Any], rows: pa.Table) -> str:
+    if not summary["errors"]:
+        return "<p>No file failed.</p>"
+    examples: dict[str, list[str]] = defaultdict(list)
+    for row in rows.filter(_is(rows, "error")).select(["path", "error"]).to_pylist():
+        if len(examples[row["error"]]) < ERROR_EXAMPLES:
+            examples[row["error"]].append(row["path"])
+    body = "".join(
+        f"<tr><td>{html.escape(reason)}</td><td class='num'>{count}</td>"
+        f"<td>{'<br>'.join(html.escape(p) for p in examples[reason])}</td></tr>"
+        for reason, count in summary["errors_by_reason"].items()
+    )
+    return f"<table><tr><th>reason</th><th>files</th><th>examples</th></tr>{body}</table>"
+
+
+def _examples(rows: pa.Table, classes: list[str]) -> str:
+    picked: dict[str, list[str]] = {c: [] for c in classes}
+    for row in rows.filter(_is(rows, "ok")).select(["path", "label"]).to_pylist():
+        labels = row["label"] if isinstance(row["label"], list) else [row["label"]]
+        for label in labels:
+            if label in picked and len(picked[label]) < EXAMPLES_PER_CLASS:
+                picked[label].append(row["path"])
+        if all(len(p) >= EXAMPLES_PER_CLASS for p in picked.values()):
+            break
+    sections = []
+    for label, paths in picked.items():
+        figures = "".join(_figure(p) for p in paths) or "<p class='note'>none predicted</p>"
+        sections.append(f"<h3>{html.escape(label)}</h3>{figures}")
+    return "\n".join(sections)
+
+
+def _figure(path: str) -> str:
+    try:
+        image = Image.fromarray(imaging.decode(storage.read_bytes(path)))
+    except (OSError, ValueError) as exc:  # moved or changed since it was scored
+        return f"<figure>unavailable: {html.escape(str(exc))}<figcaption>{html.escape(path)}</figcaption></figure>"
+    image.thumbnail((THUMBNAIL, THUMBNAIL))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    name = path.rsplit("/", 1)[-1]
+    return (f"<figure><img alt='{html.escape(name)}' src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+            f"<figcaption>{html.escape(name)}</figcaption></figure>")  # fmt: skip
+
+
+def _is(rows: pa.Table, status: str):
+    import pyarrow.compute as pc
+
+    return pc.equal(rows.column("status"), status)
