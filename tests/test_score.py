@@ -106,6 +106,25 @@ def test_real_samples_and_bad_file_corpus_give_one_row_per_file(ray_cluster, oct
     assert third["scored_this_run"] == 1 and len(read_rows(output)) == len(files) + 1
 
 
+def test_fundus_samples_score_without_error_and_odir_rows_carry_label_lists(ray_cluster, glaucoma_sample,
+                                                                             odir_sample, tmp_path):  # fmt: skip
+    for task, sample in (("glaucoma", glaucoma_sample), ("odir", odir_sample / "images")):
+        model = make_bundle(tmp_path / task, task)
+        output = str(tmp_path / f"{task}-scored")
+        summary = run(ScoreConfig(bundles=[model], input=str(sample), output=output, report=False))
+        rows = read_rows(output)
+        files = sorted(str(p) for p in sample.rglob("*") if p.is_file())
+        assert sorted(r["path"] for r in rows) == files and summary["errors"] == 0, task
+        manifest = bundle.read_manifest(model)
+        for row in rows[:20]:
+            probs = np.array([row["probabilities"][c] for c in manifest["classes"]])
+            labels = row["label"] if manifest["multi_label"] else [row["label"]]
+            assert labels == bundle.decide(manifest, probs[None])[0], row["path"]
+        if task == "odir":
+            assert all(isinstance(r["label"], list) for r in rows)
+            assert sum(summary["predictions"].values()) == sum(len(r["label"]) for r in rows)
+
+
 def test_ensemble_of_two_sizes_carries_each_models_probabilities(ray_cluster, oct_bundle, tmp_path, glaucoma_sample):
     second = make_bundle(tmp_path / "second", size=48)
     archive = tmp_path / "archive"

@@ -1,0 +1,208 @@
+"""Batch-scoring throughput and memory: the Ray Data pipeline vs the bare model vs a seed-style loop.
+
+Over a generated archive of OCT-sized greyscale JPEGs (1024 x 496, as Kermany's B-scans), on one
+machine, in one run (it is shared and noisy, so ratios are what mean something):
+
+- bare model: `Bundle.predict` on tensors already decoded and resized in memory;
+- pipeline: `eyeray.score.run` (list -> decode tasks -> model actor -> Parquet shards), end to
+  end and in steady state (runs over n and 2 n images: the difference cancels the start-up);
+- seed-style: open each image with PIL, resize, `model.predict` one image at a time, as the
+  seed notebooks served predictions;
+- memory: peak RSS of the driver and of the Ray worker processes while scoring N and 10 N images.
+
+    python bench/score_throughput.py            # writes bench/results/score_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
+
+import psutil  # noqa: E402
+import ray  # noqa: E402
+
+from eyeray import bundle, imaging, synthetic  # noqa: E402
+from eyeray.models import build_model  # noqa: E402
+from eyeray.score import ScoreConfig, list_archive, run  # noqa: E402
+from eyeray.tasks import get_task  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OCT_SHAPE = (1024, 496)  # width, height of a Spectralis B-scan export in the Kermany set
+
+
+def make_archive(root: Path, n: int, seed: int = 0) -> Path:
+    """n greyscale JPEGs of 1024 x 496 (16 synthetic B-scans, each saved under many names)."""
+    rng = np.random.default_rng(seed)
+    classes = get_task("oct").classes
+    bases = []
+    for i in range(16):
+        scan = synthetic.draw("oct", classes[i % len(classes)], rng, 256)
+        bases.append(Image.fromarray(scan).convert("L").resize(OCT_SHAPE, Image.BILINEAR))
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        bases[i % 16].save(root / f"scan-{i:06d}.jpeg", quality=90)
+    return root
+
+
+def make_bundle(root: Path, backbone: str, size: int) -> str:
+    spec = get_task("oct")
+    model = build_model(spec, backbone, weights="none", image_size=size)  # ImageNet weights: same compute
+    manifest = bundle.make_manifest(spec, model, backbone=backbone, image_size=size, weights="none")
+    bundle.save(model, manifest, str(root / f"{backbone}-{size}"))
+    return str(root / f"{backbone}-{size}")
+
+
+class PeakRSS:
+    """Samples RSS of this process (the driver) and of every Ray worker process, keeping peaks."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.driver, self.workers_total, self.worker_max = interval, 0, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            self.driver = max(self.driver, me.memory_info().rss)
+            sizes = []
+            for proc in me.children(recursive=True):  # ray.init() here started this cluster: its workers
+                try:
+                    if " ".join(proc.cmdline()).startswith("ray::"):
+                        sizes.append(proc.memory_info().rss)
+                except psutil.Error:
+                    pass
+            self.workers_total = max(self.workers_total, sum(sizes))
+            self.worker_max = max(self.worker_max, max(sizes, default=0))
+            self._stop.wait(self.interval)
+
+    def figures(self) -> dict:
+        mib = 1 << 20
+        return {"driver_mib": round(self.driver / mib), "workers_total_mib": round(self.workers_total / mib),
+                "largest_worker_mib": round(self.worker_max / mib)}  # fmt: skip
+
+
+def bare_model(bundle_uri: str, files: list[str], batch_size: int) -> dict:
+    b = bundle.load(bundle_uri)
+    images = np.stack([imaging.preprocess(imaging.decode(Path(f).read_bytes()), b.image_size) for f in files])
+    b.predict(images[:batch_size], batch_size=batch_size)  # warm-up: graph tracing is not throughput
+    start = time.perf_counter()
+    b.predict(images, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    return {"images": len(files), "seconds": round(seconds, 2), "images_per_s": round(len(files) / seconds, 2)}
+
+
+def seed_style(bundle_uri: str, files: list[str]) -> dict:
+    """As the seeds did it: PIL open, convert, resize, then model.predict on one image."""
+    b = bundle.load(bundle_uri)
+    size = b.image_size
+    b.model.predict(np.zeros((1, size, size, 3), np.uint8), verbose=0)
+    start = time.perf_counter()
+    for f in files:
+        img = np.asarray(Image.open(f).convert("RGB").resize((size, size)))
+        b.model.predict(img[None], verbose=0)
+    seconds = time.perf_counter() - start
+    return {"images": len(files), "seconds": round(seconds, 2), "images_per_s": round(len(files) / seconds, 2)}
+
+
+def pipeline(bundle_uri: str, archive: Path, output: Path, batch_size: int) -> dict:
+    """`eyeray.score.run` end to end: wall time includes starting the actors and loading the model."""
+    start = time.perf_counter()
+    summary = run(ScoreConfig(bundles=[bundle_uri], input=str(archive), output=str(output), batch_size=batch_size,
+                              report=False))  # fmt: skip
+    wall = time.perf_counter() - start
+    return {"images": summary["scored_this_run"], "errors": summary["errors"], "wall_seconds": round(wall, 2),
+            "end_to_end_images_per_s": round(summary["scored_this_run"] / wall, 2)}  # fmt: skip
+
+
+def steady_pipeline(bundle_uri: str, tmp: Path, n: int, batch_size: int) -> dict:
+    """Steady-state pipeline throughput by difference: runs over n and 2n images pay the same
+    start-up (actors, model load, first batch), so n / (t(2n) - t(n)) is what the running pipeline does."""
+    small = pipeline(bundle_uri, make_archive(tmp / "archive-1x", n), tmp / "scored-1x", batch_size)
+    large = pipeline(bundle_uri, make_archive(tmp / "archive-2x", 2 * n), tmp / "scored-2x", batch_size)
+    extra = large["wall_seconds"] - small["wall_seconds"]
+    return {"n": small, "2n": large, "steady_images_per_s": round(n / extra, 2) if extra > 0 else None,
+            "startup_seconds": round(small["wall_seconds"] - extra, 2)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vgg16:224", help="backbone:size for the throughput figures")
+    parser.add_argument("--images", type=int, default=128, help="n for the throughput figures (runs n and 2 n)")
+    parser.add_argument("--seed-images", type=int, default=48, help="images for the seed-style loop")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--memory-model", default="small_cnn:64", help="backbone:size for the memory figures")
+    parser.add_argument("--memory-images", type=int, default=400, help="N for the N vs 10 N memory figures")
+    args = parser.parse_args()
+    ray.init(include_dashboard=False)
+    out: dict = {
+        "benchmark": "score_throughput",
+        "machine": {"cpus": ray.cluster_resources().get("CPU"), "gpus": ray.cluster_resources().get("GPU", 0),
+                    "platform": platform.platform()},  # fmt: skip
+        "archive": f"greyscale JPEG {OCT_SHAPE[0]}x{OCT_SHAPE[1]}, quality 90",
+        "targets": {"pipeline_vs_bare": 0.9, "pipeline_vs_seed_style": 3.0, "rss_10n_vs_n": 1.15},
+    }
+    with tempfile.TemporaryDirectory(prefix="eyeray-bench-") as tmp:
+        tmp = Path(tmp)
+        backbone, size = args.model.split(":")
+        model = make_bundle(tmp, backbone, int(size))
+        files = list_archive(str(make_archive(tmp / "archive", args.images)))
+        bare_before = bare_model(model, files, args.batch_size)
+        print("bare model", bare_before, flush=True)
+        piped = steady_pipeline(model, tmp, args.images, args.batch_size)
+        print("pipeline", piped, flush=True)
+        bare_after = bare_model(model, files, args.batch_size)  # before and after: the machine's load drifts
+        print("bare model", bare_after, flush=True)
+        seed = seed_style(model, files[: args.seed_images])
+        print("seed-style", seed, flush=True)
+        bare = round((bare_before["images_per_s"] + bare_after["images_per_s"]) / 2, 2)
+        out["throughput"] = {
+            "model": args.model, "batch_size": args.batch_size, "bare_model_before": bare_before,
+            "bare_model_after": bare_after, "bare_model_images_per_s": bare, "pipeline": piped, "seed_style": seed,
+            "ratio_pipeline_steady_vs_bare": round(piped["steady_images_per_s"] / bare, 3),
+            "ratio_pipeline_end_to_end_2n_vs_bare": round(piped["2n"]["end_to_end_images_per_s"] / bare, 3),
+            "ratio_pipeline_steady_vs_seed_style": round(piped["steady_images_per_s"] / seed["images_per_s"], 2),
+            "ratio_bare_vs_seed_style": round(bare / seed["images_per_s"], 2),
+        }  # fmt: skip
+
+        backbone, size = args.memory_model.split(":")
+        small = make_bundle(tmp, backbone, int(size))
+        memory = {"model": args.memory_model}
+        for label, n in (("n", args.memory_images), ("10n", 10 * args.memory_images)):
+            archive = make_archive(tmp / f"archive-{label}", n)
+            with PeakRSS() as rss:
+                piped = pipeline(small, archive, tmp / f"scored-{label}", args.batch_size)
+            memory[label] = {"images": n, **rss.figures(), "end_to_end_images_per_s": piped["end_to_end_images_per_s"]}
+            print("memory", label, memory[label], flush=True)
+        for key in ("driver_mib", "workers_total_mib", "largest_worker_mib"):
+            memory[f"ratio_{key}"] = round(memory["10n"][key] / memory["n"][key], 3)
+        out["memory"] = memory
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "score_throughput.json").write_text(json.dumps(out, indent=2))
+    print(json.dumps({k: v for k, v in out["throughput"].items() if k.startswith("ratio")}, indent=2))
+    print(json.dumps({k: v for k, v in out["memory"].items() if k.startswith("ratio")}, indent=2))
+    print(f"wrote {RESULTS / 'score_throughput.json'}")
+
+
+if __name__ == "__main__":
+    main()
