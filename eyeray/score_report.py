@@ -87,9 +87,13 @@ def _errors(summary: dict[str, Any], rows: pa.Table) -> str:
     if not summary["errors"]:
         return "<p>No file failed.</p>"
     examples: dict[str, list[str]] = defaultdict(list)
-    for row in rows.filter(_is(rows, "error")).select(["path", "error"]).to_pylist():
-        if len(examples[row["error"]]) < ERROR_EXAMPLES:
-            examples[row["error"]].append(row["path"])
+    wanted = {reason: min(count, ERROR_EXAMPLES) for reason, count in summary["errors_by_reason"].items()}
+    for batch in rows.filter(_is(rows, "error")).select(["path", "error"]).to_batches(max_chunksize=4096):
+        for row in batch.to_pylist():
+            if len(examples[row["error"]]) < ERROR_EXAMPLES:
+                examples[row["error"]].append(row["path"])
+        if all(len(examples[reason]) >= n for reason, n in wanted.items()):
+            break
     body = "".join(
         f"<tr><td>{html.escape(reason)}</td><td class='num'>{count}</td>"
         f"<td>{'<br>'.join(html.escape(p) for p in examples[reason])}</td></tr>"
@@ -100,11 +104,12 @@ def _errors(summary: dict[str, Any], rows: pa.Table) -> str:
 
 def _examples(rows: pa.Table, classes: list[str]) -> str:
     picked: dict[str, list[str]] = {c: [] for c in classes}
-    for row in rows.filter(_is(rows, "ok")).select(["path", "label"]).to_pylist():
-        labels = row["label"] if isinstance(row["label"], list) else [row["label"]]
-        for label in labels:
-            if label in picked and len(picked[label]) < EXAMPLES_PER_CLASS:
-                picked[label].append(row["path"])
+    for batch in rows.filter(_is(rows, "ok")).select(["path", "label"]).to_batches(max_chunksize=4096):
+        for row in batch.to_pylist():  # batch by batch: an archive of millions is never one Python list
+            labels = row["label"] if isinstance(row["label"], list) else [row["label"]]
+            for label in labels:
+                if label in picked and len(picked[label]) < EXAMPLES_PER_CLASS:
+                    picked[label].append(row["path"])
         if all(len(p) >= EXAMPLES_PER_CLASS for p in picked.values()):
             break
     sections = []
