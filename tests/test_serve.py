@@ -30,6 +30,7 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[1]
 APP = "eyeray-test"
 FAST = {"cpus_per_replica": 0.1, "ingress_cpus": 0.1}  # 2 CPUs for every replica of the module
+TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +47,29 @@ def bundles(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def url(ray_cluster, bundles):
+def url(ray_cluster, bundles, tmp_path_factory):
     """One Serve instance for the module: the three tasks in one application, each model replica
-    holding half a (logical) GPU, so the num_gpus path runs on this CPU machine."""
+    holding half a (logical) GPU, so the num_gpus path runs on this CPU machine, and a bearer token
+    read from a file (the other applications of the module run without one)."""
     from ray import serve
 
+    token = tmp_path_factory.mktemp("secret") / "token"
+    token.write_text(TOKEN + "\n")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = ServeArgs(bundles=list(bundles.values()), gpus_per_replica=0.5, max_body_bytes=2**20,
-                     batch_wait_timeout_s=0.05, autoscaling={"min_replicas": 1, "max_replicas": 1}, **FAST)  # fmt: skip
+                     batch_wait_timeout_s=0.05, autoscaling={"min_replicas": 1, "max_replicas": 1},
+                     ingress_env={"EYERAY_API_TOKEN_FILE": str(token)}, **FAST)  # fmt: skip
     serve.run(build_app(args), name=APP, route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+
+
+def api_client(timeout: float = 60) -> httpx.Client:
+    """An HTTP client of the module's application (it sends the token)."""
+    return httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {TOKEN}"})
 
 
 def predict(client: httpx.Client, base: str, task: str, data: bytes, *, raw: bool = False, **kwargs) -> httpx.Response:
@@ -123,7 +133,7 @@ def test_answers_equal_batch_scoring(url, bundles, oct_sample, odir_sample, tmp_
     cases = [("oct", p) for p in sorted(archive.rglob("*")) if p.is_file()]
     cases += [("odir", p) for p in sorted(odir.iterdir())]
 
-    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(8) as pool:
+    with api_client() as client, ThreadPoolExecutor(8) as pool:
         # Half as multipart uploads, half as raw bodies: both are the same bytes to decode.
         answers = list(pool.map(lambda i: predict(client, url, cases[i][0], cases[i][1].read_bytes(), raw=i % 2 == 1),
                                 range(len(cases))))  # fmt: skip
@@ -141,7 +151,7 @@ def test_answers_equal_batch_scoring(url, bundles, oct_sample, odir_sample, tmp_
 
 
 def test_tasks_routed_models_listed_and_docs(url, bundles, glaucoma_sample):
-    with httpx.Client(timeout=60) as client:
+    with api_client() as client:
         assert client.get(f"{url}/healthz").json() == {"status": "ok", "tasks": ["glaucoma", "oct", "odir"]}
         models = {m["task"]: m["manifest"] for m in client.get(f"{url}/v1/models").json()["models"]}
         assert {t: m["version"] for t, m in models.items()} == {t: bundle.read_manifest(u)["version"]
@@ -183,7 +193,7 @@ def bad_requests(sample: bytes) -> dict[str, tuple[int, dict]]:
 
 def test_bad_requests_get_4xx_with_a_reason_and_the_service_stays_up(url, oct_sample):
     sample = next((oct_sample / "CNV").iterdir()).read_bytes()
-    with httpx.Client(timeout=60) as client:
+    with api_client() as client:
         for name, (status, kwargs) in bad_requests(sample).items():
             try:
                 response = client.post(f"{url}/v1/oct/predict", **kwargs)
@@ -205,7 +215,7 @@ def test_200_requests_from_16_clients_are_batched(url, oct_sample):
     images = [p.read_bytes() for p in sorted(oct_sample.rglob("*.jpeg"))]
 
     def client_loop(worker: int) -> list[httpx.Response]:
-        with httpx.Client(timeout=120) as client:
+        with api_client(120) as client:
             return [predict(client, url, "oct", images[(worker * 13 + i) % len(images)]) for i in range(200 // 16 + 1)]
 
     with ThreadPoolExecutor(16) as pool:
@@ -220,7 +230,7 @@ def test_200_requests_from_16_clients_are_batched(url, oct_sample):
 def test_no_file_names_or_image_bytes_in_logs(url, ray_cluster, oct_sample):
     secret_name, secret_bytes = "PATIENT-4711-DOE-JANE.jpeg", b"SECRET-PIXELS-0815"
     image = next((oct_sample / "DME").iterdir()).read_bytes()
-    with httpx.Client(timeout=60) as client:
+    with api_client() as client:
         assert client.post(f"{url}/v1/oct/predict", files={"file": (secret_name, image)}).status_code == 200
         bad = client.post(f"{url}/v1/oct/predict", files={"file": (secret_name, secret_bytes)})
         assert bad.status_code == 422 and "SECRET" not in bad.text
@@ -235,7 +245,7 @@ def test_metrics_reach_prometheus(url, odir_sample):
     import ray
 
     image = next((odir_sample / "images").iterdir()).read_bytes()
-    with httpx.Client(timeout=60) as client:
+    with api_client() as client:
         assert predict(client, url, "odir", image).status_code == 200
         assert predict(client, url, "odir", b"not an image").status_code == 422
     port = ray.nodes()[0]["MetricsExportPort"]
@@ -265,30 +275,19 @@ def test_token_from_env_or_file(tmp_path, monkeypatch):
         read_token()  # a broken secret never means "no auth"
 
 
-def test_bearer_token_required_when_configured(url, bundles, tmp_path, oct_sample):
-    from ray import serve
-
-    token = tmp_path / "token"
-    token.write_text("s3cret-token\n")
-    args = ServeArgs(bundles=[bundles["oct"]], ingress_env={"EYERAY_API_TOKEN_FILE": str(token)}, **FAST)
-    serve.run(build_app(args), name="eyeray-auth", route_prefix="/auth")
+def test_bearer_token_required_when_configured(url, oct_sample):
     image = next((oct_sample / "NORMAL").iterdir()).read_bytes()
-    try:
-        with httpx.Client(timeout=60) as client:
-            base = f"{url}/auth"
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-token"},
-                            {"Authorization": "Basic s3cret-token"}):  # fmt: skip
-                response = predict(client, base, "oct", image, headers=headers)
-                assert response.status_code == 401 and response.json()["detail"], headers
-                assert response.headers["www-authenticate"] == "Bearer"
-            assert client.get(f"{base}/v1/models").status_code == 401
-            assert client.get(f"{base}/healthz").status_code == 200  # probes need no token
-            good = {"Authorization": "Bearer s3cret-token"}
-            assert predict(client, base, "oct", image, headers=good).status_code == 200
-            assert client.get(f"{base}/v1/models", headers=good).status_code == 200
-            assert predict(client, url, "oct", image).status_code == 200  # the module's app has auth off
-    finally:
-        serve.delete("eyeray-auth")
+    with httpx.Client(timeout=60) as anonymous:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                        {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"}):  # fmt: skip
+            response = predict(anonymous, url, "oct", image, headers=headers)
+            assert response.status_code == 401 and response.json()["detail"], headers
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert anonymous.get(f"{url}/v1/models").status_code == 401
+        assert anonymous.get(f"{url}/healthz").status_code == 200  # probes need no token
+    with api_client() as authorised:
+        assert predict(authorised, url, "oct", image).status_code == 200
+        assert authorised.get(f"{url}/v1/models").status_code == 200
 
 
 def replicas(app: str, deployment: str) -> int:
@@ -319,7 +318,7 @@ def test_autoscaling_out_and_in_and_a_killed_replica_is_replaced(url, bundles, o
     stop, failures = threading.Event(), []
 
     def load() -> None:
-        with httpx.Client(timeout=60) as client:
+        with httpx.Client(timeout=60) as client:  # no token: this application runs without auth
             while not stop.is_set():
                 response = predict(client, base, "oct", image)
                 if response.status_code != 200:
