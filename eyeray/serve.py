@@ -29,6 +29,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayError
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -42,6 +43,7 @@ TOKEN_ENV = "EYERAY_API_TOKEN"
 TOKEN_FILE_ENV = "EYERAY_API_TOKEN_FILE"
 MULTIPART = "multipart/form-data"
 RAW_TYPES = ("application/octet-stream", "application/dicom")  # and any image/*
+MAX_BATCH_SIZE, BATCH_WAIT_TIMEOUT_S = 16, 0.01  # defaults; per deployment through user_config
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
@@ -57,8 +59,8 @@ class ServeArgs(BaseModel):
     bundles: list[str] = Field(min_length=1, description="bundle folders or s3:// URIs, at most one per task")
     max_body_bytes: int = Field(64 * 2**20, gt=0, description="larger request bodies get 413")
     max_pixels: int = Field(imaging.DEFAULT_MAX_PIXELS, gt=0, description="larger decoded images get 422")
-    max_batch_size: int = Field(16, gt=0, description="requests per model call (user_config, per deployment)")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill up")
+    max_batch_size: int = Field(MAX_BATCH_SIZE, gt=0, description="requests per model call (user_config)")
+    batch_wait_timeout_s: float = Field(BATCH_WAIT_TIMEOUT_S, ge=0, description="how long a batch waits to fill up")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica")
     cpus_per_replica: float = Field(1.0, ge=0, description="CPUs per model replica")
     ingress_cpus: float = Field(1.0, ge=0, description="CPUs per ingress replica (it decodes the uploads)")
@@ -109,10 +111,10 @@ class TaskModel:
                                                boundaries=LATENCY_BOUNDARIES, tag_keys=("task",))  # fmt: skip
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        self.predict.set_max_batch_size(int(config.get("max_batch_size", 16)))
-        self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+        self.predict.set_max_batch_size(int(config.get("max_batch_size", MAX_BATCH_SIZE)))
+        self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", BATCH_WAIT_TIMEOUT_S)))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
         """Preprocessed uint8 images, one per request -> one answer per request."""
         start = time.perf_counter()
@@ -171,9 +173,12 @@ def read_token() -> str | None:
 
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    # The type only: messages of failed calls could quote request data.
-    logger.error(f"eyeray API: unexpected {type(exc).__name__} on {request.url.path}")
-    return JSONResponse({"detail": f"model unavailable ({type(exc).__name__}); retry later"}, status_code=503)
+    """Not the client's fault: 503 when a model replica failed (retry), else 500. JSON either way;
+    the log names the type only, as messages of failed calls could quote request data."""
+    logger.error(f"eyeray API: {type(exc).__name__} on {request.url.path}")
+    if isinstance(exc, RayError):
+        return JSONResponse({"detail": f"model unavailable ({type(exc).__name__}); retry"}, status_code=503)
+    return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
 
 
 class _InMemoryParser(MultiPartParser):
@@ -227,6 +232,9 @@ class Api:
             return answer
         except HTTPException as exc:
             status = exc.status_code
+            raise
+        except Exception as exc:
+            status = 503 if isinstance(exc, RayError) else 500
             raise
         finally:
             tags = {"task": task if task in self.models else "unknown", "status": str(status)}
