@@ -347,9 +347,15 @@ def stop(name: str = API_APP) -> None:
 def run(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """`eyeray serve`: serve until SIGINT or SIGTERM, then delete the application.
 
-    The API token is forwarded from this process's environment to the ingress replicas."""
+    The API token (variable or file name) is passed from this process's environment to the
+    ingress replicas, which may run in another process tree (an existing cluster)."""
+    from eyeray import storage
+
     env = {k: os.environ[k] for k in (TOKEN_ENV, TOKEN_FILE_ENV) if os.environ.get(k)}
-    url = start(args.model_copy(update={"ingress_env": {**env, **args.ingress_env}}), host=host, port=port)
+    # Replicas do not share this shell's working directory: local bundle paths become absolute.
+    bundles = [uri if storage.is_remote(uri) else str(Path(uri).resolve()) for uri in args.bundles]
+    url = start(args.model_copy(update={"bundles": bundles, "ingress_env": {**env, **args.ingress_env}}),
+                host=host, port=port)  # fmt: skip
     print(f"[eyeray] serving at {url} (OpenAPI docs: {url}/docs); Ctrl-C or SIGTERM stops")
     signal.signal(signal.SIGTERM, _interrupt)  # a background `eyeray serve` ignores SIGINT
     try:
