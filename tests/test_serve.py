@@ -229,17 +229,17 @@ def test_200_requests_from_16_clients_are_batched(url, oct_sample):
 
 
 def test_no_file_names_or_image_bytes_in_logs(url, ray_cluster, oct_sample):
-    secret_name, secret_bytes = "PATIENT-4711-DOE-JANE.jpeg", b"SECRET-PIXELS-0815"
+    secret_name, secret_bytes = "PATIENT-DOE-JANE-QX7.jpeg", b"SECRET-PIXELS-ZW9"
     image = next((oct_sample / "DME").iterdir()).read_bytes()
     with api_client() as client:
         assert client.post(f"{url}/v1/oct/predict", files={"file": (secret_name, image)}).status_code == 200
         bad = client.post(f"{url}/v1/oct/predict", files={"file": (secret_name, secret_bytes)})
-        assert bad.status_code == 422 and "SECRET" not in bad.text
+        assert bad.status_code == 422 and "SECRET" not in bad.text and "DOE-JANE" not in bad.text
     time.sleep(1)  # let the replicas' log handlers flush
     logs = Path(ray_cluster["temp_dir"]) / "session_latest" / "logs"
     texts = [p.read_bytes() for p in logs.rglob("*") if p.is_file()]
     assert any(b"POST /v1/{task}/predict 422" in t for t in texts)  # the access log is there ...
-    assert not any(b"4711" in t or b"DOE-JANE" in t or secret_bytes in t for t in texts)  # ... without them
+    assert not any(b"DOE-JANE" in t or secret_bytes in t for t in texts)  # ... without them
 
 
 def test_metrics_reach_prometheus(url, odir_sample):
