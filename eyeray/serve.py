@@ -51,8 +51,9 @@ BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 class ServeArgs(BaseModel):
     """Application arguments (`args:` in a Serve config file, flags of `eyeray serve`).
 
-    Replica resources and autoscaling set here are the code defaults; a Serve config file's
-    `deployments:` section overrides them per deployment, as Serve always does."""
+    Replica resources and autoscaling set here are the code defaults, sized so that all three
+    tasks fit on a two-core laptop; a Serve config file's `deployments:` section overrides them
+    per deployment, as Serve always does (jobs/serve_config.yaml: GPU replicas, autoscaling)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -62,10 +63,10 @@ class ServeArgs(BaseModel):
     max_batch_size: int = Field(MAX_BATCH_SIZE, gt=0, description="requests per model call (user_config)")
     batch_wait_timeout_s: float = Field(BATCH_WAIT_TIMEOUT_S, ge=0, description="how long a batch waits to fill up")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica")
-    cpus_per_replica: float = Field(1.0, ge=0, description="CPUs per model replica")
-    ingress_cpus: float = Field(1.0, ge=0, description="CPUs per ingress replica (it decodes the uploads)")
+    cpus_per_replica: float = Field(0.5, ge=0, description="CPUs per model replica")
+    ingress_cpus: float = Field(0.5, ge=0, description="CPUs per ingress replica (it decodes the uploads)")
     autoscaling: dict[str, Any] = Field(
-        default_factory=lambda: {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8},
+        default_factory=lambda: {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
         description="Serve autoscaling_config of every model deployment",
     )
     ingress_env: dict[str, str] = Field(
@@ -384,8 +385,7 @@ def demo(bundle_uri: str, images: list[Path], port: int = 8000, route_prefix: st
     from eyeray import bundle
 
     task = bundle.read_manifest(bundle_uri)["task"]
-    args = ServeArgs(bundles=[bundle_uri], cpus_per_replica=0.5, ingress_cpus=0.5, autoscaling={"max_replicas": 1})
-    url = start(args, port=port, name="eyeray-demo", route_prefix=route_prefix)
+    url = start(ServeArgs(bundles=[bundle_uri]), port=port, name="eyeray-demo", route_prefix=route_prefix)
     answers = []
     try:
         for path in images:
