@@ -80,7 +80,7 @@ def train_main(task: str, argv: list[str] | None = None) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from eyeray import demo
 
-    out = demo.run(train_config(args))
+    out = demo.run(train_config(args), serve_port=args.port)
     result, summary = out["train"], out["score"]
     print("\n[eyeray demo] done. Look at:")
     print(f"  bundle   {result.bundle}/manifest.json")
@@ -90,6 +90,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  scores   {out['scores']}/ (Parquet, one row per archive file), report.html and summary.json:")
     keys = ("files_seen", "scored", "errors", "errors_by_reason", "predictions")
     print("           " + json.dumps({k: summary[k] for k in keys}))
+    print("  served   " + "; ".join(f"{a['file']} -> {a['status']} {a.get('label') or a.get('detail')}"
+                                    for a in out["serve"]))  # fmt: skip
     return 0
 
 
@@ -161,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     add_train_arguments(train)
     demo = sub.add_parser("demo", help="train on generated data end to end: no dataset, no cluster, no download")
     demo.add_argument("--task", default="oct", choices=sorted(TASKS))
+    demo.add_argument("--port", type=int, default=8000, help="HTTP port of the short-lived demo service")
     add_train_arguments(demo)
     add_score_arguments(sub.add_parser("score", help="score an image archive with Ray Data (Parquet out)"))
     add_serve_arguments(sub.add_parser("serve", help="online predictions over HTTP with Ray Serve"))

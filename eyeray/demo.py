@@ -1,4 +1,5 @@
-"""The end-to-end demo: train on generated data, then score a generated archive with the bundle.
+"""The end-to-end demo: train on generated data, score a generated archive with the bundle, and
+serve it over HTTP for a few requests.
 
 No dataset, no cluster, no download. The archive holds fresh synthetic images (another seed than
 training) and a few deliberately broken files, to show that they become error rows.
@@ -28,13 +29,17 @@ def make_archive(task: str, root: str | Path, *, images_per_class: int = 10, see
     return root / "export"
 
 
-def run(train_config) -> dict[str, Any]:
-    """Train (eyeray.train.run), then score the archive; returns both results for printing."""
-    from eyeray import score, train
+def run(train_config, serve_port: int = 8000) -> dict[str, Any]:
+    """Train (eyeray.train.run), score the archive, then serve the bundle and post a few of the
+    archive's files to it (one broken); returns all three results for printing."""
+    from eyeray import score, serve, train
 
     result = train.run(train_config)
     base = result.output if not storage.is_remote(result.output) else None
     archive = make_archive(train_config.task, Path(base or ".") / "demo_archive", seed=train_config.seed + 1)
     summary = score.run(score.ScoreConfig(bundles=[result.bundle], input=str(archive),
                                           output=storage.join(result.output, "scores")))  # fmt: skip
-    return {"train": result, "score": summary, "scores": storage.join(result.output, "scores")}
+    first_per_class = {p.parent: p for p in sorted(archive.rglob("*"), reverse=True) if p.suffix and p.parent != archive}
+    posted = sorted(first_per_class.values())[:3]
+    answers = serve.demo(result.bundle, [*posted, archive / next(iter(BROKEN_FILES))], port=serve_port)
+    return {"train": result, "score": summary, "scores": storage.join(result.output, "scores"), "serve": answers}

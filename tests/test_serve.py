@@ -104,7 +104,7 @@ def batch_scores(bundle_uri: str, archive: Path, out: Path) -> dict[str, dict]:
     """The batch scorer's rows for `archive`, by file name."""
     from eyeray.score import ScoreConfig, run
 
-    run(ScoreConfig(bundle=bundle_uri, input=str(archive), output=str(out)))
+    run(ScoreConfig(bundles=[bundle_uri], input=str(archive), output=str(out)))
     rows = pads.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table().to_pylist()
     return {r["path"].rsplit("/", 1)[-1]: r for r in rows}
 
