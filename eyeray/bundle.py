@@ -161,10 +161,15 @@ class Bundle:
         return self.manifest["version"]
 
     def predict(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """uint8 images (n, size, size, 3) -> probabilities (n, classes)."""
+        """uint8 images (n, size, size, 3) -> probabilities (n, classes), `batch_size` at a time.
+
+        `predict_on_batch`, not `predict`: the same traced model call without building a dataset
+        and a progress loop each time (about 70 ms less per call on a small batch, which is most
+        of a served request)."""
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
-        return np.asarray(self.model.predict(images, batch_size=batch_size, verbose=0), np.float32)
+        chunks = [self.model.predict_on_batch(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        return np.concatenate([np.asarray(c, np.float32) for c in chunks])
 
     def labels(self, probabilities: np.ndarray) -> list[list[str]]:
         """The decision for each row: argmax (single-label), or every class at or above its

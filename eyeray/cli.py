@@ -128,6 +128,31 @@ def score_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add = parser.add_argument
+    add("--bundle", dest="bundles", action="append", required=True,
+        help="model bundle folder or s3:// URI; repeat for more tasks (one bundle per task)")  # fmt: skip
+    add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    add("--port", type=int, default=8000, help="HTTP port")
+    add("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica")
+    add("--max-replicas", type=int, default=1, help="model replicas per task under load (autoscaling)")
+    add("--max-batch-size", type=int, default=16, help="requests scored in one model call")
+    add("--max-body-mb", type=float, default=64, help="larger uploads get 413")
+    return parser
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    """`eyeray serve`: the Serve application of `jobs/serve_config.yaml`, until interrupted.
+    The optional API token comes from EYERAY_API_TOKEN or EYERAY_API_TOKEN_FILE."""
+    from eyeray.serve import ServeArgs, run
+
+    run(ServeArgs(bundles=args.bundles, gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
+                  max_body_bytes=int(args.max_body_mb * 2**20),
+                  autoscaling={"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": 8}),
+        host=args.host, port=args.port)  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eyeray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--task", default="oct", choices=sorted(TASKS))
     add_train_arguments(demo)
     add_score_arguments(sub.add_parser("score", help="score an image archive with Ray Data (Parquet out)"))
+    add_serve_arguments(sub.add_parser("serve", help="online predictions over HTTP with Ray Serve"))
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve_main(args)
     if args.command == "score":
         from eyeray.score import run as score
 

@@ -1,0 +1,141 @@
+"""Ray Serve load: throughput and latency at 1, 4 and 16 concurrent clients, batched vs unbatched.
+
+Starts a private local Ray instance and the real application (`eyeray.serve.build_app`) on one
+bundle, posts the real OCT samples as multipart uploads from N client threads, and repeats with
+`max_batch_size` 1 (no batching) and 16. Requests per second, p50/p95/p99 latency and errors go
+to bench/results/serve_load.json and a plot beside it. Not a test: the figures depend on the
+machine (and this one is shared).
+
+    python bench/serve_load.py [--backbone mobilenet_v2 --image-size 224 --requests 160]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import ray
+from ray import serve
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from eyeray import bundle
+from eyeray.models import build_model
+from eyeray.serve import ServeArgs, build_app
+from eyeray.tasks import get_task
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "oct-sample"
+
+
+def make_bundle(root: Path, backbone: str, image_size: int) -> str:
+    spec = get_task("oct")
+    model = build_model(spec, backbone, weights="none", image_size=image_size)
+    manifest = bundle.make_manifest(spec, model, backbone=backbone, image_size=image_size, weights="none")
+    uri = str(root / "bundle")
+    bundle.save(model, manifest, uri)
+    return uri
+
+
+def load(url: str, images: list[bytes], clients: int, requests: int) -> dict:
+    """`requests` uploads from `clients` threads; latency per request, wall time for all."""
+
+    def client_loop(worker: int) -> list[tuple[float, int, int]]:
+        out = []
+        with httpx.Client(timeout=120) as client:
+            for i in range(worker, requests, clients):
+                start = time.perf_counter()
+                r = client.post(f"{url}/v1/oct/predict", files={"file": ("scan", images[i % len(images)])})
+                out.append((time.perf_counter() - start, r.status_code, r.json().get("batch_size", 0)))
+        return out
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        rows = [row for rows in pool.map(client_loop, range(clients)) for row in rows]
+    wall = time.perf_counter() - start
+    latency = np.array([r[0] for r in rows]) * 1000
+    ok = [r for r in rows if r[1] == 200]
+    return {
+        "clients": clients,
+        "requests": len(rows),
+        "errors": len(rows) - len(ok),
+        "requests_per_s": round(len(rows) / wall, 2),
+        "p50_ms": round(float(np.percentile(latency, 50)), 1),
+        "p95_ms": round(float(np.percentile(latency, 95)), 1),
+        "p99_ms": round(float(np.percentile(latency, 99)), 1),
+        "mean_batch_size": round(float(np.mean([r[2] for r in ok])), 2) if ok else None,
+    }
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, rows in results["runs"].items():
+        clients = [r["clients"] for r in rows]
+        ax1.plot(clients, [r["requests_per_s"] for r in rows], marker="o", label=name)
+        ax2.plot(clients, [r["p95_ms"] for r in rows], marker="o", label=name)
+    for ax, title in ((ax1, "requests / s"), (ax2, "p95 latency (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([1, 4, 16], ["1", "4", "16"])
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"eyeray serve, {results['backbone']} @ {results['image_size']} px, {results['cpus']} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--requests", type=int, default=160, help="requests per concurrency level")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--cpus", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    images = [p.read_bytes() for p in sorted(SAMPLES.rglob("*.jpeg"))]
+    tmp = Path(tempfile.mkdtemp(prefix="eyeray-bench-"))
+    uri = make_bundle(tmp, args.backbone, args.image_size)
+    # A private instance ("local"), never a cluster someone else started on this machine.
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, _temp_dir=str(tmp / "ray"))
+    port = 18000 + (int(time.time()) % 1000)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    results = {"backbone": args.backbone, "image_size": args.image_size, "cpus": args.cpus,
+               "machine": platform.processor() or platform.machine(), "runs": {}}  # fmt: skip
+    try:
+        for name, batch in (("unbatched", 1), ("batched", 16)):
+            app = ServeArgs(bundles=[uri], max_batch_size=batch, cpus_per_replica=1, ingress_cpus=0.5,
+                            autoscaling={"min_replicas": 1, "max_replicas": 1})  # fmt: skip
+            serve.run(build_app(app), name="bench", route_prefix="/")
+            load(url, images, 4, 32)  # warm-up: traces every batch shape the run will see
+            results["runs"][name] = [load(url, images, c, args.requests) for c in args.clients]
+            for row in results["runs"][name]:
+                print(name, json.dumps(row))
+        at16 = {name: rows[-1]["requests_per_s"] for name, rows in results["runs"].items()}
+        results["batched_over_unbatched_at_max_clients"] = round(at16["batched"] / at16["unbatched"], 2)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "serve_load.json").write_text(json.dumps(results, indent=2))
+    plot(results, RESULTS / "serve_load.png")
+    print(f"batched / unbatched at {args.clients[-1]} clients: {results['batched_over_unbatched_at_max_clients']}x")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,415 @@
+"""Ray Serve on the session's cluster: the same answers as batch scoring, 4xx for every bad request,
+batching under load, auth, metrics, autoscaling, a killed replica replaced, the shipped config."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import yaml
+from conftest import free_port
+from PIL import Image
+from test_imaging import make_dicom
+
+from eyeray import bundle
+from eyeray.models import build_model
+from eyeray.serve import ServeArgs, build_app, read_token
+from eyeray.tasks import get_task
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "eyeray-test"
+FAST = {"cpus_per_replica": 0.1, "ingress_cpus": 0.1}  # 2 CPUs for every replica of the module
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> dict[str, str]:
+    """A tiny untrained bundle per task (small_cnn at 32 px): seconds to make, real Keras models."""
+    out = {}
+    for task in ("oct", "glaucoma", "odir"):
+        spec = get_task(task)
+        model = build_model(spec, "small_cnn", weights="none", image_size=32)
+        manifest = bundle.make_manifest(spec, model, backbone="small_cnn", image_size=32, weights="none")
+        out[task] = str(tmp_path_factory.mktemp(task) / "bundle")
+        bundle.save(model, manifest, out[task])
+    return out
+
+
+@pytest.fixture(scope="module")
+def url(ray_cluster, bundles, tmp_path_factory):
+    """One Serve instance for the module: the three tasks in one application, each model replica
+    holding half a (logical) GPU, so the num_gpus path runs on this CPU machine, and a bearer token
+    read from a file (the other applications of the module run without one)."""
+    from ray import serve
+
+    token = tmp_path_factory.mktemp("secret") / "token"
+    token.write_text(TOKEN + "\n")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = ServeArgs(bundles=list(bundles.values()), gpus_per_replica=0.5, max_body_bytes=2**20,
+                     batch_wait_timeout_s=0.05, autoscaling={"min_replicas": 1, "max_replicas": 1},
+                     ingress_env={"EYERAY_API_TOKEN_FILE": str(token)}, **FAST)  # fmt: skip
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def api_client(timeout: float = 60) -> httpx.Client:
+    """An HTTP client of the module's application (it sends the token)."""
+    return httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def predict(client: httpx.Client, base: str, task: str, data: bytes, *, raw: bool = False, **kwargs) -> httpx.Response:
+    if raw:
+        headers = {"Content-Type": "application/octet-stream", **kwargs.pop("headers", {})}
+        return client.post(f"{base}/v1/{task}/predict", content=data, headers=headers, **kwargs)
+    return client.post(f"{base}/v1/{task}/predict", files={"file": ("scan", data)}, **kwargs)
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def generated_images() -> dict[str, bytes]:
+    """Every input kind decode handles besides the real JPEGs: 16-bit, greyscale, RGBA, TIFF, BMP, DICOM."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (48, 64, 3), np.uint8)
+    return {
+        "gen-16bit.png": encode(Image.fromarray(rng.integers(0, 4096, (40, 50)).astype(np.uint16)), "PNG"),
+        "gen-grey.png": encode(Image.fromarray(rgb[:, :, 0]), "PNG"),
+        "gen-rgba.png": encode(Image.fromarray(np.dstack([rgb, rgb[:, :, :1]])), "PNG"),
+        "gen.tiff": encode(Image.fromarray(rgb), "TIFF"),
+        "gen.bmp": encode(Image.fromarray(rgb), "BMP"),
+        "gen.jpg": encode(Image.fromarray(rgb), "JPEG"),
+        "gen.dcm": make_dicom(rng.integers(0, 4096, (30, 40))),
+    }
+
+
+def batch_scores(bundle_uri: str, archive: Path, out: Path) -> dict[str, dict]:
+    """The batch scorer's rows for `archive`, by file name."""
+    from eyeray.score import ScoreConfig, run
+
+    run(ScoreConfig(bundle=bundle_uri, input=str(archive), output=str(out)))
+    rows = pads.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table().to_pylist()
+    return {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+
+
+def assert_same(answer: dict, row: dict, name: str) -> None:
+    assert row["status"] == "ok", name
+    assert answer["bundle_version"] == row["bundle_version"], name
+    labels = row["label"] if isinstance(row["label"], list) else [row["label"]]
+    assert answer["labels"] == labels, name
+    classes = list(row["probabilities"])
+    np.testing.assert_allclose([answer["probabilities"][c] for c in classes],
+                               [row["probabilities"][c] for c in classes], atol=1e-5, err_msg=name)  # fmt: skip
+
+
+def test_answers_equal_batch_scoring(url, bundles, oct_sample, odir_sample, tmp_path):
+    """No train/serve skew: every real OCT sample, every generated input kind and real ODIR fundus
+    photographs (multi-label) get the labels and probabilities the batch scorer writes for the same files."""
+    archive = tmp_path / "oct"
+    shutil.copytree(oct_sample, archive)
+    for name, data in generated_images().items():
+        (archive / name).write_bytes(data)
+    odir = tmp_path / "odir"
+    odir.mkdir()
+    for path in sorted((odir_sample / "images").iterdir())[:30]:
+        shutil.copy(path, odir)
+    cases = [("oct", p) for p in sorted(archive.rglob("*")) if p.is_file()]
+    cases += [("odir", p) for p in sorted(odir.iterdir())]
+
+    with api_client() as client, ThreadPoolExecutor(8) as pool:
+        # Half as multipart uploads, half as raw bodies: both are the same bytes to decode.
+        answers = list(pool.map(lambda i: predict(client, url, cases[i][0], cases[i][1].read_bytes(), raw=i % 2 == 1),
+                                range(len(cases))))  # fmt: skip
+    assert [r.status_code for r in answers] == [200] * len(cases), [r.text for r in answers if r.status_code != 200]
+    expected = {"oct": batch_scores(bundles["oct"], archive, tmp_path / "oct-scores"),
+                "odir": batch_scores(bundles["odir"], odir, tmp_path / "odir-scores")}  # fmt: skip
+    for (task, path), response in zip(cases, answers):
+        answer = response.json()
+        assert answer["task"] == task
+        assert_same(answer, expected[task][path.name], path.name)
+    oct_answer = answers[0].json()
+    assert oct_answer["label"] == oct_answer["labels"][0]
+    assert oct_answer["referral"] == (oct_answer["label"] in ("CNV", "DME"))
+    odir_answer = answers[-1].json()
+    assert odir_answer["label"] is None and odir_answer["referral"] is None  # multi-label, no referral rule
+
+
+def test_tasks_routed_models_listed_and_docs(url, bundles, glaucoma_sample):
+    with api_client() as client:
+        assert client.get(f"{url}/healthz").json() == {"status": "ok", "tasks": ["glaucoma", "oct", "odir"]}
+        models = {m["task"]: m["manifest"] for m in client.get(f"{url}/v1/models").json()["models"]}
+        assert {t: m["version"] for t, m in models.items()} == {t: bundle.read_manifest(u)["version"]
+                                                               for t, u in bundles.items()}  # fmt: skip
+        assert models["oct"]["classes"] == ["CNV", "DME", "DRUSEN", "NORMAL"]
+        image = next((glaucoma_sample / "RG").iterdir()).read_bytes()
+        answer = predict(client, url, "glaucoma", image).json()
+        assert answer["task"] == "glaucoma" and set(answer["probabilities"]) == {"NRG", "RG"}
+        assert answer["referral"] == (answer["label"] == "RG")
+        assert client.get(f"{url}/docs").status_code == 200
+        spec = client.get(f"{url}/openapi.json").json()
+        upload = spec["paths"]["/v1/{task}/predict"]["post"]["requestBody"]["content"]
+        assert "multipart/form-data" in upload and "image/*" in upload
+
+
+def bad_requests(sample: bytes) -> dict[str, tuple[int, dict]]:
+    """name -> (expected status, httpx.post keyword arguments after the URL)."""
+    bomb = encode(Image.new("1", (20000, 20000)), "PNG")  # 400 MP, ~50 KB on the wire
+    dicom = make_dicom(np.ones((16, 16)) * 100)
+    octet = {"Content-Type": "application/octet-stream"}
+    return {
+        "not an image": (422, {"content": b"just some text, not pixels", "headers": {"Content-Type": "image/jpeg"}}),
+        "random bytes": (422, {"files": {"file": ("x.png", np.random.default_rng(1).bytes(5000))}}),
+        "truncated jpeg": (422, {"content": sample[: len(sample) // 3], "headers": octet}),
+        "truncated dicom": (422, {"content": dicom[:-200], "headers": {"Content-Type": "application/dicom"}}),
+        "decompression bomb": (422, {"files": {"file": ("bomb.png", bomb)}}),
+        "empty body": (400, {"content": b"", "headers": octet}),
+        "empty file field": (400, {"files": {"file": ("scan.jpeg", b"")}}),
+        "no file field": (400, {"data": {"image": "scan.jpeg"}, "files": {"other": ("a", b"x")}}),
+        "multipart, no boundary": (400, {"content": b"--x\r\n", "headers": {"Content-Type": "multipart/form-data"}}),
+        "json body": (415, {"json": {"image": "base64..."}}),
+        "form body": (415, {"data": {"file": "scan.jpeg"}}),
+        "text body": (415, {"content": b"hello", "headers": {"Content-Type": "text/plain"}}),
+        "oversized raw body": (413, {"content": b"\xff" * (2**20 + 1), "headers": octet}),
+        "oversized upload": (413, {"files": {"file": ("big.jpeg", sample + b"\0" * 2**20)}}),
+        "oversized, no Content-Length": (413, {"content": iter([b"\0" * 2**19] * 3), "headers": octet}),
+    }
+
+
+def test_bad_requests_get_4xx_with_a_reason_and_the_service_stays_up(url, oct_sample):
+    sample = next((oct_sample / "CNV").iterdir()).read_bytes()
+    with api_client() as client:
+        for name, (status, kwargs) in bad_requests(sample).items():
+            try:
+                response = client.post(f"{url}/v1/oct/predict", **kwargs)
+            except httpx.TransportError as exc:  # only acceptable if the server answered first
+                pytest.fail(f"{name}: {exc!r}")
+            assert response.status_code == status, (name, response.status_code, response.text)
+            assert isinstance(response.json()["detail"], str) and response.json()["detail"], name
+        for method, path, status in (("POST", "/v1/retina/predict", 404), ("GET", "/v1/oct/predict", 405),
+                                     ("POST", "/v1/ODIR/predict", 404)):  # fmt: skip
+            response = client.request(method, f"{url}{path}", content=sample)
+            assert response.status_code == status and response.json()["detail"], (path, response.text)
+        assert "retina" in client.post(f"{url}/v1/retina/predict", content=sample).json()["detail"]
+        assert client.get(f"{url}/healthz").json()["status"] == "ok"
+        answer = predict(client, url, "oct", sample)
+        assert answer.status_code == 200 and answer.json()["label"] in get_task("oct").classes
+
+
+def test_200_requests_from_16_clients_are_batched(url, oct_sample):
+    images = [p.read_bytes() for p in sorted(oct_sample.rglob("*.jpeg"))]
+
+    def client_loop(worker: int) -> list[httpx.Response]:
+        with api_client(120) as client:
+            return [predict(client, url, "oct", images[(worker * 13 + i) % len(images)]) for i in range(200 // 16 + 1)]
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = [r for rs in pool.map(client_loop, range(16)) for r in rs][:200]
+    assert len(responses) == 200
+    assert [r.status_code for r in responses if r.status_code != 200] == []
+    sizes = [r.json()["batch_size"] for r in responses]
+    print(f"batch sizes: mean {np.mean(sizes):.2f}, max {max(sizes)}")
+    assert max(sizes) > 1 and np.mean(sizes) > 1.5
+
+
+def test_no_file_names_or_image_bytes_in_logs(url, ray_cluster, oct_sample):
+    secret_name, secret_bytes = "PATIENT-DOE-JANE-QX7.jpeg", b"SECRET-PIXELS-ZW9"
+    image = next((oct_sample / "DME").iterdir()).read_bytes()
+    with api_client() as client:
+        assert client.post(f"{url}/v1/oct/predict", files={"file": (secret_name, image)}).status_code == 200
+        bad = client.post(f"{url}/v1/oct/predict", files={"file": (secret_name, secret_bytes)})
+        assert bad.status_code == 422 and "SECRET" not in bad.text and "DOE-JANE" not in bad.text
+    time.sleep(1)  # let the replicas' log handlers flush
+    logs = Path(ray_cluster["temp_dir"]) / "session_latest" / "logs"
+    texts = [p.read_bytes() for p in logs.rglob("*") if p.is_file()]
+    assert any(b"POST /v1/{task}/predict 422" in t for t in texts)  # the access log is there ...
+    assert not any(b"DOE-JANE" in t or secret_bytes in t for t in texts)  # ... without them
+
+
+def test_metrics_reach_prometheus(url, odir_sample):
+    import ray
+
+    image = next((odir_sample / "images").iterdir()).read_bytes()
+    with api_client() as client:
+        assert predict(client, url, "odir", image).status_code == 200
+        assert predict(client, url, "odir", b"not an image").status_code == 422
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = ("eyeray_serve_requests", 'status="422"', "eyeray_serve_request_seconds", "eyeray_serve_batch_size",
+              'task="odir"')  # fmt: skip
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    assert [w for w in wanted if w not in text] == []
+    assert any(line.startswith("ray_eyeray_serve_requests") and 'label="' in line for line in text.splitlines())
+
+
+def test_token_from_env_or_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("EYERAY_API_TOKEN", raising=False)
+    monkeypatch.delenv("EYERAY_API_TOKEN_FILE", raising=False)
+    assert read_token() is None
+    monkeypatch.setenv("EYERAY_API_TOKEN", "from-env")
+    assert read_token() == "from-env"
+    (tmp_path / "token").write_text("from-file\n")
+    monkeypatch.setenv("EYERAY_API_TOKEN_FILE", str(tmp_path / "token"))
+    assert read_token() == "from-file"
+    (tmp_path / "token").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        read_token()  # a broken secret never means "no auth"
+
+
+def test_bearer_token_required_when_configured(url, oct_sample):
+    image = next((oct_sample / "NORMAL").iterdir()).read_bytes()
+    with httpx.Client(timeout=60) as anonymous:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                        {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"}):  # fmt: skip
+            response = predict(anonymous, url, "oct", image, headers=headers)
+            assert response.status_code == 401 and response.json()["detail"], headers
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert anonymous.get(f"{url}/v1/models").status_code == 401
+        assert anonymous.get(f"{url}/healthz").status_code == 200  # probes need no token
+    with api_client() as authorised:
+        assert predict(authorised, url, "oct", image).status_code == 200
+        assert authorised.get(f"{url}/v1/models").status_code == 200
+
+
+def replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    states = serve.status().applications[app].deployments[deployment].replica_states
+    return states.get("RUNNING", 0)
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.5)
+
+
+def test_autoscaling_out_and_in_and_a_killed_replica_is_replaced(url, bundles, oct_sample):
+    import ray
+    from ray import serve
+    from ray.util.state import list_actors
+
+    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
+                   "downscale_delay_s": 1, "metrics_interval_s": 0.5, "look_back_period_s": 1}  # fmt: skip
+    args = ServeArgs(bundles=[bundles["oct"]], autoscaling=autoscaling, max_batch_size=1, **FAST)
+    serve.run(build_app(args), name="eyeray-scale", route_prefix="/scale")
+    base, image = f"{url}/scale", next((oct_sample / "DRUSEN").iterdir()).read_bytes()
+    stop, failures = threading.Event(), []
+
+    def load() -> None:
+        with httpx.Client(timeout=60) as client:  # no token: this application runs without auth
+            while not stop.is_set():
+                response = predict(client, base, "oct", image)
+                if response.status_code != 200 or response.json()["batch_size"] != 1:  # user_config applied
+                    failures.append(response.text)
+
+    try:
+        assert replicas("eyeray-scale", "oct") == 1
+        threads = [threading.Thread(target=load) for _ in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: replicas("eyeray-scale", "oct") >= 2, 90, "no scale-out under load")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert failures == []
+        wait_until(lambda: replicas("eyeray-scale", "oct") == 1, 90, "no scale-in after the load stopped")
+
+        def alive() -> list:
+            return list_actors(filters=[("state", "=", "ALIVE"), ("class_name", "=", "ServeReplica:eyeray-scale:oct")])
+
+        wait_until(lambda: len(alive()) == 1, 60, "the scaled-in replica did not stop")
+        victim = alive()[0]
+        ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
+        with httpx.Client(timeout=120) as client:  # waits for the replacement, then answers
+            assert [predict(client, base, "oct", image).status_code for _ in range(5)] == [200] * 5
+        now = alive()
+        assert len(now) == 1 and now[0].actor_id != victim.actor_id
+    finally:
+        stop.set()
+        serve.delete("eyeray-scale")
+
+
+def test_shipped_serve_config_deploys_with_serve_run(url, bundles, ray_cluster, tmp_path, oct_sample):
+    """jobs/serve_config.yaml as users run it (`serve run`), with this test's bundles and port."""
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((ROOT / "jobs" / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    app = config["applications"][0]
+    assert app["import_path"] == "eyeray.serve:build_app"
+    ServeArgs.model_validate(app["args"])
+    models = [d for d in app["deployments"] if d["name"] != "api"]
+    assert {d["name"] for d in models} == {"oct", "glaucoma", "odir"}
+    assert all(d["ray_actor_options"]["num_gpus"] == 1 for d in models)  # GPU replicas by default
+
+    app["args"]["bundles"] = [bundles[t] for t in ("oct", "glaucoma", "odir")]
+    config["http_options"] = {"host": "127.0.0.1", "port": int(url.rsplit(":", 1)[1])}
+    for d in app["deployments"]:
+        # This cluster has 2 CPUs and 2 logical GPUs, half of which the module's app holds.
+        d["ray_actor_options"].update(num_cpus=0.1, **({"num_gpus": 0.1} if d["name"] != "api" else {}))
+    app["route_prefix"] = "/config"
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run(["serve", "run", "--non-blocking", str(path)], check=True, env=ray_cluster["env"], cwd=ROOT,
+                   capture_output=True, timeout=120)  # fmt: skip
+    try:
+        wait_until(lambda: getattr(serve.status().applications.get("eyeray"), "status", "") == "RUNNING", 120,
+                   f"the config app did not start: {serve.status().applications.get('eyeray')}")  # fmt: skip
+        image = next((oct_sample / "CNV").iterdir()).read_bytes()
+        with httpx.Client(timeout=60) as client:
+            for task in ("oct", "glaucoma", "odir"):
+                response = predict(client, f"{url}/config", task, image)
+                assert response.status_code == 200 and response.json()["task"] == task
+    finally:
+        serve.delete("eyeray")
+
+
+def test_demo_posts_images_and_shows_the_broken_one(url, bundles, oct_sample, tmp_path):
+    from eyeray.serve import demo
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    good = sorted((oct_sample / "NORMAL").iterdir())[:2]
+    answers = demo(bundles["oct"], [*good, broken], port=int(url.rsplit(":", 1)[1]), route_prefix="/demo")
+    assert [a["status"] for a in answers] == [200, 200, 422]
+    assert answers[0]["file"] == good[0].name and answers[0]["label"] in get_task("oct").classes
+    assert answers[2]["detail"]
+    with httpx.Client(timeout=30) as client:
+        assert client.get(f"{url}/healthz").status_code == 200  # the module's app survived the demo
+
+
+def test_cli_serve_flags():
+    import argparse
+
+    from eyeray.cli import add_serve_arguments
+
+    args = add_serve_arguments(argparse.ArgumentParser()).parse_args(
+        ["--bundle", "a", "--bundle", "s3://b/c", "--port", "8123", "--gpus-per-replica", "1"]
+    )
+    assert (args.bundles, args.port, args.gpus_per_replica, args.host) == (["a", "s3://b/c"], 8123, 1.0, "127.0.0.1")
