@@ -52,11 +52,15 @@ def manifests() -> dict[str, dict]:
     return {p.name: load_yaml(p) for p in sorted(K8S.glob("*.yaml"))}
 
 
-def pod_templates(manifest: dict) -> list[tuple[str, dict]]:
-    """(group name, pod spec) of the head and every worker group of a RayJob or RayService."""
-    spec = manifest["spec"].get("rayClusterSpec") or manifest["spec"]["rayClusterConfig"]
-    groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
-    return [(name, group["template"]["spec"]) for name, group in groups]
+def ray_cluster(manifest: dict) -> dict:
+    """The Ray cluster of a RayJob (rayClusterSpec) or a RayService (rayClusterConfig)."""
+    return manifest["spec"].get("rayClusterSpec") or manifest["spec"]["rayClusterConfig"]
+
+
+def pods(manifest: dict) -> list[dict]:
+    """The pod specs of the head and of every worker group."""
+    cluster = ray_cluster(manifest)
+    return [group["template"]["spec"] for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]]
 
 
 def gpus_per_pod(pod: dict) -> int:
@@ -98,7 +102,7 @@ def test_cluster_yaml_node_types_advertise_what_they_are_for():
                for t in gpu_types.values())  # fmt: skip
     assert sum(t["min_workers"] for t in workers.values()) <= config["max_workers"]
     assert 0 < config["idle_timeout_minutes"] <= 30
-    assert config["docker"]["image"] == eyeray_image()
+    assert config["docker"]["image"].rsplit(":", 1)[1] == image_tag()
 
 
 # --------------------------------------------------------------------------- image
@@ -111,9 +115,9 @@ def dockerfile():
     return [(i["instruction"], i["value"]) for i in parser.structure]
 
 
-def eyeray_image() -> str:
-    """The one image tag every manifest uses: eyeray's version and the Ray it was built on."""
-    return f"registry.example.com/eyeray/eyeray:{PYPROJECT['version']}-ray{RAY_VERSION}-gpu"
+def image_tag() -> str:
+    """The tag of eyeray's image: eyeray's version and the Ray it is built on (the registry is yours)."""
+    return f"{PYPROJECT['version']}-ray{RAY_VERSION}-gpu"
 
 
 def test_dockerfile_builds_on_the_ray_gpu_image_of_the_pinned_ray_and_installs_eyeray_gpu():
@@ -158,10 +162,10 @@ def test_dockerfile_lints_clean():
 def test_every_manifest_runs_the_same_image_and_ray_version():
     images = {"cluster.yaml": {load_yaml(REPO / "cluster.yaml")["docker"]["image"]}}
     for name, manifest in manifests().items():
-        images[name] = {c["image"] for _, pod in pod_templates(manifest) for c in pod["containers"]}
-        spec = manifest["spec"].get("rayClusterSpec") or manifest["spec"]["rayClusterConfig"]
-        assert spec["rayVersion"] == RAY_VERSION, name
-    assert images == {name: {eyeray_image()} for name in images}
+        images[name] = {c["image"] for pod in pods(manifest) for c in pod["containers"]}
+        assert ray_cluster(manifest)["rayVersion"] == RAY_VERSION, name
+    (image,) = set().union(*images.values())  # one image everywhere
+    assert image.rsplit(":", 1)[1] == image_tag(), image
 
 
 # --------------------------------------------------------------------------- KubeRay
@@ -194,7 +198,7 @@ def test_rayjob_runs_a_real_job_script_with_valid_flags_on_enough_gpus(name):
         gpus_needed = flags.workers
     assert flags.output.startswith("s3://"), "every node of a real cluster must reach the output"
 
-    cluster = spec["rayClusterSpec"]
+    cluster = ray_cluster(job)
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     gpus = 0
     for group in cluster["workerGroupSpecs"]:
@@ -225,11 +229,11 @@ def test_rayservice_serves_exactly_the_projects_serve_config():
     # The GPU worker group can hold every model deployment at its min and at its max replicas.
     deployments = embedded["applications"][0]["deployments"]
     gpu = [(d["autoscaling_config"], d["ray_actor_options"].get("num_gpus", 0)) for d in deployments]
-    (group,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (group,) = ray_cluster(service)["workerGroupSpecs"]
     per_pod = gpus_per_pod(group["template"]["spec"])
     assert group["minReplicas"] * per_pod >= sum(a["min_replicas"] * g for a, g in gpu)
     assert group["maxReplicas"] * per_pod >= sum(a["max_replicas"] * g for a, g in gpu)
-    assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    assert ray_cluster(service)["enableInTreeAutoscaling"] is True
 
 
 def test_runtime_env_installs_what_pyproject_requires():
