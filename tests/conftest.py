@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -94,17 +95,15 @@ def ray_cluster(s3_server, tmp_path_factory):
     port, dashboard_port = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env = {**os.environ, **RAY_TEST_ENV}
-    cmd = [
-        "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
+    head_args = [
+        "--head", f"--port={port}", "--num-cpus=2",
         "--num-gpus=2",  # logical GPUs: --use-gpu runs its real code path (TF falls back to the CPU)
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-        f"--metrics-export-port={free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        f"--ray-client-server-port={free_port()}",
     ]  # fmt: skip
     address = f"127.0.0.1:{port}"
     try:
-        subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+        start_node(head_args, temp_dir, env)
         os.environ["RAY_ADDRESS"] = address
         ray.init(address=address, log_to_driver=False)
         _wait_for_job_agent(f"http://127.0.0.1:{dashboard_port}")
@@ -115,6 +114,33 @@ def ray_cluster(s3_server, tmp_path_factory):
         os.environ.pop("RAY_ADDRESS", None)
         stop_cluster(temp_dir, address)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# `ray start --address` refuses to add a node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (its "multi-node
+# clusters are not supported on Windows and OSX" guard), and that switch is what keeps every socket on
+# loopback here. A joining node therefore runs the same `ray start` with only that CLI guard lifted:
+# its own processes still see =0, so they, too, stay on 127.0.0.1. Real clusters need none of this.
+_JOIN_NODE = (
+    "import sys, types, ray._private.ray_constants as c; from ray.scripts import scripts; "
+    "scripts.ray_constants = types.SimpleNamespace(**{**vars(c), 'ENABLE_RAY_CLUSTER': True}); "
+    "sys.argv[0] = 'ray'; scripts.main()"
+)
+
+
+def start_node(args: list[str], temp_dir: str, env: dict[str, str]) -> None:
+    """`ray start` one node of a private local cluster: on 127.0.0.1, its own free ports for every
+    agent and exporter, its own session directory. `args` say which node: `--head --port=...`, or
+    `--address=HEAD` for one more node of that cluster on this machine."""
+    joining = any(arg.startswith("--address") for arg in args)
+    cmd = [
+        *([sys.executable, "-c", _JOIN_NODE] if joining else ["ray"]), "start", "--node-ip-address=127.0.0.1",
+        *args, f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray start {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
 def stop_cluster(temp_dir: str, address: str) -> None:
