@@ -66,9 +66,21 @@ def nll(y_true, probs, multi_label: bool) -> float:
 # Fit and apply
 
 
-def fit_temperature(y_true, probs) -> float:
-    """The T minimising the validation NLL of softmax(log p / T) (a bounded 1-D search over log T)."""
+def smoothed_targets(y_true) -> np.ndarray:
+    """Platt's targets, generalised to K classes: a case's true class gets (n_c + 1) / (n_c + 2),
+    n_c the validation count of that class, the other classes share the rest. For two classes this
+    is exactly Platt (1999). Without it, perfectly separated validation data (a few dozen easy
+    cases) drives T to 0 and every probability to exactly 0 or 1."""
     y = np.asarray(y_true, np.float64)
+    counts = y.sum(axis=0)
+    top = (y @ ((counts + 1) / (counts + 2)))[:, None]
+    return y * top + (1 - y) * (1 - top) / max(y.shape[1] - 1, 1)
+
+
+def fit_temperature(y_true, probs) -> float:
+    """The T minimising the cross-entropy of softmax(log p / T) against the smoothed validation
+    targets (a bounded 1-D search over log T)."""
+    y = smoothed_targets(y_true)
     log_p = _log_probs(probs)
 
     def loss(log_t: float) -> float:
@@ -82,8 +94,7 @@ def fit_platt(y, probs) -> tuple[float, float]:
     """Slope and intercept of sigmoid(a * logit(p) + b) for one label (Platt 1999, smoothed targets)."""
     y = np.asarray(y, np.float64)
     z = _logit(probs)
-    positives, negatives = y.sum(), len(y) - y.sum()
-    target = np.where(y > 0.5, (positives + 1) / (positives + 2), 1 / (negatives + 2))
+    target = smoothed_targets(np.stack([1 - y, y], axis=1))[:, 1]
 
     def loss(ab: np.ndarray) -> tuple[float, np.ndarray]:
         q = np.clip(_sigmoid(ab[0] * z + ab[1]), EPS, 1 - EPS)
@@ -202,7 +213,7 @@ def plot_reliability(y_true, before, after, multi_label: bool, path: str | Path,
         centres = r["edges"][:-1] + width / 2 + shift * width
         bottom.bar(centres, r["count"], width=0.4 * width, label=name)
     what = "label present" if multi_label else "top class correct"
-    top.set(xlim=(0, 1), ylim=(0, 1), ylabel=f"Observed frequency ({what})")
+    top.set(xlim=(0, 1.01), ylim=(-0.01, 1.03), ylabel=f"Observed frequency ({what})")
     top.set_title(f"Reliability diagram, {bins} equal-width bins (n={len(np.asarray(y_true))})\n{title}", fontsize=10)
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize=9)

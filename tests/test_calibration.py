@@ -100,3 +100,14 @@ def test_reliability_diagram_is_written(tmp_path):
     after = calibration.apply(calibration.fit(y, p, multi_label=False), p)
     calibration.plot_reliability(y, p, after, False, tmp_path / calibration.RELIABILITY_PNG, "OCT")
     assert (tmp_path / calibration.RELIABILITY_PNG).stat().st_size > 5000
+
+
+def test_perfectly_separated_validation_data_does_not_push_probabilities_to_0_and_1():
+    """35 easy cases, all right with probability 0.9999: maximum likelihood would take T to 0;
+    the smoothed targets stop at what 35 cases can support (about (n_c + 1) / (n_c + 2))."""
+    y = np.eye(2)[[0] * 17 + [1] * 18]
+    p = np.where(y == 1, 0.9999, 0.0001)
+    params = calibration.fit(y, p, multi_label=False)
+    top = calibration.apply(params, p).max(axis=1)
+    assert params["temperature"] > 1 and np.all((top > 0.9) & (top < 0.99))
+    np.testing.assert_allclose(calibration.smoothed_targets(y)[:, 1], np.where(y[:, 1] == 1, 19 / 20, 1 / 19))
