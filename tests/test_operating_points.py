@@ -135,3 +135,29 @@ def test_unknown_rule_and_undefined_data_fail_clearly():
     with pytest.raises(evaluate.UndefinedMetric):
         op_.choose(get_task("glaucoma"), np.eye(2)[[0] * 20], p)
 
+
+@pytest.mark.parametrize("task, case", [("oct", oct_case), ("odir", odir_case)])
+def test_training_driver_fits_both_on_validation_and_reports_them_on_test(task, case, tmp_path):
+    """The end of `eyeray.train.run` without Ray: validation fits, the report shows test figures."""
+    from eyeray.train import _decision_support
+
+    spec = get_task(task)
+    (y_val, p_val), (y_test, p_test) = case(300, seed=6), case(300, seed=7)
+    params, op, sections, plots = _decision_support(spec, (y_val, p_val), (y_test, p_test))
+    assert params["method"] == ("platt" if spec.multi_label else "temperature") and op["chosen_on"] == "validation"
+    assert sections["calibration"]["test"]["ece_bins"] == calibration.ECE_BINS
+    assert {"ece_before", "ece_after"} <= set(sections["calibration"]["validation"])
+    assert sections["operating_point"]["test"]["n"] == 300
+    metrics = evaluate.write_report(spec, tmp_path, y_true=y_test, probs=p_test, sections=sections, extra_plots=plots)
+    on_disk = json.loads((tmp_path / evaluate.METRICS_FILE).read_text())
+    assert on_disk["calibration"] == metrics["calibration"] and on_disk["operating_point"]["rule"] == op["rule"]
+    assert calibration.RELIABILITY_PNG in on_disk["plots"] and (tmp_path / calibration.RELIABILITY_PNG).stat().st_size > 5000
+
+
+def test_training_driver_leaves_the_operating_point_out_when_validation_cannot_define_it():
+    from eyeray.train import _decision_support
+
+    y, p = glaucoma_case(30, seed=8)
+    only_nrg = np.eye(2)[[0] * 30]
+    params, op, sections, _ = _decision_support(get_task("glaucoma"), (only_nrg, p), (y, p))
+    assert op is None and "not chosen" in sections["operating_point"]["note"] and params["method"] == "temperature"
