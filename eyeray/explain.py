@@ -252,11 +252,37 @@ def overlay_path(image_uri: str, output: str | None) -> str:
     return storage.join(output or folder or ".", f"{stem}.gradcam.png")
 
 
-def _explained_class(decision, row: int, classes: list[str]) -> int:
+def explained_class(decision, row: int, classes: Sequence[str]) -> int:
     """The decided label the model is most sure of; with none decided, its most probable class."""
     probs = decision.probabilities[row]
-    decided = [classes.index(c) for c in decision.labels[row]]
+    decided = [list(classes).index(c) for c in decision.labels[row]]
     return max(decided, key=lambda k: probs[k]) if decided else int(np.argmax(probs))
+
+
+def explain_image(loaded, cam: GradCam, original: np.ndarray, class_name: str | None = None,
+                  alpha: float = DEFAULT_ALPHA, thresholds=None) -> tuple[dict[str, Any], bytes]:  # fmt: skip
+    """One decoded image (RGB uint8, any size) -> (the decision as a JSON-ready dict, overlay PNG).
+
+    `loaded` is an `eyeray.bundle.Bundle` and `cam` a `GradCam(loaded.model)` built once. The
+    probabilities are calibrated and the labels and referral follow the manifest's operating
+    point (`eyeray.operating_points.decide`), as in scoring and serving.
+    """
+    from eyeray.operating_points import decide
+
+    classes = loaded.classes
+    if class_name is not None and class_name not in classes:
+        raise ValueError(f"class {class_name!r} is not a class of this bundle ({', '.join(classes)})")
+    model_input = imaging.preprocess(original, loaded.image_size)[None]
+    decision = decide(loaded.manifest, loaded.predict(model_input), thresholds)
+    k = classes.index(class_name) if class_name else explained_class(decision, 0, classes)
+    heatmap = cam(model_input, class_index=k).heatmaps[0]
+    row = {
+        "explained_class": classes[k], "labels": decision.labels[0],
+        "probabilities": dict(zip(classes, decision.probabilities[0].tolist())),
+        "referral": None if decision.referral is None else bool(decision.referral[0]),
+        "operating_point": decision.operating_point,
+    }  # fmt: skip
+    return row, overlay_png(original, heatmap, alpha)
 
 
 def explain_files(bundle_uri: str, images: Sequence[str], output: str | None = None, class_name: str | None = None,
@@ -264,12 +290,9 @@ def explain_files(bundle_uri: str, images: Sequence[str], output: str | None = N
     """Grad-CAM overlays for image files (local or s3://), one row per file; a bad file is a row
     with `error`, not an exception. Decode and resize are `eyeray.imaging`'s, as everywhere."""
     from eyeray import bundle as bundles
-    from eyeray.operating_points import decide
 
     loaded = bundles.load(bundle_uri)
-    cam, classes = GradCam(loaded.model), loaded.classes
-    if class_name is not None and class_name not in classes:
-        raise ValueError(f"--class {class_name!r} is not a class of this bundle ({', '.join(classes)})")
+    cam = GradCam(loaded.model)
     rows = []
     for uri in images:
         try:
@@ -277,18 +300,11 @@ def explain_files(bundle_uri: str, images: Sequence[str], output: str | None = N
         except (imaging.DecodeError, OSError, ValueError) as exc:
             rows.append({"path": uri, "error": str(exc)})
             continue
-        model_input = imaging.preprocess(original, loaded.image_size)[None]
-        decision = decide(loaded.manifest, loaded.predict(model_input), thresholds)
-        k = classes.index(class_name) if class_name else _explained_class(decision, 0, classes)
-        heatmap = cam(model_input, class_index=k).heatmaps[0]
+        row, png = explain_image(loaded, cam, original, class_name, alpha, thresholds)
         target = overlay_path(uri, output)
-        _write(target, overlay_png(original, heatmap, alpha))
-        rows.append({
-            "path": uri, "overlay": target, "explained_class": classes[k], "labels": decision.labels[0],
-            "probabilities": dict(zip(classes, decision.probabilities[0].tolist())),
-            "referral": None if decision.referral is None else bool(decision.referral[0]),
-            "operating_point": decision.operating_point and decision.operating_point["rule"], "error": "",
-        })  # fmt: skip
+        _write(target, png)
+        op = row.pop("operating_point")
+        rows.append({"path": uri, "overlay": target, **row, "operating_point": op and op["rule"], "error": ""})
     return rows
 
 
