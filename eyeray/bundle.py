@@ -50,8 +50,13 @@ def _sha256(path: Path) -> str:
 
 def make_manifest(spec: TaskSpec, model, *, backbone: str, image_size: int, weights: str | None,
                   metrics: dict | None = None, training: dict | None = None,
-                  thresholds: list[float] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Everything a consumer needs besides the weights; `version` and the hash are added on save."""
+                  thresholds: list[float] | None = None, calibration: dict | None = None,
+                  operating_point: dict | None = None) -> dict[str, Any]:  # fmt: skip
+    """Everything a consumer needs besides the weights; `version` and the hash are added on save.
+
+    `calibration` (eyeray.calibration.fit) and `operating_point` (eyeray.operating_points.choose)
+    are fitted on the validation split; eyeray.operating_points.decide applies both.
+    """
     import keras
     import tensorflow as tf
 
@@ -83,7 +88,9 @@ def make_manifest(spec: TaskSpec, model, *, backbone: str, image_size: int, weig
             "max_pixels": imaging.DEFAULT_MAX_PIXELS,
         },
         "thresholds": thresholds if thresholds is not None else [0.5] * spec.num_classes,
-        "decision": "per-label probability >= threshold" if spec.multi_label else "argmax",
+        "decision": _decision_text(spec, operating_point),
+        "calibration": calibration or {"method": "none"},
+        "operating_point": operating_point,
         "metrics": metrics or {},
         "training": training or {},
         "intended_use": INTENDED_USE,
@@ -95,6 +102,12 @@ def make_manifest(spec: TaskSpec, model, *, backbone: str, image_size: int, weig
             "python": platform.python_version(),
         },
     }
+
+
+def _decision_text(spec: TaskSpec, operating_point: dict | None) -> str:
+    if operating_point:
+        return f"operating point {operating_point['rule']} on calibrated probabilities (see operating_point)"
+    return "per-label probability >= threshold" if spec.multi_label else "argmax"
 
 
 def save(model, manifest: dict[str, Any], uri: str) -> dict[str, Any]:

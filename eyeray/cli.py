@@ -155,6 +155,32 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_explain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add = parser.add_argument
+    add("--bundle", required=True, metavar="DIR_OR_S3_URI", help="model bundle folder or s3:// URI")
+    add("images", nargs="+", metavar="IMAGE", help="image files (local or s3://): JPEG, PNG, TIFF, BMP, DICOM")
+    add("--output", help="folder or s3:// URI for NAME.gradcam.png (default: beside each image)")
+    add("--class", dest="class_name", help="class to explain (default: the decided class the model is most sure of)")
+    add("--alpha", type=float, default=0.5, help="heatmap opacity where the heat is highest")
+    return parser
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """One JSON line per image (overlay path, labels, calibrated probabilities, referral); exit 1 if any failed."""
+    from eyeray.explain import explain_files
+
+    rows = explain_files(args.bundle, args.images, output=args.output, class_name=args.class_name, alpha=args.alpha)
+    for row in rows:
+        print(json.dumps(row))
+    return 1 if any(row["error"] for row in rows) else 0
+
+
+def explain_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Grad-CAM overlays (PNG) for images, by a model bundle.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    return _explain(add_explain_arguments(parser).parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eyeray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,9 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     add_train_arguments(demo)
     add_score_arguments(sub.add_parser("score", help="score an image archive with Ray Data (Parquet out)"))
     add_serve_arguments(sub.add_parser("serve", help="online predictions over HTTP with Ray Serve"))
+    add_explain_arguments(sub.add_parser("explain", help="Grad-CAM overlays (PNG) of a bundle's decision for images"))
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve_main(args)
+    if args.command == "explain":
+        return _explain(args)
     if args.command == "score":
         from eyeray.score import run as score
 

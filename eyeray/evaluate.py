@@ -143,17 +143,33 @@ def binary_auc(y: np.ndarray, score: np.ndarray, what: str = "AUC") -> float:
     return float(roc_auc_score(y, score))
 
 
-def sensitivity_at_specificity(y: np.ndarray, score: np.ndarray, specificity: float) -> float:
-    """Highest sensitivity among ROC operating points whose specificity is >= `specificity`.
+def roc_point_at_specificity(y: np.ndarray, score: np.ndarray, specificity: float) -> tuple[float, float, float]:
+    """(threshold, sensitivity, specificity) of the most sensitive ROC operating point whose
+    specificity is >= `specificity`; cases with `score >= threshold` are positive.
 
     No interpolation between operating points: this is the AIROGS evaluation's
     `screening_sens_at_spec` (github.com/qurAI-amsterdam/airogs-evaluation, evaluation.py), which
     takes the last `roc_curve(drop_intermediate=False)` point with 1 - fpr >= spec - machine eps.
+    The threshold is infinite when only "nobody positive" reaches the specificity.
     """
     _require_both_classes(y, "sensitivity at specificity")
-    fpr, tpr, _ = roc_curve(y, score, drop_intermediate=False)
-    good = (1 - fpr) >= specificity - sys.float_info.epsilon
-    return float(tpr[good][-1])  # fpr[0] == 0, so there is always one
+    fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
+    i = np.flatnonzero((1 - fpr) >= specificity - sys.float_info.epsilon)[-1]  # fpr[0] == 0: always one
+    return float(thresholds[i]), float(tpr[i]), float(1 - fpr[i])
+
+
+def roc_point_at_sensitivity(y: np.ndarray, score: np.ndarray, sensitivity: float) -> tuple[float, float, float]:
+    """(threshold, sensitivity, specificity) of the most specific ROC operating point whose
+    sensitivity is >= `sensitivity` (the mirror image of `roc_point_at_specificity`)."""
+    _require_both_classes(y, "specificity at sensitivity")
+    fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
+    i = np.flatnonzero(tpr >= sensitivity - sys.float_info.epsilon)[0]  # tpr[-1] == 1: always one
+    return float(thresholds[i]), float(tpr[i]), float(1 - fpr[i])
+
+
+def sensitivity_at_specificity(y: np.ndarray, score: np.ndarray, specificity: float) -> float:
+    """Highest sensitivity among ROC operating points whose specificity is >= `specificity`."""
+    return roc_point_at_specificity(y, score, specificity)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,7 +557,8 @@ def _ordered_samples(spec: TaskSpec, samples: dict[str, list]) -> dict[str, list
     return {name: samples[name] for name in names if len(samples[name])}
 
 
-def _write_local(spec: TaskSpec, out: Path, *, y_true, probs, history, samples, extra, thresholds) -> dict:
+def _write_local(spec: TaskSpec, out: Path, *, y_true, probs, history, samples, extra, thresholds, sections,
+                 extra_plots) -> dict:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(spec, y_true, probs, thresholds)
     plot_confusion(spec, y_true, probs, out / CONFUSION_PNG, thresholds)
@@ -555,6 +572,10 @@ def _write_local(spec: TaskSpec, out: Path, *, y_true, probs, history, samples, 
     if samples:
         plot_samples(samples, out / SAMPLES_PNG)
         plots.append(SAMPLES_PNG)
+    for name, draw in (extra_plots or {}).items():
+        draw(out / name)
+        plots.append(name)
+    metrics.update(_jsonable(sections or {}))
     if extra:
         metrics["run"] = _jsonable(extra)
     metrics["plots"] = plots
@@ -574,15 +595,18 @@ def write_report(
     samples: dict[str, list[np.ndarray]] | None = None,
     extra: dict | None = None,
     thresholds: Sequence[float] | float | None = None,
+    sections: dict[str, Any] | None = None,
+    extra_plots: dict[str, Callable[[Path], None]] | None = None,
 ) -> dict:
     """Write metrics.json plus the PNGs there are inputs for into `out_dir` (local or s3://).
 
-    metrics.json is compute_metrics' dict plus `history` (if given), `run` (= `extra`, as given)
-    and `plots` (the PNG names written). It is written last, so a reader that sees it sees the
-    whole report. Returns that dict.
+    metrics.json is compute_metrics' dict plus `history` (if given), the top-level `sections`
+    (e.g. calibration), `run` (= `extra`, as given) and `plots` (the PNG names written, including
+    `extra_plots`: file name -> a function that draws that PNG at the path it is given). It is
+    written last, so a reader that sees it sees the whole report. Returns that dict.
     """
     kwargs = dict(y_true=y_true, probs=probs, history=history, samples=samples, extra=extra,
-                  thresholds=thresholds)
+                  thresholds=thresholds, sections=sections, extra_plots=extra_plots)
     if not storage.is_remote(str(out_dir)):
         return _write_local(spec, Path(str(out_dir).removeprefix("file://")), **kwargs)
     with tempfile.TemporaryDirectory(prefix="eyeray-report-") as tmp:

@@ -51,6 +51,9 @@ class TaskSpec:
     referral_classes: tuple[str, ...] = ()
     positive_class: str | None = None  # binary tasks: the class whose probability is the score
     extra_metrics: tuple[str, ...] = ()  # keys of eyeray.evaluate.EXTRA_METRICS
+    # How decision thresholds are chosen on validation data: "RULE:TARGET" or "RULE", RULE a key
+    # of eyeray.operating_points.RULES; "": none (argmax, or 0.5 per label).
+    operating_point: str = ""
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     dataset_hint: str = ""  # shown in layout errors: what the reader expected
 
@@ -81,6 +84,7 @@ OCT = TaskSpec(
     patient_id_pattern=r"^[A-Za-z]+-(\d+)-\d+",
     referral_classes=("CNV", "DME"),
     extra_metrics=("urgent_referral_auc",),
+    operating_point="referral_sensitivity:0.95",  # Kermany et al.: urgent referral (CNV or DME)
     augment=AugmentSpec(hflip=True, rotation_deg=5.0, zoom=0.1),
     demo=DemoSpec(modality="oct"),
     dataset_hint="Kaggle kermany2018: train/ test/ [val/] each with CNV/ DME/ DRUSEN/ NORMAL/, "
@@ -99,6 +103,7 @@ GLAUCOMA = TaskSpec(
     referral_classes=("RG",),
     positive_class="RG",
     extra_metrics=("pauc_90_100", "sens_at_95_spec"),
+    operating_point="referral_specificity:0.95",  # the AIROGS screening operating point
     augment=AugmentSpec(hflip=True, rotation_deg=15.0, zoom=0.1),
     demo=DemoSpec(modality="fundus"),
     dataset_hint="EyePACS-AIROGS-light: train/ validation/ test/ each with RG/ NRG/, "
@@ -115,6 +120,7 @@ ODIR = TaskSpec(
     image_size=224,
     patient_id_pattern=r"^(\d+)_(?:left|right)",
     extra_metrics=("odir_score", "kappa", "f1"),
+    operating_point="per_label_f1",
     augment=AugmentSpec(hflip=True, rotation_deg=15.0, zoom=0.1),
     demo=DemoSpec(modality="fundus", images_per_class=40),
     dataset_hint="ODIR-5K: a sheet (data.csv or data.xlsx) with ID, Left-Fundus, Right-Fundus, "

@@ -292,7 +292,7 @@ def _samples(spec: TaskSpec, ds, per_class: int = 6) -> dict[str, list[np.ndarra
 
 
 def _predict(model, ds, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Test-set predictions: Ray Data streams decoded batches, the exported model predicts."""
+    """Labels and predictions of one split: Ray Data streams decoded batches, the exported model predicts."""
     labels, probs = [], []
     for batch in ds.iter_batches(batch_size=batch_size):
         labels.append(batch["label"])
@@ -344,6 +344,9 @@ def run(config: TrainConfig) -> TrainResult:
     with best.as_directory() as d:
         model.load_weights(os.path.join(d, WEIGHTS_FILE))
     y_true, probs = _predict(model, decoded["test"].images, cfg.batch_size)
+    calibration, operating_point, sections, plots = _decision_support(
+        spec, _predict(model, decoded["validation"].images, cfg.batch_size), (y_true, probs)
+    )
 
     data_report = {
         "source": cfg.data or "synthetic (embedded default)",
@@ -357,13 +360,14 @@ def run(config: TrainConfig) -> TrainResult:
         spec, report_uri, y_true=y_true, probs=probs, history=history,
         samples=_samples(spec, decoded["train"].images),
         extra={"config": asdict(cfg), "best_epoch": _best_epoch(history), "resumed_after": resumed, "data": data_report},
+        sections=sections, extra_plots=plots,
     )  # fmt: skip
 
     training = {"config": asdict(cfg), "epochs": len(history), "best_epoch": _best_epoch(history),
                 "train_images": int(decoded["train"].count)}  # fmt: skip
     manifest = bundle.make_manifest(
         spec, model, backbone=cfg.backbone, image_size=cfg.image_size, weights=cfg.weights,
-        metrics=_headline(metrics), training=training,
+        metrics=_headline(metrics), training=training, calibration=calibration, operating_point=operating_point,
     )  # fmt: skip
     bundle_uri = storage.join(cfg.output, "bundle")
     bundle.save(model, manifest, bundle_uri)
@@ -371,6 +375,33 @@ def run(config: TrainConfig) -> TrainResult:
     print("[eyeray] test metrics: " + json.dumps(_headline(metrics)))
     return TrainResult(output=cfg.output, bundle=bundle_uri, report=report_uri, metrics=metrics, history=history,
                        resumed_after=resumed)  # fmt: skip
+
+
+def _decision_support(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]):
+    """Calibration and the operating point, fitted on the validation split, and what they do on the
+    test split (report sections and the reliability diagram). Data too small to choose an
+    operating point leaves it out with a note instead of failing a finished training run."""
+    from eyeray import calibration, evaluate, operating_points
+
+    (y_val, p_val), (y_test, p_test) = validation, test
+    params = calibration.fit(y_val, p_val, spec.multi_label, spec.classes)
+    val_cal, test_cal = calibration.apply(params, p_val), calibration.apply(params, p_test)
+    sections: dict[str, Any] = {"calibration": {
+        **params, "validation": calibration.summary(y_val, p_val, val_cal, spec.multi_label),
+        "test": calibration.summary(y_test, p_test, test_cal, spec.multi_label),
+    }}  # fmt: skip
+    try:
+        op = operating_points.choose(spec, y_val, val_cal)
+    except evaluate.UndefinedMetric as exc:
+        op, sections["operating_point"] = None, {"rule": spec.operating_point, "note": f"not chosen: {exc}"}
+    if op is not None:
+        sections["operating_point"] = {**op, "test": operating_points.achieved(op, y_test, test_cal)}
+
+    def reliability(path: Path) -> None:
+        title = f"{spec.title}\ntest split; calibration fitted on the validation split"
+        calibration.plot_reliability(y_test, p_test, test_cal, spec.multi_label, path, title)
+
+    return params, op, sections, {calibration.RELIABILITY_PNG: reliability}
 
 
 def _best_epoch(history: list[dict[str, Any]]) -> int | None:

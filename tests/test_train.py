@@ -38,8 +38,13 @@ def test_ray_job_submit_trains_oct_with_two_workers(ray_cluster, tmp_path):
     for key in ("accuracy", "macro_f1", "auc", "urgent_referral_auc", "confusion_matrix", "per_class"):
         assert key in metrics
     assert metrics["accuracy"] >= 0.9, metrics
-    for png in ("curves.png", "confusion_matrix.png", "roc.png", "samples.png"):
+    for png in ("curves.png", "confusion_matrix.png", "roc.png", "samples.png", "reliability.png"):
         assert (output / "report" / png).stat().st_size > 5000
+    # calibration and the urgent-referral operating point: fitted on validation, reported on test
+    assert manifest["calibration"]["method"] == "temperature" and manifest["calibration"]["fitted_on"] == "validation"
+    assert manifest["operating_point"]["rule"] == "referral_sensitivity"
+    assert manifest["operating_point"]["achieved"]["sensitivity"] >= 0.95
+    assert {"ece_before", "ece_after"} <= set(metrics["calibration"]["test"]) and "test" in metrics["operating_point"]
     history = metrics["history"]
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
     assert history[-1]["loss"] < history[0]["loss"]
@@ -106,4 +111,6 @@ def test_interrupted_run_on_s3_resumes_with_resume_flag_and_reports_bad_files(ra
     assert fs.exists("odir-train/runs/odir-1/report/curves.png")
     loaded = bundle.load(result.bundle)  # straight from s3://
     assert loaded.manifest["multi_label"] and len(loaded.manifest["thresholds"]) == 8
+    assert loaded.manifest["calibration"]["method"] == "platt"
+    assert loaded.manifest["operating_point"]["rule"] == "per_label_f1" and len(loaded.manifest["operating_point"]["thresholds"]) == 8
     assert loaded.predict(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 8)

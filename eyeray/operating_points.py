@@ -1,0 +1,248 @@
+"""Operating points: decision thresholds chosen on validation data and stored in the bundle.
+
+A screening model is used at a threshold, not at "argmax": AIROGS judges glaucoma referral at
+95 % specificity, Kermany et al. report OCT urgent referral (CNV or DME) at high sensitivity, and
+a flat 0.5 per label wastes a multi-label model whose rare labels never reach 0.5. Which rule a
+task uses is data (`TaskSpec.operating_point`, "RULE:TARGET"); the rules are `RULES`.
+
+The chosen point is a JSON dict for the manifest (`choose`), read back by `referral` and
+`decisions`, which also take a user override. Thresholds apply to *calibrated* probabilities
+(`eyeray.calibration.apply` first; `decide` does both). A stored threshold sits halfway between
+the last validation score it refers and the next lower one, so `>=` and `>` agree on the data it
+was chosen on, and the numbers in `achieved` are those of the stored threshold itself.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import precision_recall_curve, precision_recall_fscore_support
+
+from eyeray import evaluate
+from eyeray.tasks import TaskSpec
+
+APPLIES_TO = "calibrated probabilities (apply the manifest's calibration first)"
+DEFAULT_LABEL_THRESHOLD = evaluate.DEFAULT_THRESHOLD
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A parsed `TaskSpec.operating_point`: "referral_specificity:0.95" -> ("referral_specificity", 0.95)."""
+
+    name: str
+    target: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Rule | None:
+        if not text:
+            return None
+        name, _, target = text.partition(":")
+        if name not in RULES:
+            raise ValueError(f"unknown operating-point rule {name!r}; known: {', '.join(RULES)}")
+        return cls(name, float(target) if target else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing, on validation data
+
+
+def _cut(score: np.ndarray, lowest_referred: float) -> float:
+    """A threshold that refers exactly `score >= lowest_referred`, with `>=` as with `>`."""
+    below = score[score < lowest_referred]
+    if not math.isfinite(lowest_referred):  # the rule refers nobody
+        return float(np.nextafter(np.float32(score.max()), np.float32(np.inf)))
+    if below.size == 0:  # the rule refers everybody
+        return float(np.nextafter(np.float32(lowest_referred), np.float32(-np.inf)))
+    return float((lowest_referred + below.max()) / 2)
+
+
+def _referral_rule(point: Callable[..., tuple[float, float, float]]) -> Callable[..., dict[str, Any]]:
+    """A rule on the summed probability of `spec.referral_classes`, cut at an evaluate ROC point."""
+
+    def choose(spec: TaskSpec, y_true, probs, target: float) -> dict[str, Any]:
+        truth, score = evaluate._referral_case(spec, y_true, probs)
+        lowest_referred, _, _ = point(truth, score, target)
+        return {
+            "score": " + ".join(f"P({c})" for c in spec.referral_classes),
+            "score_columns": [spec.class_index(c) for c in spec.referral_classes],
+            "threshold": _cut(score, lowest_referred),
+        }
+
+    return choose
+
+
+def _per_label_f1(spec: TaskSpec, y_true, probs, target: float | None = None) -> dict[str, Any]:
+    """Per label, the threshold with the highest validation F1 (ties: the lower, more sensitive one).
+    A label without positives in the validation data keeps the default 0.5 (named in `notes`)."""
+    y, p = evaluate._check(spec, y_true, probs)
+    thresholds, notes = [], {}
+    for k, name in enumerate(spec.classes):
+        if y[:, k].min() == y[:, k].max():
+            thresholds.append(DEFAULT_LABEL_THRESHOLD)
+            notes[name] = f"kept {DEFAULT_LABEL_THRESHOLD}: only one outcome in the validation data"
+            continue
+        precision, recall, candidates = precision_recall_curve(y[:, k], p[:, k])
+        f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+        thresholds.append(_cut(p[:, k], float(candidates[int(np.argmax(f1[:-1]))])))
+    out: dict[str, Any] = {
+        "labels": list(spec.classes),
+        "thresholds": thresholds,
+        "referral_columns": [spec.class_index(c) for c in spec.referral_classes],
+    }
+    return {**out, "notes": notes} if notes else out
+
+
+RULES: dict[str, Callable[..., dict[str, Any]]] = {
+    "referral_specificity": _referral_rule(evaluate.roc_point_at_specificity),
+    "referral_sensitivity": _referral_rule(evaluate.roc_point_at_sensitivity),
+    "per_label_f1": _per_label_f1,
+}
+DEFAULT_TARGETS = {"referral_specificity": evaluate.TARGET_SPECIFICITY, "referral_sensitivity": 0.95}
+
+
+def choose(spec: TaskSpec, y_true, probs, rule: str | None = None) -> dict[str, Any] | None:
+    """The operating point of `spec` (or `rule`, "RULE:TARGET"), chosen on these (validation)
+    labels and calibrated probabilities; None when the task has no rule.
+
+    Raises evaluate.UndefinedMetric when the data cannot define it (e.g. no referable case).
+    """
+    parsed = Rule.parse(spec.operating_point if rule is None else rule)
+    if parsed is None:
+        return None
+    target = parsed.target if parsed.target is not None else DEFAULT_TARGETS.get(parsed.name)
+    op = {"rule": parsed.name, **({"target": target} if target is not None else {}),
+          **RULES[parsed.name](spec, y_true, probs, target),
+          "classes": list(spec.classes), "applies_to": APPLIES_TO, "chosen_on": "validation",
+          "n": len(np.asarray(y_true))}  # fmt: skip
+    op["achieved"] = achieved(op, y_true, probs)
+    return op
+
+
+# ---------------------------------------------------------------------------------------------
+# Using it
+
+
+def _per_label(op: dict[str, Any]) -> bool:
+    return "thresholds" in op
+
+
+def with_override(op: dict[str, Any], thresholds: float | Sequence[float] | dict[str, float] | None) -> dict[str, Any]:
+    """`op` with user thresholds: one number (referral rules), a list with one per label, or
+    {label: threshold} for some labels. The validation figures no longer apply and are dropped."""
+    if thresholds is None:
+        return op
+    out = {k: v for k, v in op.items() if k not in ("achieved", "chosen_on", "n")}
+    out["chosen_on"] = "user override"
+    if not _per_label(op):
+        values = np.ravel(np.asarray(thresholds, np.float64)) if not isinstance(thresholds, dict) else []
+        if len(values) != 1:
+            raise ValueError(f"{op['rule']} takes one threshold on {op['score']}, got {thresholds!r}")
+        return {**out, "threshold": float(values[0])}
+    labels = op["labels"]
+    if isinstance(thresholds, dict):
+        unknown = set(thresholds) - set(labels)
+        if unknown:
+            raise ValueError(f"unknown labels {sorted(unknown)}; labels are {', '.join(labels)}")
+        return {**out, "thresholds": [float(thresholds.get(c, t)) for c, t in zip(labels, op["thresholds"])]}
+    values = np.broadcast_to(np.asarray(thresholds, np.float64), (len(labels),))
+    return {**out, "thresholds": [float(v) for v in values]}
+
+
+def referral_score(op: dict[str, Any], probs) -> np.ndarray:
+    """The score a referral rule thresholds, e.g. P(CNV) + P(DME), in float64."""
+    return np.asarray(probs, np.float64)[:, op["score_columns"]].sum(axis=1)
+
+
+def decisions(op: dict[str, Any], probs, thresholds=None) -> np.ndarray:
+    """0/1 (n, classes) labels at the operating point.
+
+    Per-label rules: `p >= threshold` per label. Referral rules: a referred case gets the most
+    probable referral class, any other the most probable of the rest, so the label always agrees
+    with the referral (glaucoma: RG exactly when P(RG) >= threshold).
+    """
+    op = with_override(op, thresholds)
+    p = np.asarray(probs, np.float64)
+    if _per_label(op):
+        return (p >= np.asarray(op["thresholds"], np.float64)).astype(int)
+    refer = referral_score(op, p) >= op["threshold"]
+    in_group = np.zeros(p.shape[1], bool)
+    in_group[op["score_columns"]] = True
+    rest = ~in_group if (~in_group).any() else in_group
+    masked = np.where(np.where(refer[:, None], in_group, rest), p, -np.inf)
+    return np.eye(p.shape[1], dtype=int)[masked.argmax(axis=1)]
+
+
+def referral(op: dict[str, Any], probs, thresholds=None) -> np.ndarray | None:
+    """Bool (n,): refer this case. None when the rule defines no referral (no referral classes)."""
+    op = with_override(op, thresholds)
+    if not _per_label(op):
+        return referral_score(op, probs) >= op["threshold"]
+    columns = op.get("referral_columns") or []
+    return decisions(op, probs)[:, columns].any(axis=1).astype(bool) if columns else None
+
+
+def _rate(hits: np.ndarray, of: np.ndarray) -> float | None:
+    return float(hits[of].mean()) if of.any() else None
+
+
+def achieved(op: dict[str, Any], y_true, probs) -> dict[str, Any]:
+    """What the operating point does on labelled data (validation when chosen; test in the report)."""
+    y = np.asarray(y_true).astype(bool)
+    if not _per_label(op):
+        truth, refer = y[:, op["score_columns"]].any(axis=1), referral(op, probs)
+        return {"sensitivity": _rate(refer, truth), "specificity": _rate(~refer, ~truth),
+                "referred": int(refer.sum()), "referable": int(truth.sum()), "n": len(y)}  # fmt: skip
+    d = decisions(op, probs)
+    default = (np.asarray(probs, np.float64) >= DEFAULT_LABEL_THRESHOLD).astype(int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        precision, recall, f1, _ = precision_recall_fscore_support(y, d, zero_division=0)
+        f1_default = precision_recall_fscore_support(y, default, zero_division=0)[2]
+    labels = op["labels"]
+    return {"f1": _by_label(labels, f1), "precision": _by_label(labels, precision),
+            "recall": _by_label(labels, recall), f"f1_at_{DEFAULT_LABEL_THRESHOLD}": _by_label(labels, f1_default),
+            "n": len(y)}  # fmt: skip
+
+
+def _by_label(labels: Sequence[str], values) -> dict[str, float]:
+    return {c: float(v) for c, v in zip(labels, values)}
+
+
+# ---------------------------------------------------------------------------------------------
+# One entry point for scoring, serving and `eyeray explain`
+
+
+@dataclass
+class Decision:
+    probabilities: np.ndarray  # (n, classes) calibrated when the manifest has a calibration
+    labels: list[list[str]]  # class names decided per case
+    referral: np.ndarray | None  # bool (n,), or None: the task has no referral rule
+    operating_point: dict[str, Any] | None  # the point used (with any override), for the output rows
+
+
+def decide(manifest: dict[str, Any], probs, thresholds=None) -> Decision:
+    """The model's probabilities -> calibrated probabilities, labels and referral, by the manifest.
+
+    A bundle without an operating point (trained before there were any) decides as
+    `eyeray.bundle.decide` does and refers when a decided label is a referral class.
+    """
+    from eyeray import bundle, calibration
+
+    calibrated = calibration.apply(manifest.get("calibration"), probs)
+    op = manifest.get("operating_point")
+    if op is None:
+        if thresholds is not None:
+            raise ValueError("this bundle has no operating point, so it has no thresholds to override")
+        labels = bundle.decide(manifest, calibrated)
+        refer = set(manifest.get("referral_classes") or [])
+        flags = np.array([bool(refer & set(row)) for row in labels]) if refer else None
+        return Decision(calibrated, labels, flags, None)
+    op = with_override(op, thresholds)
+    labels = [[c for c, hit in zip(manifest["classes"], row) if hit] for row in decisions(op, calibrated)]
+    return Decision(calibrated, labels, referral(op, calibrated), op)

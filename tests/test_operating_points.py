@@ -1,0 +1,163 @@
+"""Operating points: each task's rule meets its target on the validation data it was chosen on,
+the stored thresholds decide the same way from the manifest, and users can override them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from eyeray import calibration, evaluate
+from eyeray import operating_points as op_
+from eyeray.tasks import get_task
+
+
+def glaucoma_case(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    rg = rng.random(n) < 0.3
+    score = np.clip(rng.normal(0.35 + 0.3 * rg, 0.15), 0, 1).astype(np.float32)
+    return np.eye(2)[rg.astype(int)], np.stack([1 - score, score], axis=1)
+
+
+def oct_case(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.eye(4)[rng.integers(0, 4, n)]
+    z = rng.normal(0, 1, (n, 4)) + 1.2 * y
+    return y, (np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def odir_case(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Well separated labels whose probabilities all sit below 0.5 (positives about 0.35,
+    negatives about 0.1), as for rare labels: a flat 0.5 finds almost none of them."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 8)) < 0.2).astype(int)
+    return y, np.clip(0.1 + 0.25 * y + rng.normal(0, 0.08, (n, 8)), 0, 1).astype(np.float32)
+
+
+def test_glaucoma_threshold_gives_95_percent_specificity_on_its_validation_data():
+    spec = get_task("glaucoma")
+    y, p = glaucoma_case(400, seed=0)
+    op = json.loads(json.dumps(op_.choose(spec, y, p)))  # as stored in the manifest
+    assert (op["rule"], op["target"], op["score"], op["chosen_on"]) == ("referral_specificity", 0.95, "P(RG)", "validation")
+    rg = y[:, 1] == 1
+    refer = op_.referral(op, p)
+    specificity, sensitivity = (~refer[~rg]).mean(), refer[rg].mean()
+    print(f"glaucoma: threshold {op['threshold']:.3f}, specificity {specificity:.3f}, sensitivity {sensitivity:.3f}")
+    assert specificity >= 0.95
+    assert op["achieved"]["specificity"] == pytest.approx(specificity)
+    # the most sensitive point with that specificity: AIROGS' sens@95%spec, from evaluate
+    assert sensitivity == pytest.approx(evaluate.sens_at_95_spec(spec, y, p))
+    assert (p[:, 1] > op["threshold"]).tolist() == refer.tolist()  # '>' and '>=' agree on it
+    decided = op_.decisions(op, p)  # the label agrees with the referral: RG exactly when referred
+    assert decided[:, 1].astype(bool).tolist() == refer.tolist()
+
+
+def test_oct_urgent_referral_threshold_meets_the_sensitivity():
+    spec = get_task("oct")
+    y, p = oct_case(400, seed=0)
+    op = op_.choose(spec, y, p)
+    assert op["score"] == "P(CNV) + P(DME)" and op["score_columns"] == [0, 1] and op["target"] == 0.95
+    urgent = y[:, :2].any(axis=1)
+    refer = op_.referral(op, p)
+    print(f"OCT urgent referral: sensitivity {refer[urgent].mean():.3f}, specificity {(~refer[~urgent]).mean():.3f}")
+    assert refer[urgent].mean() >= 0.95
+    decided = op_.decisions(op, p)
+    assert decided.sum(axis=1).tolist() == [1] * len(p)
+    assert decided[:, :2].any(axis=1).tolist() == refer.tolist()  # referred cases are labelled CNV or DME
+    tighter = op_.choose(spec, y, p, rule="referral_sensitivity:0.8")
+    assert tighter["threshold"] > op["threshold"] and tighter["achieved"]["sensitivity"] >= 0.8
+
+
+def test_odir_per_label_f1_thresholds_beat_a_flat_half():
+    spec = get_task("odir")
+    y_val, p_val = odir_case(400, seed=0)
+    y_test, p_test = odir_case(400, seed=1)
+    op = op_.choose(spec, y_val, p_val)
+    assert op["rule"] == "per_label_f1" and len(op["thresholds"]) == 8
+    assert op_.referral(op, p_val) is None  # ODIR defines no referral classes
+    for y, p, split in ((y_val, p_val, "validation"), (y_test, p_test, "test")):
+        tuned = op_.achieved(op, y, p)
+        f1, flat = np.mean(list(tuned["f1"].values())), np.mean(list(tuned["f1_at_0.5"].values()))
+        print(f"ODIR {split}: mean per-label F1 {flat:.3f} at 0.5 -> {f1:.3f} at the chosen thresholds")
+        assert all(tuned["f1"][c] > tuned["f1_at_0.5"][c] + 0.5 for c in spec.classes)
+    assert evaluate.decisions(spec, p_val, op["thresholds"]).tolist() == op_.decisions(op, p_val).tolist()
+
+
+def test_a_label_without_positives_keeps_the_default_threshold():
+    spec = get_task("odir")
+    y, p = odir_case(100, seed=2)
+    y[:, 2] = 0
+    op = op_.choose(spec, y, p)
+    assert op["thresholds"][2] == 0.5 and list(op["notes"]) == ["G"]
+
+
+def test_user_overrides_replace_thresholds_and_drop_the_validation_figures():
+    y, p = glaucoma_case(200, seed=3)
+    op = op_.choose(get_task("glaucoma"), y, p)
+    assert op_.referral(op, p, thresholds=0.0).all() and not op_.referral(op, p, thresholds=1.01).any()
+    overridden = op_.with_override(op, 0.7)
+    assert overridden["threshold"] == 0.7 and overridden["chosen_on"] == "user override" and "achieved" not in overridden
+    with pytest.raises(ValueError, match="one threshold"):
+        op_.with_override(op, [0.1, 0.2])
+    multi = op_.choose(get_task("odir"), *odir_case(200, seed=4))
+    some = op_.with_override(multi, {"G": 0.9})["thresholds"]
+    assert some[2] == 0.9 and some[:2] == multi["thresholds"][:2]
+    assert op_.with_override(multi, 0.5)["thresholds"] == [0.5] * 8
+    with pytest.raises(ValueError, match="unknown labels"):
+        op_.with_override(multi, {"X": 0.9})
+
+
+def test_decide_calibrates_then_applies_the_operating_point_or_falls_back_for_old_bundles():
+    spec = get_task("glaucoma")
+    y, p = glaucoma_case(300, seed=5)
+    params = calibration.fit(y, p, multi_label=False)
+    calibrated = calibration.apply(params, p)
+    manifest = {"classes": list(spec.classes), "multi_label": False, "referral_classes": ["RG"], "thresholds": [0.5, 0.5],
+                "calibration": params, "operating_point": op_.choose(spec, y, calibrated)}  # fmt: skip
+    d = op_.decide(manifest, p)
+    np.testing.assert_array_equal(d.probabilities, calibrated)
+    assert d.referral.tolist() == op_.referral(manifest["operating_point"], calibrated).tolist()
+    assert [row == ["RG"] for row in d.labels] == d.referral.tolist()
+    assert op_.decide(manifest, p, thresholds=0.0).labels == [["RG"]] * len(p)
+    old = {k: v for k, v in manifest.items() if k not in ("calibration", "operating_point")}
+    legacy = op_.decide(old, p)  # argmax, refer when the label is a referral class
+    np.testing.assert_array_equal(legacy.probabilities, p)
+    assert legacy.referral.tolist() == (p[:, 1] > p[:, 0]).tolist() and legacy.operating_point is None
+    with pytest.raises(ValueError, match="no operating point"):
+        op_.decide(old, p, thresholds=0.3)
+
+
+def test_unknown_rule_and_undefined_data_fail_clearly():
+    with pytest.raises(ValueError, match="unknown operating-point rule"):
+        op_.choose(get_task("oct"), *oct_case(20, 0), rule="youden")
+    _, p = glaucoma_case(20, 0)
+    with pytest.raises(evaluate.UndefinedMetric):
+        op_.choose(get_task("glaucoma"), np.eye(2)[[0] * 20], p)
+
+
+@pytest.mark.parametrize("task, case", [("oct", oct_case), ("odir", odir_case)])
+def test_training_driver_fits_both_on_validation_and_reports_them_on_test(task, case, tmp_path):
+    """The end of `eyeray.train.run` without Ray: validation fits, the report shows test figures."""
+    from eyeray.train import _decision_support
+
+    spec = get_task(task)
+    (y_val, p_val), (y_test, p_test) = case(300, seed=6), case(300, seed=7)
+    params, op, sections, plots = _decision_support(spec, (y_val, p_val), (y_test, p_test))
+    assert params["method"] == ("platt" if spec.multi_label else "temperature") and op["chosen_on"] == "validation"
+    assert sections["calibration"]["test"]["ece_bins"] == calibration.ECE_BINS
+    assert {"ece_before", "ece_after"} <= set(sections["calibration"]["validation"])
+    assert sections["operating_point"]["test"]["n"] == 300
+    metrics = evaluate.write_report(spec, tmp_path, y_true=y_test, probs=p_test, sections=sections, extra_plots=plots)
+    on_disk = json.loads((tmp_path / evaluate.METRICS_FILE).read_text())
+    assert on_disk["calibration"] == metrics["calibration"] and on_disk["operating_point"]["rule"] == op["rule"]
+    assert calibration.RELIABILITY_PNG in on_disk["plots"] and (tmp_path / calibration.RELIABILITY_PNG).stat().st_size > 5000
+
+
+def test_training_driver_leaves_the_operating_point_out_when_validation_cannot_define_it():
+    from eyeray.train import _decision_support
+
+    y, p = glaucoma_case(30, seed=8)
+    only_nrg = np.eye(2)[[0] * 30]
+    params, op, sections, _ = _decision_support(get_task("glaucoma"), (only_nrg, p), (y, p))
+    assert op is None and "not chosen" in sections["operating_point"]["note"] and params["method"] == "temperature"
