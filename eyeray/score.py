@@ -26,6 +26,7 @@ from eyeray.datasets import IMAGE_EXTENSIONS
 from eyeray.ensemble import METHODS, check_compatible, combine, version_key
 
 SUMMARY_FILE = "summary.json"
+DECODE_CPUS = 1  # per decode task: decoding one JPEG or DICOM is single-threaded
 # TensorFlow, Keras and the Ray worker itself. Measured: a VGG16 actor peaked at 1.0 GiB on CPU
 # (Ray Data's memory issue detector); with 4x the weights on top, Ray's detector stays quiet.
 ACTOR_RUNTIME_BYTES = 5 << 28  # 1.25 GiB
@@ -149,6 +150,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     if len(todo):
         if not ray.is_initialized():
             ray.init()
+        check_resources(cfg)
         written = sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests).iter_rows())
     summary = summarize(cfg.output, manifests, key, files_seen=len(files), scored_now=written,
                         seconds=time.perf_counter() - start)  # fmt: skip
@@ -169,7 +171,7 @@ def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.dat
     block = cfg.batch_size * cfg.block_batches
     ds = ray.data.from_arrow([pa.table({"path": todo.slice(i, block)}) for i in range(0, len(todo), block)])
     ds = ds.map_batches(imaging.load_batch, fn_kwargs={"size": sizes[0], "extra_sizes": tuple(sizes[1:])},
-                        batch_size=cfg.batch_size, num_cpus=1)  # fmt: skip
+                        batch_size=cfg.batch_size, num_cpus=DECODE_CPUS)  # fmt: skip
     predictor_args = {"bundle_uris": cfg.bundles, "method": cfg.ensemble, "primary_size": sizes[0],
                       "fault_after_batches": cfg.fault_after_batches,
                       "fault_marker": storage.join(cfg.output, FAULT_MARKER)}  # fmt: skip
@@ -179,6 +181,24 @@ def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.dat
     ds = ds.map_batches(shards.write_shard, batch_size=cfg.rows_per_shard,
                         fn_kwargs={"output": cfg.output, "manifest": manifests[0], "key": key, "members": members})  # fmt: skip
     return ds
+
+
+def check_resources(cfg: ScoreConfig) -> None:
+    """Refuse a pipeline the cluster can never run (Ray Data would wait forever), and say so when
+    other work (a Serve app, another job) holds what it needs right now."""
+    need = {"CPU": cfg.actors * cfg.cpus_per_actor + DECODE_CPUS, "GPU": cfg.actors * cfg.gpus_per_actor}
+    total, free = ray.cluster_resources(), ray.available_resources()
+    short = {k: v for k, v in need.items() if v > total.get(k, 0) + 1e-9}
+    if short:
+        raise ValueError(
+            f"the cluster has {', '.join(f'{total.get(k, 0):g} {k}' for k in short)}, but {cfg.actors} model "
+            f"actor(s) plus one decode task need {', '.join(f'{v:g} {k}' for k, v in short.items())}: "
+            "lower --actors, --cpus-per-actor or --gpus-per-actor, or add nodes"
+        )
+    busy = {k: v for k, v in need.items() if v > free.get(k, 0) + 1e-9}
+    if busy:
+        print(f"[eyeray] waiting for resources held by other work: need {busy}, free now "
+              f"{ {k: round(free.get(k, 0), 2) for k in busy} }")  # fmt: skip
 
 
 def actor_memory(bundle_uris: list[str]) -> int:

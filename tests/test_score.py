@@ -235,6 +235,13 @@ def test_cli_takes_repeated_bundles_and_refuses_bad_values():
         list_archive("/nonexistent/archive")
 
 
+def test_a_pipeline_the_cluster_can_never_run_is_refused(ray_cluster, oct_bundle, tmp_path):
+    write_pngs(tmp_path / "archive", 2)
+    cfg = ScoreConfig(bundles=[oct_bundle], input=str(tmp_path / "archive"), output=str(tmp_path / "o"), actors=3)
+    with pytest.raises(ValueError, match="lower --actors"):  # 3 actors + a decode task > 2 CPUs
+        run(cfg)
+
+
 def test_demo_trains_scores_and_serves(ray_cluster, tmp_path):
     """`eyeray demo` end to end (shortened): the archive's broken files become error rows, and
     the service answers the files it is sent as the batch scorer did (the broken one: 422)."""
