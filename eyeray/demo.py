@@ -39,7 +39,8 @@ def run(train_config, serve_port: int = 8000) -> dict[str, Any]:
     archive = make_archive(train_config.task, Path(base or ".") / "demo_archive", seed=train_config.seed + 1)
     summary = score.run(score.ScoreConfig(bundles=[result.bundle], input=str(archive),
                                           output=storage.join(result.output, "scores")))  # fmt: skip
-    first_per_class = {p.parent: p for p in sorted(archive.rglob("*"), reverse=True) if p.suffix and p.parent != archive}
-    posted = sorted(first_per_class.values())[:3]
+    images = sorted(p for p in archive.rglob("*") if p.is_file() and p.parent != archive)
+    first_per_class = list({p.parent: p for p in reversed(images)}.values())
+    posted = (first_per_class + [p for p in images if p not in first_per_class])[:3]  # every class, then more
     answers = serve.demo(result.bundle, [*posted, archive / next(iter(BROKEN_FILES))], port=serve_port)
     return {"train": result, "score": summary, "scores": storage.join(result.output, "scores"), "serve": answers}
