@@ -96,10 +96,13 @@ class TaskModel:
     """One bundle, loaded once per replica; concurrent requests become one model call."""
 
     def __init__(self, bundle_uri: str, version: str):
+        import tensorflow as tf
         from ray.util import metrics
 
         from eyeray import bundle
 
+        for gpu in tf.config.list_physical_devices("GPU"):  # fractional GPUs: replicas share one
+            tf.config.experimental.set_memory_growth(gpu, True)
         self.bundle = bundle.load(bundle_uri)
         if self.bundle.version != version:
             raise bundle.BundleError(f"{bundle_uri} changed since the application was built "
