@@ -152,14 +152,15 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
             ray.init()
         check_resources(cfg)
         written = sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests).iter_rows())
-    summary = summarize(cfg.output, manifests, key, files_seen=len(files), scored_now=written,
+    rows = shards.committed(cfg.output, key, REPORT_COLUMNS)  # read once: the summary and the report
+    summary = summarize(rows, manifests, key, files_seen=len(files), scored_now=written,
                         seconds=time.perf_counter() - start)  # fmt: skip
     summary["bundles"] = [{"uri": uri, "version": m["version"], "backbone": m["backbone"]}
                           for uri, m in zip(cfg.bundles, manifests)]  # fmt: skip
     summary["ensemble"] = cfg.ensemble if len(manifests) > 1 else None
     fs.pipe(f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
     if cfg.report:
-        score_report.write(cfg.output, summary, shards.committed(cfg.output, key, REPORT_COLUMNS))
+        score_report.write(cfg.output, summary, rows)
     print("[eyeray] summary: " + json.dumps({k: summary[k] for k in SUMMARY_PRINTED}))
     return summary
 
@@ -215,10 +216,9 @@ def actor_memory(bundle_uris: list[str]) -> int:
     return ACTOR_RUNTIME_BYTES + 4 * weights
 
 
-def summarize(output: str, manifests: list[dict[str, Any]], key: str, *, files_seen: int, scored_now: int,
+def summarize(table: pa.Table, manifests: list[dict[str, Any]], key: str, *, files_seen: int, scored_now: int,
               seconds: float) -> dict[str, Any]:  # fmt: skip
     """Counts over every committed row of this scoring version (all runs, not just this one)."""
-    table = shards.committed(output, key, ["status", "error", "label"])
     ok = pc.equal(table.column("status"), "ok") if table.num_rows else pa.array([], pa.bool_())
     errors = _counts(table.column("error").filter(pc.invert(ok))) if table.num_rows else {}
     labels = table.column("label").filter(ok) if table.num_rows else pa.array([], pa.string())
