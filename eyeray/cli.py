@@ -13,6 +13,7 @@ import sys
 from dataclasses import fields
 
 from eyeray.ensemble import METHODS
+from eyeray.operating_points import DEFAULT_REVIEW_BELOW
 from eyeray.tasks import TASKS
 
 
@@ -88,11 +89,17 @@ def _demo(args: argparse.Namespace) -> int:
     headline = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
     print("  test set " + json.dumps(headline, indent=None))
     print(f"  scores   {out['scores']}/ (Parquet, one row per archive file), report.html and summary.json:")
-    keys = ("files_seen", "scored", "errors", "errors_by_reason", "predictions")
+    keys = ("files_seen", "scored", "errors", "errors_by_reason", "predictions", "referred", "needs_review")
     print("           " + json.dumps({k: summary[k] for k in keys}))
-    print("  served   " + "; ".join(f"{a['file']} -> {a['status']} {a.get('label') or a.get('detail')}"
-                                    for a in out["serve"]))  # fmt: skip
+    print("  served   " + "; ".join(f"{a['file']} -> {a['status']} {_served(a)}" for a in out["serve"]))
     return 0
+
+
+def _served(answer: dict) -> str:
+    if "detail" in answer:
+        return answer["detail"]
+    refer = "" if answer.get("referral") is None else (", refer" if answer["referral"] else ", no referral")
+    return f"{answer.get('label') or answer.get('labels')} (confidence {answer['confidence']:.2f}{refer})"
 
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -109,6 +116,22 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--batch-size", type=int, default=32, help="images per model call")
     add("--rows-per-shard", type=int, default=1000, help="rows per Parquet shard (the unit of commit and resume)")
     add("--no-report", dest="report", action="store_false", help="skip report.html")
+    add_decision_arguments(parser)
+    add("--explain", default="review",
+        help="rows that get Grad-CAM overlays (PNG under OUTPUT/explanations/, named in the rows): "
+             "none, review, referred, top-K (every row, its K most probable classes), or a comma list")  # fmt: skip
+    return parser
+
+
+def add_decision_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """How probabilities become answers, the same flags for score, serve and explain."""
+    add = parser.add_argument
+    add("--thresholds", default=None, metavar="T",
+        help="override the bundle's operating point: 0.3 (referral rules), 0.3,0.4,... (one per label) "
+             "or LABEL=0.3,LABEL=0.2 (default: the thresholds chosen on validation data)")  # fmt: skip
+    add("--tta", action="store_true", help="test-time augmentation: mean over the image and its mirror (2x model time)")
+    add("--review-below", type=float, default=DEFAULT_REVIEW_BELOW,
+        help="calibrated confidence below which a case is marked needs_review")  # fmt: skip
     return parser
 
 
@@ -116,7 +139,7 @@ def score_config(args: argparse.Namespace):
     from eyeray.score import ScoreConfig
 
     names = ("bundles", "input", "output", "ensemble", "actors", "gpus_per_actor", "cpus_per_actor", "batch_size",
-             "rows_per_shard", "report")  # fmt: skip
+             "rows_per_shard", "report", "thresholds", "tta", "review_below", "explain")  # fmt: skip
     return ScoreConfig(**{k: getattr(args, k) for k in names})
 
 
@@ -140,16 +163,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--max-replicas", type=int, default=1, help="model replicas per task under load (autoscaling)")
     add("--max-batch-size", type=int, default=16, help="requests scored in one model call")
     add("--max-body-mb", type=float, default=64, help="larger uploads get 413")
-    return parser
+    return add_decision_arguments(parser)
 
 
 def serve_main(args: argparse.Namespace) -> int:
     """`eyeray serve`: the Serve application of `jobs/serve_config.yaml`, until interrupted.
     The optional API token comes from EYERAY_API_TOKEN or EYERAY_API_TOKEN_FILE."""
+    from eyeray.bundle import read_manifest
     from eyeray.serve import ServeArgs, run
 
+    thresholds = {}
+    if args.thresholds is not None:
+        if len(args.bundles) != 1:
+            raise SystemExit("--thresholds takes one bundle; with several, give `thresholds: {task: ...}` "
+                             "in a Serve config file (jobs/serve_config.yaml)")  # fmt: skip
+        thresholds = {read_manifest(args.bundles[0])["task"]: args.thresholds}
     run(ServeArgs(bundles=args.bundles, gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
-                  max_body_bytes=int(args.max_body_mb * 2**20),
+                  max_body_bytes=int(args.max_body_mb * 2**20), tta=args.tta, review_below=args.review_below,
+                  thresholds=thresholds,
                   autoscaling={"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": 8}),
         host=args.host, port=args.port)  # fmt: skip
     return 0
@@ -162,6 +193,7 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     add("--output", help="folder or s3:// URI for NAME.gradcam.png (default: beside each image)")
     add("--class", dest="class_name", help="class to explain (default: the decided class the model is most sure of)")
     add("--alpha", type=float, default=0.5, help="heatmap opacity where the heat is highest")
+    add("--thresholds", default=None, metavar="T", help="override the bundle's operating point (as for score)")
     return parser
 
 
@@ -169,7 +201,10 @@ def _explain(args: argparse.Namespace) -> int:
     """One JSON line per image (overlay path, labels, calibrated probabilities, referral); exit 1 if any failed."""
     from eyeray.explain import explain_files
 
-    rows = explain_files(args.bundle, args.images, output=args.output, class_name=args.class_name, alpha=args.alpha)
+    from eyeray.operating_points import parse_thresholds
+
+    rows = explain_files(args.bundle, args.images, output=args.output, class_name=args.class_name, alpha=args.alpha,
+                         thresholds=parse_thresholds(args.thresholds))  # fmt: skip
     for row in rows:
         print(json.dumps(row))
     return 1 if any(row["error"] for row in rows) else 0

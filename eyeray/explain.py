@@ -32,11 +32,11 @@ import numpy as np
 from PIL import Image
 
 from eyeray import imaging, storage
+from eyeray.explain_plan import explained_class
+from eyeray.overlay import DEFAULT_ALPHA, overlay, overlay_png, png_bytes, resize_map  # noqa: F401  (public here too)
 
 POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
            keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)  # fmt: skip
-DEFAULT_ALPHA = 0.5
-DEFAULT_COLORMAP = "jet"
 
 
 @dataclass(frozen=True)
@@ -181,19 +181,11 @@ def _cam(features: np.ndarray, grads: np.ndarray) -> np.ndarray:
     return (features * weights).sum(axis=-1) * (h * w)
 
 
-def _resize(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of one float map (PIL mode "F": no 8-bit rounding)."""
-    if heatmap.shape == (height, width):
-        return heatmap.astype(np.float32)
-    image = Image.fromarray(np.ascontiguousarray(heatmap, np.float32))  # 2-D float32: mode "F"
-    return np.asarray(image.resize((width, height), Image.BILINEAR), np.float32)
-
-
 def _combine(cams: list[np.ndarray]) -> np.ndarray:
     """Sum the branches on the finest grid, keep the positive evidence, scale each map to [0, 1]."""
     h = max(c.shape[1] for c in cams)
     w = max(c.shape[2] for c in cams)
-    total = sum(np.stack([_resize(m, h, w) for m in c]) for c in cams)
+    total = sum(np.stack([resize_map(m, h, w) for m in c]) for c in cams)
     total = np.maximum(total, 0.0)
     peak = total.max(axis=(1, 2), keepdims=True)
     out = np.divide(total, peak, out=np.zeros_like(total), where=peak > 0)
@@ -211,36 +203,6 @@ def gradcam(model: keras.Model, images_uint8: np.ndarray, class_index: int | Seq
     return _CACHE[model](images_uint8, class_index, branch).heatmaps
 
 
-def overlay(image_rgb: np.ndarray, heatmap: np.ndarray, alpha: float = DEFAULT_ALPHA,
-            colormap: str = DEFAULT_COLORMAP) -> np.ndarray:  # fmt: skip
-    """The heatmap, resized to the image's own size, coloured and blended over it: RGB uint8, same size.
-
-    Each pixel's blend weight is `alpha * heat`, so regions that did not drive the class keep the
-    original image and the anatomy stays readable under the colour.
-    """
-    import matplotlib
-
-    image = np.asarray(image_rgb)
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=2)
-    heat = np.clip(_resize(np.asarray(heatmap, np.float32), image.shape[0], image.shape[1]), 0.0, 1.0)
-    colour = matplotlib.colormaps[colormap](heat)[..., :3] * 255.0
-    weight = (alpha * heat)[..., None]
-    return np.clip(image[..., :3] * (1.0 - weight) + colour * weight + 0.5, 0, 255).astype(np.uint8)
-
-
-def png_bytes(image_rgb: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image_rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def overlay_png(image_rgb: np.ndarray, heatmap: np.ndarray, alpha: float = DEFAULT_ALPHA,
-                colormap: str = DEFAULT_COLORMAP) -> bytes:  # fmt: skip
-    """`overlay` encoded as PNG (for files, Parquet-side folders and base64 in the API)."""
-    return png_bytes(overlay(image_rgb, heatmap, alpha, colormap))
-
-
 # ---------------------------------------------------------------------------------------------
 # Files in, PNG overlays out (`eyeray explain`)
 
@@ -252,37 +214,68 @@ def overlay_path(image_uri: str, output: str | None) -> str:
     return storage.join(output or folder or ".", f"{stem}.gradcam.png")
 
 
-def explained_class(decision, row: int, classes: Sequence[str]) -> int:
-    """The decided label the model is most sure of; with none decided, its most probable class."""
-    probs = decision.probabilities[row]
-    decided = [list(classes).index(c) for c in decision.labels[row]]
-    return max(decided, key=lambda k: probs[k]) if decided else int(np.argmax(probs))
+def explain_decision(loaded, cam: GradCam, model_input: np.ndarray, class_name: str | None = None,
+                     thresholds=None, tta: bool = False):  # fmt: skip
+    """One preprocessed image (size, size, 3) -> (Decision, explained class index, heatmap).
+
+    The decision is `Bundle.decide`'s (calibrated, at the operating point), as in scoring and
+    serving; the heatmap explains `class_name`, by default the decided class the model is most sure of.
+    """
+    classes = loaded.classes
+    if class_name is not None and class_name not in classes:
+        raise ValueError(f"class {class_name!r} is not a class of this bundle ({', '.join(classes)})")
+    batch = np.asarray(model_input)[None]
+    decision = loaded.decide(loaded.predict(batch, tta=tta), thresholds)
+    k = classes.index(class_name) if class_name else explained_class(decision, 0, classes)
+    return decision, k, cam(batch, class_index=k).heatmaps[0]
 
 
 def explain_image(loaded, cam: GradCam, original: np.ndarray, class_name: str | None = None,
                   alpha: float = DEFAULT_ALPHA, thresholds=None) -> tuple[dict[str, Any], bytes]:  # fmt: skip
-    """One decoded image (RGB uint8, any size) -> (the decision as a JSON-ready dict, overlay PNG).
-
-    `loaded` is an `eyeray.bundle.Bundle` and `cam` a `GradCam(loaded.model)` built once. The
-    probabilities are calibrated and the labels and referral follow the manifest's operating
-    point (`eyeray.operating_points.decide`), as in scoring and serving.
-    """
-    from eyeray.operating_points import decide
-
-    classes = loaded.classes
-    if class_name is not None and class_name not in classes:
-        raise ValueError(f"class {class_name!r} is not a class of this bundle ({', '.join(classes)})")
-    model_input = imaging.preprocess(original, loaded.image_size)[None]
-    decision = decide(loaded.manifest, loaded.predict(model_input), thresholds)
-    k = classes.index(class_name) if class_name else explained_class(decision, 0, classes)
-    heatmap = cam(model_input, class_index=k).heatmaps[0]
-    row = {
-        "explained_class": classes[k], "labels": decision.labels[0],
-        "probabilities": dict(zip(classes, decision.probabilities[0].tolist())),
-        "referral": None if decision.referral is None else bool(decision.referral[0]),
-        "operating_point": decision.operating_point,
-    }  # fmt: skip
+    """One decoded image (RGB uint8, any size) -> (the answer as a JSON-ready dict, overlay PNG at
+    the image's own size). `loaded` is an `eyeray.bundle.Bundle`, `cam` its GradCam, built once."""
+    model_input = imaging.preprocess(original, loaded.image_size)
+    decision, k, heatmap = explain_decision(loaded, cam, model_input, class_name, thresholds)
+    row = {"explained_class": loaded.classes[k], **decision.answer(0, loaded.classes)}
     return row, overlay_png(original, heatmap, alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch scoring: which rows get overlays, written next to the Parquet output
+
+EXPLANATIONS_DIR = "explanations"
+OVERLAY_MAX_SIDE = 1024  # scoring overlays are for review on screen, not full-resolution copies
+
+
+def explain_rows(cams: Sequence[GradCam], images: Sequence[np.ndarray], paths: Sequence[str],
+                 pairs: list[tuple[int, int]], classes: Sequence[str], output: str, key: str) -> dict[int, list[str]]:  # fmt: skip
+    """Grad-CAM overlays for (row, class) pairs of a scored batch, written under
+    OUTPUT/explanations/KEY/; returns row -> overlay paths relative to OUTPUT.
+
+    `images[j]` is the batch at model j's input size. With several models (an ensemble) the
+    heatmap is the mean of the members' maps, each scaled to [0, 1]. The overlay
+    is drawn on the original file (read again: only the explained rows), shrunk to at most
+    OVERLAY_MAX_SIDE, so a clinician sees the whole scan rather than the model's square input.
+    Names hash the path and class: a retried batch overwrites its own files.
+    """
+    import hashlib
+
+    if not pairs:
+        return {}
+    rows = np.array([i for i, _ in pairs])
+    wanted = np.array([k for _, k in pairs], np.int32)
+    maps = [cam(x[rows], class_index=wanted).heatmaps for cam, x in zip(cams, images)]
+    h, w = max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)
+    heat = np.mean([np.stack([resize_map(x, h, w) for x in m]) for m in maps], axis=0)
+    out: dict[int, list[str]] = {}
+    for (i, k), heatmap in zip(pairs, heat):
+        original = Image.fromarray(imaging.decode(storage.read_bytes(paths[i])))
+        original.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
+        digest = hashlib.sha1(paths[i].encode()).hexdigest()[:16]
+        relative = f"{EXPLANATIONS_DIR}/{key}/{digest}-{classes[k]}.png"
+        _write(storage.join(output, relative), overlay_png(np.asarray(original), heatmap))
+        out.setdefault(i, []).append(relative)
+    return out
 
 
 def explain_files(bundle_uri: str, images: Sequence[str], output: str | None = None, class_name: str | None = None,
@@ -303,8 +296,7 @@ def explain_files(bundle_uri: str, images: Sequence[str], output: str | None = N
         row, png = explain_image(loaded, cam, original, class_name, alpha, thresholds)
         target = overlay_path(uri, output)
         _write(target, png)
-        op = row.pop("operating_point")
-        rows.append({"path": uri, "overlay": target, **row, "operating_point": op and op["rule"], "error": ""})
+        rows.append({"path": uri, "overlay": target, **row, "error": ""})
     return rows
 
 

@@ -218,12 +218,77 @@ def _by_label(labels: Sequence[str], values) -> dict[str, float]:
 # One entry point for scoring, serving and `eyeray explain`
 
 
+DEFAULT_REVIEW_BELOW = 0.6  # batch scoring: a calibrated confidence below this goes to the review queue
+
+
+def confidence(probs, multi_label: bool) -> np.ndarray:
+    """How sure the calibrated model is of its whole answer, per case (n,): the top class's
+    probability (single-label); for multi-label, its least sure label, min_k max(p_k, 1 - p_k),
+    since one uncertain label makes the case uncertain."""
+    p = np.asarray(probs, np.float64)
+    if len(p) == 0:
+        return np.zeros(0, np.float64)
+    return np.maximum(p, 1.0 - p).min(axis=1) if multi_label else p.max(axis=1)
+
+
+def summary(op: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The operating point as scoring rows and API answers carry it: rule, target, threshold(s)
+    and where they come from (validation, or a user override); no validation tables."""
+    if op is None:
+        return None
+    keep = ("rule", "target", "score", "threshold", "chosen_on", "members")
+    out = {k: op[k] for k in keep if k in op}
+    if _per_label(op):
+        out["thresholds"] = _by_label(op["labels"], op["thresholds"])
+    return out
+
+
+def parse_thresholds(text: str | None) -> float | list[float] | dict[str, float] | None:
+    """A threshold override as users type it (CLI flag, query parameter): "0.3" (referral rules),
+    "0.3,0.4,..." (one per label) or "D=0.3,G=0.2" (some labels); None or "" for none."""
+    if text is None or not str(text).strip():
+        return None
+    items = [x.strip() for x in str(text).split(",") if x.strip()]
+    try:
+        if all("=" in x for x in items):
+            pairs = [x.split("=", 1) for x in items]
+            out: float | list[float] | dict[str, float] = {k.strip(): float(v) for k, v in pairs}
+            values = list(out.values())
+        elif any("=" in x for x in items):
+            raise ValueError("mixes label=value and plain values")
+        else:
+            values = [float(x) for x in items]
+            out = values[0] if len(values) == 1 else values
+    except ValueError as exc:
+        raise ValueError(f"thresholds {text!r}: {exc}; write 0.3, 0.3,0.4,... or LABEL=0.3,LABEL=0.2") from None
+    if not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"thresholds {text!r}: every threshold must be between 0 and 1")
+    return out
+
+
 @dataclass
 class Decision:
     probabilities: np.ndarray  # (n, classes) calibrated when the manifest has a calibration
     labels: list[list[str]]  # class names decided per case
     referral: np.ndarray | None  # bool (n,), or None: the task has no referral rule
     operating_point: dict[str, Any] | None  # the point used (with any override), for the output rows
+    multi_label: bool = False
+
+    def confidence(self) -> np.ndarray:
+        return confidence(self.probabilities, self.multi_label)
+
+    def answer(self, i: int, classes: Sequence[str], review_below: float = DEFAULT_REVIEW_BELOW) -> dict[str, Any]:
+        """Case `i` as JSON: what the API, `eyeray explain` and the scoring rows all say."""
+        sure = float(self.confidence()[i])
+        return {
+            "labels": list(self.labels[i]),
+            "label": None if self.multi_label else (self.labels[i][0] if self.labels[i] else None),
+            "probabilities": {c: float(p) for c, p in zip(classes, self.probabilities[i])},
+            "referral": None if self.referral is None else bool(self.referral[i]),
+            "confidence": sure,
+            "needs_review": sure < review_below,
+            "operating_point": summary(self.operating_point),
+        }
 
 
 def decide(manifest: dict[str, Any], probs, thresholds=None) -> Decision:
@@ -235,14 +300,32 @@ def decide(manifest: dict[str, Any], probs, thresholds=None) -> Decision:
     from eyeray import bundle, calibration
 
     calibrated = calibration.apply(manifest.get("calibration"), probs)
-    op = manifest.get("operating_point")
+    op, multi = manifest.get("operating_point"), bool(manifest["multi_label"])
     if op is None:
         if thresholds is not None:
             raise ValueError("this bundle has no operating point, so it has no thresholds to override")
         labels = bundle.decide(manifest, calibrated)
-        refer = set(manifest.get("referral_classes") or [])
-        flags = np.array([bool(refer & set(row)) for row in labels]) if refer else None
-        return Decision(calibrated, labels, flags, None)
+        return Decision(calibrated, labels, referral_by_label(manifest, labels), None, multi)
     op = with_override(op, thresholds)
     labels = [[c for c, hit in zip(manifest["classes"], row) if hit] for row in decisions(op, calibrated)]
-    return Decision(calibrated, labels, referral(op, calibrated), op)
+    return Decision(calibrated, labels, referral(op, calibrated), op, multi)
+
+
+def referral_by_label(manifest: dict[str, Any], labels: list[list[str]]) -> np.ndarray | None:
+    """Refer when a decided label is one of the manifest's referral classes; None: no such classes."""
+    refer = set(manifest.get("referral_classes") or [])
+    return np.array([bool(refer & set(row)) for row in labels], bool) if refer else None
+
+
+def mean_operating_point(manifests: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The operating point of an averaging ensemble: the members' rule with their thresholds
+    averaged (the members' validation figures do not carry over). None unless all members have
+    the same rule."""
+    ops = [m.get("operating_point") for m in manifests]
+    if any(op is None for op in ops) or len({op["rule"] for op in ops}) != 1:
+        return None
+    out = {k: v for k, v in ops[0].items() if k not in ("achieved", "n", "notes")}
+    out["chosen_on"] = "mean of the members' validation thresholds"
+    key = "thresholds" if _per_label(ops[0]) else "threshold"
+    out[key] = np.mean([np.asarray(op[key], np.float64) for op in ops], axis=0).tolist()
+    return out

@@ -2,7 +2,9 @@
 
 Pipeline: list files -> read + decode + resize (CPU tasks, `eyeray.imaging`, the functions
 training used) -> predict (`BundlePredictor` actors: one or more bundles loaded once per actor,
-`num_gpus` when asked) -> write shards (`eyeray.shards`: committed by rename). The stages stream,
+`num_gpus` when asked; calibrated probabilities, the operating point's labels and referral, a
+confidence and `needs_review`, Grad-CAM overlays of the rows `--explain` selects) -> write shards
+(`eyeray.shards`: committed by rename). The stages stream,
 so the model is fed while files are still being read. A re-run lists what committed shards hold
 for the same scoring version and scores only the rest: killed and re-run, every file ends up once.
 """
@@ -21,9 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from eyeray import imaging, shards, storage
+from eyeray import calibration, ensemble, imaging, operating_points, shards, storage
 from eyeray.datasets import IMAGE_EXTENSIONS
-from eyeray.ensemble import METHODS, check_compatible, combine, version_key
+from eyeray.ensemble import METHODS, check_compatible, version_key
+from eyeray.explain_plan import ExplainPlan
 
 SUMMARY_FILE = "summary.json"
 DECODE_CPUS = 1  # per decode task: decoding one JPEG or DICOM is single-threaded
@@ -31,8 +34,9 @@ DECODE_CPUS = 1  # per decode task: decoding one JPEG or DICOM is single-threade
 # (Ray Data's memory issue detector); with 4x the weights on top, Ray's detector stays quiet.
 ACTOR_RUNTIME_BYTES = 5 << 28  # 1.25 GiB
 FAULT_MARKER = ".fault-injected"
-REPORT_COLUMNS = ["path", "status", "error", "label"]
-SUMMARY_PRINTED = ("files_seen", "scored", "errors", "errors_by_reason", "predictions", "wall_seconds")
+REPORT_COLUMNS = ["path", "status", "error", "label", "referral", "confidence", "needs_review", "explanations"]
+SUMMARY_PRINTED = ("files_seen", "scored", "errors", "errors_by_reason", "predictions", "referred", "needs_review",
+                   "wall_seconds")  # fmt: skip
 
 
 @dataclass
@@ -48,10 +52,18 @@ class ScoreConfig:
     report: bool = True  # write OUTPUT/report.html
     cpus_per_actor: float = 1.0
     memory_per_actor: int | None = None  # bytes Ray reserves per model actor; None: estimated from the bundles
+    thresholds: str | None = None  # operating-point override, as typed: "0.3", "0.3,0.4", "D=0.3,G=0.2"
+    tta: bool = False  # mean over the image and its mirror
+    review_below: float = operating_points.DEFAULT_REVIEW_BELOW  # calibrated confidence -> needs_review
+    explain: str = "review"  # rows that get Grad-CAM overlays: eyeray.explain.ExplainPlan
     fault_after_batches: int | None = None  # test hook: one predictor actor dies once after this many batches
     block_batches: int = field(default=4, repr=False)  # files per read task, in batches
 
     def __post_init__(self):
+        operating_points.parse_thresholds(self.thresholds)  # a typo fails here, not in an actor
+        ExplainPlan.parse(self.explain)
+        if not 0.0 <= self.review_below <= 1.0:
+            raise ValueError(f"review_below must be between 0 and 1, not {self.review_below}")
         if isinstance(self.bundles, str):
             self.bundles = [self.bundles]
         if self.ensemble not in METHODS:
@@ -61,6 +73,13 @@ class ScoreConfig:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
             raise ValueError("gpus_per_actor and cpus_per_actor must not be negative")
+
+    @property
+    def decision_options(self) -> dict[str, Any]:
+        """The non-default options that change the rows (and so the scoring version)."""
+        options = {"thresholds": operating_points.parse_thresholds(self.thresholds), "tta": self.tta or None,
+                   "review_below": None if self.review_below == operating_points.DEFAULT_REVIEW_BELOW else self.review_below}
+        return {k: v for k, v in options.items() if v is not None}  # fmt: skip
 
 
 def list_archive(uri: str) -> list[str]:
@@ -87,38 +106,65 @@ def image_column(size: int, primary: int) -> str:
 
 
 class BundlePredictor:
-    """Ray Data callable class: loads the bundles once per actor; adds prediction columns.
+    """Ray Data callable class: loads the bundles once per actor; adds the decision columns.
 
     With several bundles, each predicts from the image column of its own input size and the
-    results combine (`eyeray.ensemble`); per-model probabilities stay in the rows."""
+    results combine (`eyeray.ensemble`); per-model calibrated probabilities stay in the rows.
+    Grad-CAM models are built once per actor, on the first row that needs one."""
 
     def __init__(self, bundle_uris: list[str], method: str = "mean", primary_size: int | None = None,
+                 thresholds=None, tta: bool = False, review_below: float = operating_points.DEFAULT_REVIEW_BELOW,
+                 explain: str = "none", output: str | None = None, key: str = "",
                  fault_after_batches: int | None = None, fault_marker: str | None = None):  # fmt: skip
         from eyeray import bundle
 
         self.bundles = [bundle.load(uri) for uri in bundle_uris]
         self.manifests = [b.manifest for b in self.bundles]
         check_compatible(self.manifests)
-        self.method = method
+        self.method, self.thresholds, self.tta, self.review_below = method, thresholds, tta, review_below
+        self.plan, self.output, self.key, self._cams = ExplainPlan.parse(explain), output, key, None
+        if self.plan.active and output is None:
+            raise ValueError("explaining rows needs the output folder")
         self.primary = primary_size or min(b.image_size for b in self.bundles)
         self.fault_after, self.fault_marker, self.batches = fault_after_batches, fault_marker, 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._maybe_inject_fault()
         ok = np.asarray([e == "" for e in batch["error"]], bool)
-        n, classes = len(ok), len(self.manifests[0]["classes"])
-        per_model = [b.predict(batch[image_column(b.image_size, self.primary)][ok]) for b in self.bundles]
-        scores, labels = combine(self.manifests, per_model, self.method)
+        n, classes = len(ok), self.bundles[0].classes
+        images = [batch[image_column(b.image_size, self.primary)][ok] for b in self.bundles]
+        per_model = [b.predict(x, tta=self.tta) for b, x in zip(self.bundles, images)]
+        decision = ensemble.decide(self.manifests, per_model, self.method, self.thresholds)
+        sure = decision.confidence()
+        review = sure < self.review_below
         out = {k: v for k, v in batch.items() if not k.startswith("image")}
-        out["probabilities"] = np.full((n, classes), np.nan, np.float32)
-        out["probabilities"][ok] = scores
-        joined = iter(shards.LABEL_SEPARATOR.join(x) for x in labels)
-        out["label"] = np.array([next(joined) if good else "" for good in ok], dtype=object)
+        out["probabilities"] = _spread(ok, decision.probabilities, np.nan, np.float32)
+        out["label"] = _spread(ok, [shards.LABEL_SEPARATOR.join(x) for x in decision.labels], "", object)
+        refer = decision.referral if decision.referral is not None else np.full(len(sure), np.nan)
+        out["referral"] = _spread(ok, np.asarray(refer, np.float32), np.nan, np.float32)
+        out["confidence"] = _spread(ok, sure, np.nan, np.float32)
+        out["needs_review"] = _spread(ok, review, False, bool)
+        explained = self._explain(batch, ok, images, decision, review)
+        out["explanations"] = _spread(ok, [shards.LABEL_SEPARATOR.join(explained.get(i, [])) for i in range(len(sure))],
+                                      "", object)  # fmt: skip
         if len(self.bundles) > 1:
-            out["model_probabilities"] = np.full((n, len(self.bundles), classes), np.nan, np.float32)
-            out["model_probabilities"][ok] = np.stack(per_model, axis=1)
+            members = [calibration.apply(m.get("calibration"), p) for m, p in zip(self.manifests, per_model)]
+            out["model_probabilities"] = _spread(ok, np.stack(members, axis=1) if len(sure) else
+                                                 np.zeros((0, len(self.bundles), len(classes))), np.nan, np.float32)  # fmt: skip
         self.batches += 1
         return out
+
+    def _explain(self, batch, ok, images, decision, review) -> dict[int, list[str]]:
+        """Overlays of the rows the plan selects (indices among the decoded rows)."""
+        from eyeray.explain import GradCam, explain_rows
+
+        pairs = self.plan.pairs(decision, review, self.bundles[0].classes) if self.plan.active else []
+        if not pairs:
+            return {}
+        if self._cams is None:
+            self._cams = [GradCam(b.model) for b in self.bundles]
+        paths = [str(p) for p in np.asarray(batch["path"])[ok]]
+        return explain_rows(self._cams, images, paths, pairs, self.bundles[0].classes, self.output, self.key)
 
     def _maybe_inject_fault(self) -> None:
         """Test-only: the first actor to reach `fault_after_batches` dies hard, once per output."""
@@ -130,6 +176,15 @@ class BundlePredictor:
             os._exit(1)
 
 
+def _spread(ok: np.ndarray, values, fill, dtype) -> np.ndarray:
+    """Values of the decoded rows, placed among all rows of the batch; `fill` for error rows."""
+    values = np.asarray(values, dtype=dtype) if dtype is not object else np.array(values, dtype=object)
+    out = np.empty((len(ok), *values.shape[1:]), dtype=dtype)
+    out[...] = fill
+    out[ok] = values
+    return out
+
+
 def run(cfg: ScoreConfig) -> dict[str, Any]:
     """Score every file of `cfg.input` not yet scored into `cfg.output`; write and return the summary."""
     from eyeray import bundle, score_report
@@ -137,7 +192,8 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     start = time.perf_counter()
     manifests = [bundle.read_manifest(uri) for uri in cfg.bundles]
     check_compatible(manifests)
-    key = version_key(manifests, cfg.ensemble)
+    decision = check_decision(cfg, manifests)
+    key = version_key(manifests, cfg.ensemble, cfg.decision_options)
     fs, root = storage.filesystem(cfg.output)
     fs.makedirs(root, exist_ok=True)
     shards.clear_incomplete(cfg.output)
@@ -158,6 +214,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     summary["bundles"] = [{"uri": uri, "version": m["version"], "backbone": m["backbone"]}
                           for uri, m in zip(cfg.bundles, manifests)]  # fmt: skip
     summary["ensemble"] = cfg.ensemble if len(manifests) > 1 else None
+    summary["decision"] = decision
     fs.pipe(f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
     if cfg.report:
         score_report.write(cfg.output, summary, rows)
@@ -167,21 +224,40 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
 
 def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.data.Dataset:
     """The Ray Data pipeline over the files to score: one row (file name, rows) per committed shard."""
-    key, members = version_key(manifests, cfg.ensemble), [m["version"] for m in manifests]
+    key, members = version_key(manifests, cfg.ensemble, cfg.decision_options), [m["version"] for m in manifests]
     sizes = sorted({int(m["input"]["shape"][0]) for m in manifests})
     block = cfg.batch_size * cfg.block_batches
     ds = ray.data.from_arrow([pa.table({"path": todo.slice(i, block)}) for i in range(0, len(todo), block)])
     ds = ds.map_batches(imaging.load_batch, fn_kwargs={"size": sizes[0], "extra_sizes": tuple(sizes[1:])},
                         batch_size=cfg.batch_size, num_cpus=DECODE_CPUS)  # fmt: skip
     predictor_args = {"bundle_uris": cfg.bundles, "method": cfg.ensemble, "primary_size": sizes[0],
+                      "thresholds": operating_points.parse_thresholds(cfg.thresholds), "tta": cfg.tta,
+                      "review_below": cfg.review_below, "explain": cfg.explain, "output": cfg.output, "key": key,
                       "fault_after_batches": cfg.fault_after_batches,
                       "fault_marker": storage.join(cfg.output, FAULT_MARKER)}  # fmt: skip
     ds = ds.map_batches(BundlePredictor, fn_constructor_kwargs=predictor_args, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=cfg.gpus_per_actor,
                         num_cpus=cfg.cpus_per_actor, memory=cfg.memory_per_actor or actor_memory(cfg.bundles))  # fmt: skip
     ds = ds.map_batches(shards.write_shard, batch_size=cfg.rows_per_shard,
-                        fn_kwargs={"output": cfg.output, "manifest": manifests[0], "key": key, "members": members})  # fmt: skip
+                        fn_kwargs={"output": cfg.output, "manifest": manifests[0], "key": key, "members": members,
+                                   "decision": json.dumps(check_decision(cfg, manifests), sort_keys=True)})  # fmt: skip
     return ds
+
+
+def check_decision(cfg: ScoreConfig, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """How rows are decided (calibration, operating point with any override, TTA, review level),
+    as the rows and the summary record it. A threshold override the bundles cannot take (wrong
+    count, unknown label, no operating point) fails here, before any file is read."""
+    classes = len(manifests[0]["classes"])
+    dry = ensemble.decide(manifests, [np.full((1, classes), 1 / classes, np.float32)] * len(manifests), cfg.ensemble,
+                          operating_points.parse_thresholds(cfg.thresholds))  # fmt: skip
+    return {
+        "calibration": [m.get("calibration", {}).get("method", "none") for m in manifests],
+        "operating_point": operating_points.summary(dry.operating_point),
+        "tta": cfg.tta,
+        "review_below": cfg.review_below,
+        "explain": cfg.explain,
+    }
 
 
 def check_resources(cfg: ScoreConfig) -> None:
@@ -225,6 +301,8 @@ def summarize(table: pa.Table, manifests: list[dict[str, Any]], key: str, *, fil
     if manifests[0]["multi_label"] and len(labels):
         labels = pc.list_flatten(labels)
     predicted = _counts(labels)
+    flagged = {name: int(pc.sum(table.column(name).filter(ok)).as_py() or 0) if table.num_rows and name in table.column_names
+               else 0 for name in ("referral", "needs_review")}  # fmt: skip
     return {
         "task": manifests[0]["task"],
         "bundle_version": key,
@@ -234,6 +312,8 @@ def summarize(table: pa.Table, manifests: list[dict[str, Any]], key: str, *, fil
         "errors": sum(errors.values()),
         "errors_by_reason": errors,
         "predictions": {c: predicted.get(c, 0) for c in manifests[0]["classes"]},
+        "referred": flagged["referral"] if manifests[0].get("referral_classes") else None,
+        "needs_review": flagged["needs_review"],
         "scored_this_run": scored_now,
         "wall_seconds": round(seconds, 2),
         "images_per_s_this_run": round(scored_now / seconds, 2) if seconds > 0 else None,

@@ -6,6 +6,12 @@ preprocess) and one model deployment per bundle, named after its task (`oct`, `g
 concurrent requests in one model call (`@serve.batch`; batch size and wait time come from
 `user_config`, so `serve deploy` retunes them without a restart).
 
+Answers are those of batch scoring: calibrated probabilities, the labels and referral at the
+bundle's operating point (`?thresholds=` overrides it per request, `thresholds:` per deployment),
+a confidence and `needs_review`. `POST /v1/{task}/explain` adds a Grad-CAM overlay of the
+decided class (a PNG at the upload's own size, base64), drawn by the ingress from the replica's
+small heatmap, so no full-size image travels to the model.
+
     serve run jobs/serve_config.yaml            # Ray's own tools, bundles as application args
     eyeray serve --bundle runs/oct-1/bundle     # the same application from the command line
 
@@ -16,7 +22,9 @@ on. Nothing from a request body (pixels, file names) is logged.
 # No `from __future__ import annotations`: FastAPI and Serve read these annotations at run time,
 # in replicas that receive the routes serialised by value.
 import asyncio
+import base64
 import hmac
+import json
 import logging
 import os
 import signal
@@ -25,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -33,7 +41,8 @@ from ray.exceptions import RayError
 from starlette.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from eyeray import __version__, imaging
+from eyeray import __version__, imaging, operating_points
+from eyeray.overlay import overlay_png
 
 logger = logging.getLogger("ray.serve")
 
@@ -72,16 +81,30 @@ class ServeArgs(BaseModel):
     ingress_env: dict[str, str] = Field(
         default_factory=dict, description=f"environment of the ingress replicas (e.g. {TOKEN_FILE_ENV})"
     )
+    thresholds: dict[str, str] = Field(
+        default_factory=dict, description="task -> operating-point override (as `?thresholds=`); requests may override"
+    )
+    tta: bool = Field(False, description="test-time augmentation: mean over the image and its mirror (2x model time)")
+    review_below: float = Field(operating_points.DEFAULT_REVIEW_BELOW, ge=0, le=1,
+                                description="calibrated confidence below which an answer says needs_review")  # fmt: skip
 
 
 class Prediction(BaseModel):
     task: str
-    labels: list[str] = Field(description="predicted labels (multi-label tasks: every class at its threshold)")
-    label: str | None = Field(None, description="the predicted class of a single-label task")
-    probabilities: dict[str, float]
-    referral: bool | None = Field(description="a referral class was predicted; null: the task has no rule")
+    labels: list[str] = Field(description="decided labels at the operating point (multi-label: possibly none)")
+    label: str | None = Field(None, description="the decided class of a single-label task")
+    probabilities: dict[str, float] = Field(description="calibrated probabilities")
+    referral: bool | None = Field(description="refer at the operating point; null: the task has no referral rule")
+    confidence: float = Field(description="calibrated top probability (multi-label: of the least sure label)")
+    needs_review: bool = Field(description="confidence below the service's review level")
+    operating_point: dict[str, Any] | None = Field(description="rule and threshold(s) used, and where they come from")
     bundle_version: str
     batch_size: int = Field(description="requests scored in the same model call as this one")
+
+
+class Explanation(Prediction):
+    explained_class: str = Field(description="the class the heatmap explains")
+    overlay_png: str = Field(description="base64 PNG: the Grad-CAM heatmap over the uploaded image, at its size")
 
 
 class Problem(BaseModel):
@@ -95,7 +118,10 @@ class Problem(BaseModel):
 class TaskModel:
     """One bundle, loaded once per replica; concurrent requests become one model call."""
 
-    def __init__(self, bundle_uri: str, version: str):
+    def __init__(self, bundle_uri: str, version: str, tta: bool = False,
+                 review_below: float = operating_points.DEFAULT_REVIEW_BELOW):  # fmt: skip
+        import threading
+
         import tensorflow as tf
         from ray.util import metrics
 
@@ -108,7 +134,8 @@ class TaskModel:
             raise bundle.BundleError(f"{bundle_uri} changed since the application was built "
                                      f"({version} -> {self.bundle.version}): redeploy it")  # fmt: skip
         bundle.verify(self.bundle)  # also the warm-up: the first request does not pay for tracing
-        self.task = self.bundle.manifest["task"]
+        self.task, self.tta, self.review_below = self.bundle.manifest["task"], tta, review_below
+        self._cam, self._cam_lock = None, threading.Lock()
         self.batch_sizes = metrics.Histogram("eyeray_serve_batch_size", "Requests per model call.",
                                              boundaries=BATCH_BOUNDARIES, tag_keys=("task",))  # fmt: skip
         self.model_seconds = metrics.Histogram("eyeray_serve_model_seconds", "Seconds per model call.",
@@ -119,22 +146,40 @@ class TaskModel:
         self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", BATCH_WAIT_TIMEOUT_S)))
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
-    async def predict(self, images: list[np.ndarray]) -> list[dict[str, Any]]:
-        """Preprocessed uint8 images, one per request -> one answer per request."""
+    async def predict(self, requests: list[tuple[np.ndarray, Any]]) -> list[dict[str, Any]]:
+        """(preprocessed uint8 image, threshold override or None), one per request -> one answer each."""
         start = time.perf_counter()
-        probs = await asyncio.to_thread(self.bundle.predict, np.stack(images))  # the loop keeps queueing
+        images = np.stack([image for image, _ in requests])
+        probs = await asyncio.to_thread(self.bundle.predict, images, tta=self.tta)  # the loop keeps queueing
         self.model_seconds.observe(time.perf_counter() - start, tags={"task": self.task})
-        self.batch_sizes.observe(len(images), tags={"task": self.task})
-        return [self._answer(p, labels, len(images)) for p, labels in zip(probs, self.bundle.labels(probs))]
+        self.batch_sizes.observe(len(requests), tags={"task": self.task})
+        answers: list[dict[str, Any]] = [{} for _ in requests]
+        groups: dict[str, list[int]] = {}
+        for i, (_, thresholds) in enumerate(requests):  # requests with the same override decide together
+            groups.setdefault(json.dumps(thresholds, sort_keys=True), []).append(i)
+        for rows in groups.values():
+            decision = self.bundle.decide(probs[rows], requests[rows[0]][1])
+            for j, i in enumerate(rows):
+                answers[i] = self._answer(decision, j, len(requests))
+        return answers
 
-    def _answer(self, probs: np.ndarray, labels: list[str], batch_size: int) -> dict[str, Any]:
-        single = not self.bundle.manifest["multi_label"]
+    async def explain(self, image: np.ndarray, class_name: str | None, thresholds: Any) -> tuple[dict[str, Any], np.ndarray]:
+        """The answer for one image plus the Grad-CAM heatmap (feature-map resolution) of its class."""
+        return await asyncio.to_thread(self._explain, image, class_name, thresholds)
+
+    def _explain(self, image: np.ndarray, class_name: str | None, thresholds: Any) -> tuple[dict[str, Any], np.ndarray]:
+        from eyeray.explain import GradCam, explain_decision
+
+        with self._cam_lock:  # built once per replica, on the first explain request
+            if self._cam is None:
+                self._cam = GradCam(self.bundle.model)
+            decision, k, heatmap = explain_decision(self.bundle, self._cam, image, class_name, thresholds, self.tta)
+        return {**self._answer(decision, 0, 1), "explained_class": self.bundle.classes[k]}, heatmap
+
+    def _answer(self, decision, i: int, batch_size: int) -> dict[str, Any]:
         return {
             "task": self.task,
-            "labels": labels,
-            "label": labels[0] if single else None,
-            "probabilities": {c: float(p) for c, p in zip(self.bundle.classes, probs)},
-            "referral": self.bundle.referral(labels),
+            **decision.answer(i, self.bundle.classes, self.review_below),
             "bundle_version": self.bundle.version,
             "batch_size": batch_size,
         }
@@ -185,6 +230,19 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
 
 
+def check_thresholds(manifest: dict[str, Any], text: str | None) -> Any:
+    """Parse a threshold override and check the bundle can take it (a dry run of its decision)."""
+    thresholds = operating_points.parse_thresholds(text)
+    if thresholds is not None:
+        classes = len(manifest["classes"])
+        operating_points.decide(manifest, np.full((1, classes), 1 / classes, np.float32), thresholds)
+    return thresholds
+
+
+THRESHOLDS_QUERY = Query(None, description="override the bundle's operating point: 0.3 (referral rules), "
+                         "0.3,0.4,... (one per label) or LABEL=0.3,LABEL=0.2")  # fmt: skip
+
+
 class _InMemoryParser(MultiPartParser):
     spool_max_size = 2**62  # uploads stay in memory (bounded by max_body_bytes), never on disk
 
@@ -196,10 +254,11 @@ class _InMemoryParser(MultiPartParser):
 class Api:
     """Routes, auth, body limits, decode + preprocess; scoring is awaited from the task's model."""
 
-    def __init__(self, models: dict[str, Any], manifests: dict[str, dict], max_body_bytes: int, max_pixels: int):
+    def __init__(self, models: dict[str, Any], manifests: dict[str, dict], max_body_bytes: int, max_pixels: int,
+                 thresholds: dict[str, str] | None = None):  # fmt: skip
         from ray.util import metrics
 
-        self.models, self.manifests = models, manifests
+        self.models, self.manifests, self.default_thresholds = models, manifests, dict(thresholds or {})
         self.max_body_bytes, self.max_pixels = max_body_bytes, max_pixels
         self.token = read_token()
         if self.token is None:
@@ -219,19 +278,42 @@ class Api:
         return {"models": [{"task": task, "manifest": m} for task, m in sorted(self.manifests.items())]}
 
     @app.post("/v1/{task}/predict", response_model=Prediction, responses=REJECTIONS, openapi_extra=UPLOAD_BODY)
-    async def predict(self, task: str, request: Request) -> dict[str, Any]:
+    async def predict(self, task: str, request: Request, thresholds: str | None = THRESHOLDS_QUERY) -> dict[str, Any]:
+        return await self._answer(task, request, thresholds)
+
+    @app.post("/v1/{task}/explain", response_model=Explanation, responses=REJECTIONS, openapi_extra=UPLOAD_BODY)
+    async def explain(self, task: str, request: Request, thresholds: str | None = THRESHOLDS_QUERY,
+                      class_name: str | None = Query(None, alias="class", description="class to explain "
+                                                     "(default: the decided class the model is most sure of)"),
+                      alpha: float = Query(0.5, ge=0, le=1, description="heatmap opacity where the heat is highest"),
+                      ) -> dict[str, Any]:  # fmt: skip
+        return await self._answer(task, request, thresholds, explain=(class_name, alpha))
+
+    async def _answer(self, task: str, request: Request, thresholds_text: str | None,
+                      explain: tuple[str | None, float] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Auth, checks, decode + preprocess here; the model call (or Grad-CAM) in the task's replicas."""
         start, status, label = time.perf_counter(), 500, "-"
         try:
             self._authorize(request)
             if task not in self.models:
                 raise HTTPException(404, f"unknown task {task!r}; this service has: {', '.join(sorted(self.models))}")
+            manifest = self.manifests[task]
+            thresholds = self._thresholds(task, thresholds_text)
+            if explain and explain[0] is not None and explain[0] not in manifest["classes"]:
+                raise HTTPException(422, f"class {explain[0]!r} is not a class of {task}: {', '.join(manifest['classes'])}")
             data = await self._read_image(request)
-            size = int(self.manifests[task]["input"]["shape"][0])
+            size = int(manifest["input"]["shape"][0])
             try:
-                image = await run_in_threadpool(lambda: imaging.preprocess(imaging.decode(data, self.max_pixels), size))
+                original = await run_in_threadpool(imaging.decode, data, self.max_pixels)
             except imaging.DecodeError as exc:
                 raise HTTPException(422, str(exc)) from None
-            answer = await self.models[task].predict.remote(image)
+            image = await run_in_threadpool(imaging.preprocess, original, size)
+            if explain is None:
+                answer = await self.models[task].predict.remote((image, thresholds))
+            else:
+                answer, heatmap = await self.models[task].explain.remote(image, explain[0], thresholds)
+                png = await run_in_threadpool(overlay_png, original, heatmap, explain[1])
+                answer["overlay_png"] = base64.b64encode(png).decode()
             status, label = 200, "|".join(answer["labels"]) or "none"
             return answer
         except HTTPException as exc:
@@ -244,6 +326,14 @@ class Api:
             tags = {"task": task if task in self.models else "unknown", "status": str(status)}
             self.requests.inc(tags={**tags, "label": label})
             self.latency.observe(time.perf_counter() - start, tags=tags)
+
+    def _thresholds(self, task: str, text: str | None) -> Any:
+        """The request's override, else the deployment's; checked against the bundle (422 if it cannot take it)."""
+        text = text if text is not None else self.default_thresholds.get(task)
+        try:
+            return check_thresholds(self.manifests[task], text)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -306,6 +396,9 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
     from eyeray import bundle
 
     args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
+    unknown = set(args.thresholds) - {bundle.read_manifest(uri)["task"] for uri in args.bundles}
+    if unknown:
+        raise ValueError(f"thresholds for tasks this application does not serve: {sorted(unknown)}")
     manifests: dict[str, dict] = {}
     models = {}
     for uri in args.bundles:
@@ -314,18 +407,19 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
         if task in manifests:
             raise ValueError(f"two bundles for task {task!r}; serve one bundle per task")
         manifests[task] = {**manifest, "uri": uri}
+        check_thresholds(manifest, args.thresholds.get(task))  # a bad override fails the deploy, not requests
         models[task] = TaskModel.options(
             name=task,
             autoscaling_config=args.autoscaling,
             ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica},
             user_config={"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
             max_ongoing_requests=max(64, 2 * args.max_batch_size),
-        ).bind(uri, manifest["version"])
+        ).bind(uri, manifest["version"], args.tta, args.review_below)
     ingress_actor = {"num_cpus": args.ingress_cpus}
     if args.ingress_env:
         ingress_actor["runtime_env"] = {"env_vars": dict(args.ingress_env)}
     return Api.options(name=INGRESS, ray_actor_options=ingress_actor).bind(
-        models, manifests, args.max_body_bytes, args.max_pixels
+        models, manifests, args.max_body_bytes, args.max_pixels, args.thresholds
     )
 
 

@@ -29,16 +29,22 @@ def _probability_struct(probs: np.ndarray, classes: list[str], ok: np.ndarray) -
     return pa.StructArray.from_arrays(fields, names=classes, mask=pa.array(~ok))
 
 
+def _split(values) -> pa.Array:
+    return pa.array([str(x).split(LABEL_SEPARATOR) if x else [] for x in values], pa.list_(pa.string()))
+
+
 def shard_table(batch: dict[str, np.ndarray], manifest: dict[str, Any], key: str,
-                members: list[str]) -> pa.Table:  # fmt: skip
-    """Prediction columns -> the documented schema: `probabilities` is a class -> float struct;
-    an ensemble adds `model_probabilities`, a member version -> (class -> float) struct."""
+                members: list[str], decision: str = "{}") -> pa.Table:  # fmt: skip
+    """Prediction columns -> the documented schema: `probabilities` is a class -> (calibrated)
+    float struct; `referral` is null when the task has no referral rule; `explanations` lists
+    overlay PNGs relative to the output; `decision` (JSON, the same for every row of a run) says
+    how rows were decided. An ensemble adds `model_probabilities`, a member version -> (class -> float)."""
     classes = list(manifest["classes"])
     n = len(batch["path"])
     ok = np.asarray([e == "" for e in batch["error"]], bool)
     labels = [str(x) for x in batch["label"]]
     if manifest["multi_label"]:
-        label = pa.array([x.split(LABEL_SEPARATOR) if x else [] for x in labels], pa.list_(pa.string()))
+        label = _split(labels)
     else:
         label = pa.array([x or None for x in labels], pa.string())
     columns = {
@@ -51,6 +57,12 @@ def shard_table(batch: dict[str, np.ndarray], manifest: dict[str, Any], key: str
         "bundle_version": pa.array([key] * n, pa.string()),
         "width": pa.array(np.asarray(batch["width"], np.int64)),
         "height": pa.array(np.asarray(batch["height"], np.int64)),
+        "referral": pa.array(np.asarray(batch["referral"], np.float32) > 0.5, pa.bool_(),
+                             mask=~ok | np.isnan(np.asarray(batch["referral"], np.float32))),
+        "confidence": pa.array(np.asarray(batch["confidence"], np.float32), pa.float32(), mask=~ok),
+        "needs_review": pa.array(np.asarray(batch["needs_review"], bool), pa.bool_(), mask=~ok),
+        "explanations": _split(batch["explanations"]),
+        "decision": pa.array([decision] * n, pa.string()),
         "scored_at": pa.array([_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")] * n, pa.string()),
     }
     if len(members) > 1:
@@ -63,9 +75,9 @@ def shard_table(batch: dict[str, np.ndarray], manifest: dict[str, Any], key: str
 
 
 def write_shard(batch: dict[str, np.ndarray], output: str, manifest: dict[str, Any], key: str,
-                members: list[str]) -> dict[str, np.ndarray]:  # fmt: skip
+                members: list[str], decision: str = "{}") -> dict[str, np.ndarray]:  # fmt: skip
     """Ray Data stage: write one batch as a shard (temporary hidden name, then rename = commit)."""
-    table = shard_table(batch, manifest, key, members)
+    table = shard_table(batch, manifest, key, members, decision)
     digest = hashlib.sha1("\n".join(sorted(table.column("path").to_pylist())).encode()).hexdigest()[:16]
     name = f"{PART_PREFIX}{key}-{digest}.parquet"
     fs, root = storage.filesystem(output)

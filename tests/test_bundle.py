@@ -33,6 +33,15 @@ def test_round_trip_gives_identical_predictions(saved):
     bundle.verify(loaded)
 
 
+def test_test_time_augmentation_is_the_mean_over_the_image_and_its_mirror(saved):
+    _, _, uri = saved
+    loaded = bundle.load(uri)
+    images = np.random.default_rng(1).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
+    mirrored = loaded.predict(images[:, :, ::-1])
+    np.testing.assert_allclose(loaded.predict(images, tta=True), (loaded.predict(images) + mirrored) / 2, atol=1e-6)
+    assert not np.allclose(mirrored, loaded.predict(images))  # the mirror is a different input to this model
+
+
 def test_manifest_says_what_a_consumer_needs(saved):
     _, manifest, uri = saved
     on_disk = json.loads((Path(uri) / "manifest.json").read_text())

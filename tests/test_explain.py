@@ -147,3 +147,20 @@ def test_explain_cli_writes_an_overlay_per_image_from_a_bundle(marker_model, tmp
         assert row["explained_class"] == spec.classes[k] and row["labels"] == [spec.classes[k]]
         assert Image.open(row["overlay"]).size == Image.open(path).size
     assert explain.overlay_path("s3://b/x/eye.jpeg", None) == "s3://b/x/eye.gradcam.png"
+
+
+def test_explain_plan_picks_rows_and_classes():
+    from eyeray.explain_plan import ExplainPlan
+    from eyeray.operating_points import Decision
+
+    probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.4, 0.35, 0.25]], np.float32)
+    decision = Decision(probs, [["a"], ["b"], ["a"]], np.array([True, False, False]), None)
+    review = np.array([False, False, True])
+    classes = ["a", "b", "c"]
+    assert ExplainPlan.parse("none").pairs(decision, review, classes) == [] and not ExplainPlan.parse("none").active
+    assert ExplainPlan.parse("review").pairs(decision, review, classes) == [(2, 0)]
+    assert ExplainPlan.parse("referred,review").pairs(decision, review, classes) == [(0, 0), (2, 0)]
+    assert ExplainPlan.parse("top-2").pairs(decision, review, classes) == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 0), (2, 1)]
+    for bad in ("top-0", "top-x", "everything", "top-1,top-2"):
+        with pytest.raises(ValueError, match="--explain"):
+            ExplainPlan.parse(bad)

@@ -161,3 +161,41 @@ def test_training_driver_leaves_the_operating_point_out_when_validation_cannot_d
     only_nrg = np.eye(2)[[0] * 30]
     params, op, sections, _ = _decision_support(get_task("glaucoma"), (only_nrg, p), (y, p))
     assert op is None and "not chosen" in sections["operating_point"]["note"] and params["method"] == "temperature"
+
+
+def test_threshold_overrides_as_typed_on_the_command_line_or_in_a_query():
+    assert op_.parse_thresholds(None) is None and op_.parse_thresholds(" ") is None
+    assert op_.parse_thresholds("0.3") == 0.3
+    assert op_.parse_thresholds("0.1, 0.2,0.3") == [0.1, 0.2, 0.3]
+    assert op_.parse_thresholds("D=0.3,G=0.2") == {"D": 0.3, "G": 0.2}
+    for bad, reason in (("high", "LABEL=0.3"), ("D=0.3,0.2", "mixes"), ("1.2", "between 0 and 1"), ("D=x", "LABEL")):
+        with pytest.raises(ValueError, match=reason):
+            op_.parse_thresholds(bad)
+
+
+def test_answer_carries_confidence_review_and_the_operating_point_used():
+    spec = get_task("oct")
+    y, p = oct_case(300, seed=9)
+    manifest = {"classes": list(spec.classes), "multi_label": False, "thresholds": [0.5] * 4,
+                "calibration": calibration.fit(y, p, False), "operating_point": op_.choose(spec, y, p)}  # fmt: skip
+    decision = op_.decide(manifest, p[:5])
+    answer = decision.answer(0, spec.classes, review_below=0.99)
+    assert answer["confidence"] == pytest.approx(max(answer["probabilities"].values()))
+    assert answer["needs_review"] == (answer["confidence"] < 0.99)
+    assert answer["label"] == answer["labels"][0] and answer["referral"] == (answer["label"] in ("CNV", "DME"))
+    assert set(answer["operating_point"]) == {"rule", "target", "score", "threshold", "chosen_on"}
+    # multi-label: the least sure label decides the confidence
+    sure = op_.confidence(np.array([[0.9, 0.05, 0.55], [0.99, 0.01, 0.0]]), multi_label=True)
+    np.testing.assert_allclose(sure, [0.55, 0.99])
+
+
+def test_averaging_ensemble_uses_the_members_mean_threshold():
+    spec = get_task("glaucoma")
+    members = []
+    for seed in (0, 1):
+        y, p = glaucoma_case(200, seed=seed)
+        members.append({"operating_point": op_.choose(spec, y, p)})
+    merged = op_.mean_operating_point(members)
+    assert merged["threshold"] == pytest.approx(np.mean([m["operating_point"]["threshold"] for m in members]))
+    assert "achieved" not in merged and merged["chosen_on"].startswith("mean")
+    assert op_.mean_operating_point([members[0], {"operating_point": None}]) is None

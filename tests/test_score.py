@@ -15,11 +15,11 @@ import pyarrow.dataset as pads
 import pytest
 from PIL import Image
 
+from bundles import make_bundle
 from corpus import gradient, write_bad_corpus
-from eyeray import bundle, imaging, storage
+from eyeray import bundle, calibration, imaging, operating_points, storage
 from eyeray.cli import add_score_arguments, score_config
 from eyeray.ensemble import version_key
-from eyeray.models import build_model
 from eyeray.score import BundlePredictor, ScoreConfig, list_archive, pipeline, run
 from eyeray.tasks import get_task
 
@@ -28,17 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 OCT_CLASSES = get_task("oct").classes
 
 
-def make_bundle(root: Path, task: str = "oct", size: int = 32) -> str:
-    spec = get_task(task)
-    model = build_model(spec, "small_cnn", weights="none", image_size=size)
-    manifest = bundle.make_manifest(spec, model, backbone="small_cnn", image_size=size, weights="none")
-    bundle.save(model, manifest, str(root / "bundle"))
-    return str(root / "bundle")
-
-
 @pytest.fixture(scope="module")
 def oct_bundle(tmp_path_factory):
-    return make_bundle(tmp_path_factory.mktemp("model"))
+    return make_bundle(tmp_path_factory.mktemp("model"), decision=True)
 
 
 def read_rows(output: str) -> list[dict]:
@@ -109,24 +101,25 @@ def test_real_samples_and_bad_file_corpus_give_one_row_per_file(ray_cluster, oct
 def test_fundus_samples_score_without_error_and_odir_rows_carry_label_lists(ray_cluster, glaucoma_sample,
                                                                              odir_sample, tmp_path):  # fmt: skip
     for task, sample in (("glaucoma", glaucoma_sample), ("odir", odir_sample / "images")):
-        model = make_bundle(tmp_path / task, task)
+        model = make_bundle(tmp_path / task, task, decision=True)
         output = str(tmp_path / f"{task}-scored")
         summary = run(ScoreConfig(bundles=[model], input=str(sample), output=output, report=False))
         rows = read_rows(output)
         files = sorted(str(p) for p in sample.rglob("*") if p.is_file())
         assert sorted(r["path"] for r in rows) == files and summary["errors"] == 0, task
         manifest = bundle.read_manifest(model)
-        for row in rows[:20]:
+        for row in rows[:20]:  # labels are the stored operating point's, on the calibrated probabilities
             probs = np.array([row["probabilities"][c] for c in manifest["classes"]])
             labels = row["label"] if manifest["multi_label"] else [row["label"]]
-            assert labels == bundle.decide(manifest, probs[None])[0], row["path"]
+            hits = operating_points.decisions(manifest["operating_point"], probs[None])[0]
+            assert labels == [c for c, hit in zip(manifest["classes"], hits) if hit], row["path"]
         if task == "odir":
             assert all(isinstance(r["label"], list) for r in rows)
             assert sum(summary["predictions"].values()) == sum(len(r["label"]) for r in rows)
 
 
 def test_ensemble_of_two_sizes_carries_each_models_probabilities(ray_cluster, oct_bundle, tmp_path, glaucoma_sample):
-    second = make_bundle(tmp_path / "second", size=48)
+    second = make_bundle(tmp_path / "second", size=48, decision=True, seed=1)
     archive = tmp_path / "archive"
     shutil.copytree(glaucoma_sample / "RG", archive)
     (archive / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
@@ -143,13 +136,79 @@ def test_ensemble_of_two_sizes_carries_each_models_probabilities(ray_cluster, oc
             continue
         image = imaging.decode(Path(row["path"]).read_bytes())
         votes = []
-        for b in loaded:  # each member saw its own input size, from the same decode
-            expected = b.predict(imaging.preprocess(image, b.image_size)[None])[0]
-            np.testing.assert_allclose(list(row["model_probabilities"][b.version].values()), expected, atol=1e-5)
-            votes.append(b.labels(expected[None])[0][0])
+        for b in loaded:  # each member saw its own input size, from the same decode; calibrated by its manifest
+            decision = b.decide(b.predict(imaging.preprocess(image, b.image_size)[None]))
+            np.testing.assert_allclose(list(row["model_probabilities"][b.version].values()),
+                                       decision.probabilities[0], atol=1e-5)  # fmt: skip
+            votes.append(decision.labels[0][0])
         shares = row["probabilities"]
         assert all(shares[c] == pytest.approx(votes.count(c) / 2) for c in OCT_CLASSES)
         assert row["label"] in votes
+
+
+def test_rows_carry_calibrated_decisions_a_review_queue_and_overlays(ray_cluster, oct_bundle, oct_sample, tmp_path):
+    """Scoring rows say what serving says: calibrated probabilities, the operating point's labels
+    and referral, a confidence and needs_review; rows needing review get a Grad-CAM overlay on the
+    original scan, and the report lists them least confident first."""
+    archive = tmp_path / "archive"
+    shutil.copytree(oct_sample, archive)
+    (archive / "broken.jpg").write_bytes(b"\xff\xd8\xff not a scan")
+    output = tmp_path / "scored"
+    summary = run(ScoreConfig(bundles=[oct_bundle], input=str(archive), output=str(output), review_below=0.5))
+    loaded = bundle.load(oct_bundle)
+    assert loaded.manifest["calibration"]["method"] == "temperature"
+    rows = read_rows(str(output))
+    ok = [r for r in rows if r["status"] == "ok"]
+    for row in ok[:12]:
+        raw = loaded.predict(imaging.preprocess(imaging.decode(Path(row["path"]).read_bytes()), 32)[None])
+        expected = loaded.decide(raw)
+        probs = [row["probabilities"][c] for c in OCT_CLASSES]
+        np.testing.assert_allclose(probs, expected.probabilities[0], atol=1e-5)
+        assert not np.allclose(probs, raw[0], atol=1e-3)  # the calibration did change the numbers
+        assert row["referral"] == bool(expected.referral[0]) and row["label"] == expected.labels[0][0]
+        assert row["confidence"] == pytest.approx(max(probs), abs=1e-5)
+    for row in ok:
+        assert row["needs_review"] == (row["confidence"] < 0.5)
+        assert len(row["explanations"]) == int(row["needs_review"]), row["path"]
+        for overlay in row["explanations"]:
+            original = Image.open(row["path"])
+            original.thumbnail((1024, 1024))
+            assert Image.open(output / overlay).size == original.size  # the whole scan, its aspect ratio kept
+    error = next(r for r in rows if r["status"] == "error")
+    assert (error["referral"], error["confidence"], error["needs_review"], error["explanations"]) == (None, None, None, [])
+    decision = json.loads(ok[0]["decision"])
+    assert decision["operating_point"]["rule"] == "referral_sensitivity" and decision["calibration"] == ["temperature"]
+    flagged = [r for r in ok if r["needs_review"]]
+    assert summary["needs_review"] == len(flagged) > 0 and summary["referred"] == sum(r["referral"] for r in ok)
+    queue = (output / "review_queue.csv").read_text().splitlines()
+    assert len(queue) == 1 + len(flagged)
+    confidences = [float(line.split(",")[2]) for line in queue[1:]]
+    assert confidences == sorted(confidences)
+    report = (output / "report.html").read_text()
+    assert f"Review queue ({len(flagged)})" in report and "referral_sensitivity" in report
+    assert report.count("data:image/png;base64") == min(len(flagged), 60) + 1  # overlays + the class chart
+
+    # Everyone referred at a user threshold of 0: a new scoring version, referred rows explained.
+    overridden = tmp_path / "override"
+    again = run(ScoreConfig(bundles=[oct_bundle], input=str(archive), output=str(overridden), thresholds="0",
+                            explain="referred"))  # fmt: skip
+    assert again["bundle_version"] not in (summary["bundle_version"], loaded.version)
+    rows = [r for r in read_rows(str(overridden)) if r["status"] == "ok"]
+    assert all(r["referral"] and r["label"] in ("CNV", "DME") for r in rows)
+    assert all(len(r["explanations"]) == 1 and r["explanations"][0].endswith(f"-{r['label']}.png") for r in rows)
+    assert json.loads(rows[0]["decision"])["operating_point"]["chosen_on"] == "user override"
+
+
+def test_a_threshold_override_the_bundle_cannot_take_fails_before_scoring(ray_cluster, oct_bundle, tmp_path):
+    archive = tmp_path / "archive"
+    write_pngs(archive, 3)
+    with pytest.raises(ValueError, match="takes one threshold"):
+        run(ScoreConfig(bundles=[oct_bundle], input=str(archive), output=str(tmp_path / "out"), thresholds="0.2,0.3"))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        ScoreConfig(bundles=[oct_bundle], input=str(archive), output=str(tmp_path / "out"), thresholds="1.5")
+    with pytest.raises(ValueError, match="--explain"):
+        ScoreConfig(bundles=[oct_bundle], input=str(archive), output=str(tmp_path / "out"), explain="everything")
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
 
 
 def test_archive_and_results_on_s3(ray_cluster, oct_bundle, glaucoma_sample):

@@ -3,7 +3,9 @@ batching under load, auth, metrics, autoscaling, a killed replica replaced, the 
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import shutil
 import subprocess
 import threading
@@ -16,12 +18,12 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 import yaml
+from bundles import make_bundle
 from conftest import free_port
 from PIL import Image
 from test_imaging import make_dicom
 
-from eyeray import bundle
-from eyeray.models import build_model
+from eyeray import bundle, imaging
 from eyeray.serve import ServeArgs, build_app, read_token
 from eyeray.tasks import get_task
 
@@ -35,15 +37,9 @@ TOKEN = "s3cret-token"
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, str]:
-    """A tiny untrained bundle per task (small_cnn at 32 px): seconds to make, real Keras models."""
-    out = {}
-    for task in ("oct", "glaucoma", "odir"):
-        spec = get_task(task)
-        model = build_model(spec, "small_cnn", weights="none", image_size=32)
-        manifest = bundle.make_manifest(spec, model, backbone="small_cnn", image_size=32, weights="none")
-        out[task] = str(tmp_path_factory.mktemp(task) / "bundle")
-        bundle.save(model, manifest, out[task])
-    return out
+    """A tiny untrained bundle per task (small_cnn at 32 px) with a fitted calibration and operating
+    point: seconds to make, real Keras models, the calibrated decision path."""
+    return {task: make_bundle(tmp_path_factory.mktemp(task), task, decision=True) for task in ("oct", "glaucoma", "odir")}
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +114,9 @@ def assert_same(answer: dict, row: dict, name: str) -> None:
     classes = list(row["probabilities"])
     np.testing.assert_allclose([answer["probabilities"][c] for c in classes],
                                [row["probabilities"][c] for c in classes], atol=1e-5, err_msg=name)  # fmt: skip
+    assert (answer["referral"], answer["needs_review"]) == (row["referral"], row["needs_review"]), name
+    assert answer["confidence"] == pytest.approx(row["confidence"], abs=1e-5), name
+    assert answer["operating_point"] == json.loads(row["decision"])["operating_point"], name
 
 
 def test_answers_equal_batch_scoring(url, bundles, oct_sample, odir_sample, tmp_path):
@@ -150,6 +149,9 @@ def test_answers_equal_batch_scoring(url, bundles, oct_sample, odir_sample, tmp_
     assert oct_answer["referral"] == (oct_answer["label"] in ("CNV", "DME"))
     odir_answer = answers[-1].json()
     assert odir_answer["label"] is None and odir_answer["referral"] is None  # multi-label, no referral rule
+    assert odir_answer["operating_point"]["rule"] == "per_label_f1"  # thresholds chosen per label, not a flat 0.5
+    raw = bundle.load(bundles["oct"]).predict(imaging.preprocess(imaging.decode(cases[0][1].read_bytes()), 32)[None])
+    assert not np.allclose(list(oct_answer["probabilities"].values()), raw[0], atol=1e-3)  # calibrated numbers
 
 
 def test_tasks_routed_models_listed_and_docs(url, bundles, glaucoma_sample):
@@ -167,6 +169,39 @@ def test_tasks_routed_models_listed_and_docs(url, bundles, glaucoma_sample):
         spec = client.get(f"{url}/openapi.json").json()
         upload = spec["paths"]["/v1/{task}/predict"]["post"]["requestBody"]["content"]
         assert "multipart/form-data" in upload and "image/*" in upload
+
+
+def test_explain_returns_the_prediction_and_an_overlay_at_the_uploads_size(url, bundles, oct_sample):
+    scan = sorted((oct_sample / "DME").iterdir())[0]
+    with api_client() as client:
+        predicted = predict(client, url, "oct", scan.read_bytes()).json()
+        response = client.post(f"{url}/v1/oct/explain", files={"file": ("scan", scan.read_bytes())})
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        for key in ("labels", "referral", "needs_review", "operating_point", "bundle_version"):
+            assert answer[key] == predicted[key], key
+        assert answer["confidence"] == pytest.approx(predicted["confidence"], abs=1e-5)
+        assert answer["probabilities"] == pytest.approx(predicted["probabilities"], abs=1e-5)
+        assert answer["explained_class"] == answer["label"]
+        overlay = Image.open(io.BytesIO(base64.b64decode(answer["overlay_png"])))
+        assert overlay.format == "PNG" and overlay.size == Image.open(scan).size
+
+        chosen = client.post(f"{url}/v1/oct/explain", params={"class": "NORMAL", "thresholds": "0"},
+                             files={"file": ("scan", scan.read_bytes())}).json()  # fmt: skip
+        assert chosen["explained_class"] == "NORMAL" and chosen["referral"] is True
+        assert chosen["operating_point"] == {**predicted["operating_point"], "threshold": 0.0, "chosen_on": "user override"}
+        everyone = predict(client, url, "oct", scan.read_bytes(), params={"thresholds": "0"}).json()
+        assert everyone["referral"] is True and everyone["label"] in ("CNV", "DME")
+        rejected = {
+            "unknown class": client.post(f"{url}/v1/oct/explain", params={"class": "RG"}, files={"file": ("s", b"x")}),
+            "two thresholds for one rule": predict(client, url, "oct", scan.read_bytes(), params={"thresholds": "0.1,0.2"}),
+            "unknown label": predict(client, url, "odir", scan.read_bytes(), params={"thresholds": "Z=0.3"}),
+            "not a number": predict(client, url, "glaucoma", scan.read_bytes(), params={"thresholds": "high"}),
+        }  # fmt: skip
+        for name, r in rejected.items():
+            assert r.status_code == 422 and r.json()["detail"], (name, r.text)
+        labels = predict(client, url, "odir", scan.read_bytes(), params={"thresholds": "D=0,G=1"}).json()
+        assert "D" in labels["labels"] and "G" not in labels["labels"]
 
 
 def bad_requests(sample: bytes) -> dict[str, tuple[int, dict]]:

@@ -1,0 +1,40 @@
+"""Tiny real bundles for scoring and serving tests: an untrained small CNN, optionally with a
+calibration and an operating point fitted the way training fits them (on its own outputs for
+generated images and balanced made-up labels), so the calibrated path is the one under test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from eyeray import bundle, calibration, operating_points
+from eyeray.models import build_model
+from eyeray.tasks import get_task
+
+
+def validation_labels(task: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Balanced one-hot labels (single-label), or labels with both outcomes for every class."""
+    spec = get_task(task)
+    if spec.multi_label:
+        y = (rng.random((n, spec.num_classes)) < 0.3).astype(int)
+        y[0], y[1] = 1, 0
+        return y
+    return np.eye(spec.num_classes, dtype=int)[np.arange(n) % spec.num_classes]
+
+
+def make_bundle(root: Path, task: str = "oct", size: int = 32, decision: bool = False, seed: int = 0) -> str:
+    spec = get_task(task)
+    model = build_model(spec, "small_cnn", weights="none", image_size=size)
+    fitted = {}
+    if decision:
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, (64, size, size, 3), np.uint8)
+        probs = np.asarray(model.predict(images, verbose=0), np.float32)
+        y = validation_labels(task, len(images), rng)
+        params = calibration.fit(y, probs, spec.multi_label, spec.classes)
+        op = operating_points.choose(spec, y, calibration.apply(params, probs))
+        fitted = {"calibration": params, "operating_point": op}
+    manifest = bundle.make_manifest(spec, model, backbone="small_cnn", image_size=size, weights="none", **fitted)
+    bundle.save(model, manifest, str(root / "bundle"))
+    return str(root / "bundle")
