@@ -55,7 +55,7 @@ class ScoreConfig:
     thresholds: str | None = None  # operating-point override, as typed: "0.3", "0.3,0.4", "D=0.3,G=0.2"
     tta: bool = False  # mean over the image and its mirror
     review_below: float = operating_points.DEFAULT_REVIEW_BELOW  # calibrated confidence -> needs_review
-    explain: str = "review"  # rows that get Grad-CAM overlays: eyeray.explain.ExplainPlan
+    explain: str = "review"  # rows that get Grad-CAM overlays: eyeray.explain_plan.ExplainPlan
     fault_after_batches: int | None = None  # test hook: one predictor actor dies once after this many batches
     block_batches: int = field(default=4, repr=False)  # files per read task, in batches
 
