@@ -27,11 +27,17 @@ from eyeray import search_space, storage
 from eyeray.tasks import TaskSpec, get_task
 
 TUNE_DIR = "tune"  # Tune's experiment folder inside OUTPUT
+# eyeray.sweep_scheduler: ASHA's rungs, for a resume. Not inside TUNE_DIR: Tune mirrors that folder
+# from a local staging copy, which after a restore would overwrite newer records with old ones.
+ASHA_STATE = "asha_state.json"
 TRIALS_DIR = "trials"  # OUTPUT/trials/<trial_id>: each trial's training run (bundle/, report/, checkpoints)
 BEST_DIR = "best"
 SCORE = "sweep_score"  # what Tune and ASHA rank by: the selection metric, UNDEFINED_SCORE when undefined
 UNDEFINED_SCORE = -1.0  # below any value of macro F1, partial AUC or the ODIR score
 DATA_CPUS = 1.0  # CPUs left free for Ray Data (decoding, augmentation): map tasks take a whole CPU
+# A trial's Tune actor only waits on its Train run, but Tune cannot place an actor that reserves
+# nothing: it holds this sliver of the trial's CPUs, its training workers the rest.
+DRIVER_CPUS = 0.01
 DEMO_EPOCHS = 8
 
 
@@ -45,7 +51,7 @@ class SweepConfig:
     trials: int = 8  # samples of the space (each grid value gets this many)
     time_budget: float | None = None  # seconds; running trials stop when it is spent
     gpus_per_trial: int = 0  # one data-parallel Ray Train worker per GPU (0: one CPU worker)
-    cpus_per_trial: float = 1.0  # CPUs reserved for a trial's training workers, together
+    cpus_per_trial: float = 1.0  # CPUs reserved for a trial (its training workers, together)
     max_concurrent: int | None = None  # default: as many trials as the cluster holds
     epochs: int | None = None  # phase 1 (the whole net when not pretrained)
     fine_tune_epochs: int | None = None  # phase 2
@@ -87,7 +93,8 @@ class SweepConfig:
             (self.total_epochs < 1, "a trial needs at least one epoch"),
             (not 1 <= self.grace_period, f"--grace-period must be at least 1, not {self.grace_period}"),
             (self.reduction_factor <= 1, f"--reduction-factor must exceed 1, not {self.reduction_factor}"),
-            (self.gpus_per_trial < 0 or self.cpus_per_trial <= 0, "--gpus-per-trial must be >= 0 and --cpus-per-trial > 0"),
+            (self.gpus_per_trial < 0 or self.cpus_per_trial <= 2 * DRIVER_CPUS,
+             f"--gpus-per-trial must be >= 0 and --cpus-per-trial above {2 * DRIVER_CPUS:g}"),
             (self.time_budget is not None and self.time_budget <= 0, "--time-budget must be positive"),
             (self.ensemble_top < 0 or self.ensemble_top == 1, "--ensemble-top K needs K >= 2 (or 0: off)"),
             (self.max_concurrent is not None and self.max_concurrent < 1, "--max-concurrent must be at least 1"),
@@ -147,7 +154,7 @@ def trial_config(cfg: SweepConfig, params: dict[str, Any], data: str, output: st
     return TrainConfig(
         task=cfg.task, data=data, output=output, weights="none" if scratch else cfg.weights,
         epochs=cfg.epochs, fine_tune_epochs=cfg.fine_tune_epochs, workers=workers, use_gpu=cfg.gpus_per_trial > 0,
-        cpus_per_worker=cfg.cpus_per_trial / workers, resume=True, seed=cfg.seed,
+        cpus_per_worker=(cfg.cpus_per_trial - DRIVER_CPUS) / workers, resume=True, seed=cfg.seed,
         val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, **params,
     )  # fmt: skip
 
@@ -192,21 +199,24 @@ def _experiment(cfg: SweepConfig) -> tuple[str, str, Any]:
 
 
 def _scheduler(cfg: SweepConfig):
-    """ASHA on the epoch counter. The last epoch is never a rung (max_t below it, surviving trials
-    not stopped): a trial that trained to the end is exported and tested, not cut at the finish."""
-    from ray.tune.schedulers import ASHAScheduler
+    """ASHA on the epoch counter, its rungs kept across a resume. The last epoch is never a rung
+    (max_t below it, surviving trials not stopped): a trial that trained to the end is exported
+    and tested, not cut at the finish."""
+    from eyeray.sweep_scheduler import ResumableASHA
 
     if cfg.grace_period >= cfg.total_epochs:
         print(f"[eyeray] --grace-period {cfg.grace_period} >= {cfg.total_epochs} epochs: no early stopping")
+        return None  # Tune's default: every trial runs to the end
     max_t = max(cfg.grace_period, cfg.total_epochs - 1)
-    return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=cfg.grace_period,
-                         reduction_factor=cfg.reduction_factor, stop_last_trials=False)  # fmt: skip
+    return ResumableASHA(storage.join(cfg.output, ASHA_STATE), time_attr="epoch", max_t=max_t,
+                         grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
+                         stop_last_trials=False)  # fmt: skip
 
 
 def _tuner(cfg: SweepConfig, space: search_space.SearchSpace, data: str) -> tune.Tuner:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=cfg, data=data), {"CPU": 0})
+    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=cfg, data=data), {"CPU": DRIVER_CPUS})
     root, path, fs = _experiment(cfg)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         if not cfg.resume:
@@ -224,9 +234,9 @@ def _tuner(cfg: SweepConfig, space: search_space.SearchSpace, data: str) -> tune
         trainable,
         param_space=space.param_space(),
         tune_config=tune.TuneConfig(
-            metric=SCORE, mode="max", scheduler=_scheduler(cfg), num_samples=cfg.trials,
-            max_concurrent_trials=limit, time_budget_s=cfg.time_budget,
-            search_alg=BasicVariantGenerator(random_state=cfg.seed), trial_dirname_creator=lambda t: t.trial_id,
+            metric=SCORE, mode="max", scheduler=_scheduler(cfg), num_samples=cfg.trials, time_budget_s=cfg.time_budget,
+            search_alg=BasicVariantGenerator(max_concurrent=limit, random_state=cfg.seed),
+            trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=root, storage_filesystem=fs),
     )  # fmt: skip

@@ -31,13 +31,13 @@ def _probabilities(loaded, records: list[dict]) -> tuple[dict[str, np.ndarray], 
 def _summary(spec: TaskSpec, y: np.ndarray, scores: np.ndarray, thresholds=None) -> dict[str, Any]:
     from eyeray.evaluate import compute_metrics
 
-    m = compute_metrics(spec, y, scores, thresholds=thresholds)
+    m = compute_metrics(spec, y, scores, thresholds=thresholds if spec.multi_label else None)
     return {key: m.get(key) for key in dict.fromkeys((spec.selection_metric, *REPORTED))}
 
 
 def _vote_scores(spec: TaskSpec, shares: np.ndarray, labels: list[list[str]]) -> tuple[np.ndarray, list | None]:
     """Vote shares as scores, nudged so the metrics decide exactly as `combine` did (its tie-break
-    for single-label; "more than half" for multi-label)."""
+    for single-label; "more than half" for multi-label). Single-label: no thresholds (argmax)."""
     if spec.multi_label:
         return shares, [0.5 + 1e-6] * spec.num_classes
     scores = shares.copy()
@@ -73,7 +73,7 @@ def evaluate_top(rows: list[dict[str, Any]], cfg, spec: TaskSpec, data: str) -> 
     vote_scores, vote_thresholds = _vote_scores(spec, shares, voted)
     best = members[0][spec.selection_metric]
     out.update(members=members, n_test=len(paths), best_single=best,
-               mean=_summary(spec, y, mean_scores, mean_thresholds if spec.multi_label else None),
+               mean=_summary(spec, y, mean_scores, mean_thresholds),
                vote=_summary(spec, y, vote_scores, vote_thresholds))  # fmt: skip
     for method in ("mean", "vote"):
         value = out[method][spec.selection_metric]
