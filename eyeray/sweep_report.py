@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from eyeray import bundle, storage
 from eyeray.tasks import TaskSpec
@@ -167,6 +168,7 @@ def plot_curves(spec: TaskSpec, histories: dict[str, list[dict]], rows: list[dic
                 label=f"{trial_id} (winner)" if is_top else (trial_id if len(histories) <= 12 else None))  # fmt: skip
     ax.set(title=f"{spec.title}\nvalidation {spec.selection_metric} per epoch, every trial (dashed: stopped early)",
            xlabel="Epoch", ylabel=spec.selection_metric)  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
@@ -183,7 +185,8 @@ def plot_ensemble(spec: TaskSpec, ensemble: dict[str, Any], path: Path) -> None:
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
     colors = ["steelblue"] * len(ensemble["members"]) + ["darkorange", "seagreen"]
-    ax.bar(range(len(names)), [v if v is not None else 0 for v in values], color=colors)
+    bars = ax.bar(range(len(names)), [v if v is not None else 0 for v in values], color=colors)
+    ax.bar_label(bars, labels=[_fmt(v) if v is not None else "undefined" for v in values], fontsize=8)
     best = ensemble["members"][0][metric]
     if best is not None:
         ax.axhline(best, color="crimson", linestyle="--", label=f"single best ({names[0]})")

@@ -4,6 +4,7 @@ finished trials, and a bad search-space file fails before any trial starts."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -188,3 +189,20 @@ def test_a_trial_that_can_never_fit_the_cluster_is_refused():
         concurrency(SweepConfig(gpus_per_trial=1), {"CPU": 8.0})
     with pytest.raises(ValueError, match="cluster has 1 CPU"):
         concurrency(SweepConfig(), {"CPU": 1.0})
+
+
+def test_job_script_and_eyeray_sweep_parse_the_same_flags_into_one_config():
+    from eyeray.cli import add_sweep_arguments, sweep_config
+
+    argv = ["--task", "glaucoma", "--data", "s3://bucket/airogs", "--trials", "48", "--gpus-per-trial", "1",
+            "--time-budget", "90m", "--space", "space.yaml", "--ensemble-top", "3", "--resume"]  # fmt: skip
+    cfg = sweep_config(add_sweep_arguments(argparse.ArgumentParser()).parse_args(argv))
+    assert cfg == SweepConfig(task="glaucoma", data="s3://bucket/airogs", trials=48, gpus_per_trial=1,
+                              time_budget=5400.0, space="space.yaml", ensemble_top=3, resume=True)  # fmt: skip
+    resolved = cfg.resolved()
+    assert (resolved.weights, resolved.epochs, resolved.fine_tune_epochs) == ("imagenet", 10, 10)
+    demo = SweepConfig(task="oct").resolved()
+    assert (demo.weights, demo.epochs, demo.fine_tune_epochs) == ("none", 8, 0)
+    with pytest.raises(ValueError, match="--ensemble-top K needs K >= 2"):
+        SweepConfig(ensemble_top=1).resolved()
+
