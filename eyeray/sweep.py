@@ -222,7 +222,8 @@ def _tuner(cfg: SweepConfig, space: search_space.SearchSpace, data: str) -> tune
         if not cfg.resume:
             raise FileExistsError(f"{cfg.output} already holds a sweep; pass --resume to continue it, "
                                   "or choose another --output")  # fmt: skip
-        print(f"[eyeray] resuming the sweep in {cfg.output}: finished trials keep their results")
+        print(f"[eyeray] resuming the sweep in {cfg.output}: finished trials keep their results; the search "
+              "space and schedule are the ones it started with")  # fmt: skip
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     if cfg.resume:
         print(f"[eyeray] --resume: no earlier sweep in {cfg.output}; starting a new one")
