@@ -206,3 +206,28 @@ def test_job_script_and_eyeray_sweep_parse_the_same_flags_into_one_config():
     with pytest.raises(ValueError, match="--ensemble-top K needs K >= 2"):
         SweepConfig(ensemble_top=1).resolved()
 
+
+
+def test_asha_rung_records_survive_a_restart_of_the_scheduler(tmp_path):
+    """What Tuner.restore does to a scheduler (a fresh copy of the one pickled at the start) must
+    not forget the rungs: a weak trial after the restart is still compared with the earlier ones."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from eyeray.sweep_scheduler import ResumableASHA
+
+    def scheduler(state: Path) -> ResumableASHA:
+        return ResumableASHA(str(state), time_attr="epoch", metric="score", mode="max", max_t=3, grace_period=1)
+
+    strong, weak = SimpleNamespace(trial_id="strong"), SimpleNamespace(trial_id="weak")
+    first = scheduler(tmp_path / "asha.json")
+    first.on_trial_add(None, strong)
+    assert first.on_trial_result(None, strong, {"epoch": 1, "score": 0.9}) == TrialScheduler.CONTINUE
+
+    restored = scheduler(tmp_path / "asha.json")  # the driver died; a resumed sweep starts here
+    restored.on_trial_add(None, weak)
+    assert restored.on_trial_result(None, weak, {"epoch": 1, "score": 0.1}) == TrialScheduler.STOP
+    forgetful = scheduler(tmp_path / "elsewhere.json")  # plain ASHA after a restore: nothing to compare with
+    forgetful.on_trial_add(None, weak)
+    assert forgetful.on_trial_result(None, weak, {"epoch": 1, "score": 0.1}) == TrialScheduler.CONTINUE
