@@ -145,17 +145,18 @@ def trial_output(output: str, trial_id: str) -> str:
 
 def trial_config(cfg: SweepConfig, params: dict[str, Any], data: str, output: str):
     """The TrainConfig of one trial: the sampled parameters plus the sweep's fixed settings.
-    `resume=True`: a trial restarted by Tune.restore continues from its own last checkpoint."""
+    A trial restarted by Tuner.restore finds its own run folder and resumes from its checkpoint."""
     from eyeray.models import backbone_names
-    from eyeray.train import TrainConfig
+    from eyeray.train import RUN_NAME, TrainConfig
 
+    fs, path = storage.filesystem(output)
     workers = max(1, cfg.gpus_per_trial)
     scratch = "small_cnn" in backbone_names(params["backbone"])  # no ImageNet weights exist for it
     return TrainConfig(
         task=cfg.task, data=data, output=output, weights="none" if scratch else cfg.weights,
         epochs=cfg.epochs, fine_tune_epochs=cfg.fine_tune_epochs, workers=workers, use_gpu=cfg.gpus_per_trial > 0,
-        cpus_per_worker=(cfg.cpus_per_trial - DRIVER_CPUS) / workers, resume=True, seed=cfg.seed,
-        val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, **params,
+        cpus_per_worker=(cfg.cpus_per_trial - DRIVER_CPUS) / workers, resume=fs.exists(f"{path}/{RUN_NAME}"),
+        seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, **params,
     )  # fmt: skip
 
 
@@ -198,6 +199,20 @@ def _experiment(cfg: SweepConfig) -> tuple[str, str, Any]:
     return root, f"{root}/{TUNE_DIR}", fs
 
 
+@ray.remote(num_cpus=0)
+def _state_api_problem() -> str:
+    """Why Ray's state API is unreachable from a worker ("" when it works). Ray Train frees a
+    stopped run's placement group through it (its PlacementGroupCleaner); without it, every trial
+    ASHA stops keeps its CPUs/GPUs and the sweep waits forever."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=30)
+    except Exception as exc:  # no dashboard, several Ray instances on the node, ...
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+    return ""
+
+
 def _scheduler(cfg: SweepConfig):
     """ASHA on the epoch counter, its rungs kept across a resume. The last epoch is never a rung
     (max_t below it, surviving trials not stopped): a trial that trained to the end is exported
@@ -207,6 +222,12 @@ def _scheduler(cfg: SweepConfig):
     if cfg.grace_period >= cfg.total_epochs:
         print(f"[eyeray] --grace-period {cfg.grace_period} >= {cfg.total_epochs} epochs: no early stopping")
         return None  # Tune's default: every trial runs to the end
+    problem = ray.get(_state_api_problem.remote())
+    if problem:
+        print("[eyeray] WARNING: early stopping is off: a trial stopped early could not release its resources "
+              f"on this cluster, since Ray's state API is unreachable from workers ({problem}). Start the cluster "
+              "with its dashboard, and with RAY_ADDRESS set when other Ray instances run on the machine.")  # fmt: skip
+        return None
     max_t = max(cfg.grace_period, cfg.total_epochs - 1)
     return ResumableASHA(storage.join(cfg.output, ASHA_STATE), time_attr="epoch", max_t=max_t,
                          grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
