@@ -32,7 +32,8 @@ STATUSES = ("finished", "early-stopped", "error", "not run")
 
 
 def collect(grid, cfg, spec: TaskSpec, params: list[str]) -> tuple[list[dict[str, Any]], dict[str, list[dict]]]:
-    """One row per trial, best first (by best validation score), and each trial's per-epoch history."""
+    """One row per trial, best first (finished trials, by best validation score, ties by the
+    validation loss at that epoch), and each trial's per-epoch history."""
     from eyeray.sweep import SCORE, UNDEFINED_SCORE, trial_output
 
     rows, histories = [], {}
@@ -51,6 +52,7 @@ def collect(grid, cfg, spec: TaskSpec, params: list[str]) -> tuple[list[dict[str
             **{p: (result.config or {}).get(p) for p in params},
             f"best_val_{spec.selection_metric}": None if best is None or best[SCORE] == UNDEFINED_SCORE else best[SCORE],
             "best_epoch": best["epoch"] if best else None,
+            "val_loss_at_best": best.get("val_loss") if best else None,  # breaks ties of the metric
             "epochs_run": len(history),
             "wall_time_s": round(history[-1].get("time_total_s", 0.0), 1) if history else None,
             f"test_{spec.selection_metric}": test,
@@ -58,7 +60,8 @@ def collect(grid, cfg, spec: TaskSpec, params: list[str]) -> tuple[list[dict[str
             "error": _first_line(result.error),
         })  # fmt: skip
     key = f"best_val_{spec.selection_metric}"
-    rows.sort(key=lambda r: (r["status"] != "finished", -(r[key] if r[key] is not None else -math.inf)))
+    rows.sort(key=lambda r: (r["status"] != "finished", -(r[key] if r[key] is not None else -math.inf),
+                             r["val_loss_at_best"] if r["val_loss_at_best"] is not None else math.inf))
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
     return rows, histories
@@ -257,8 +260,9 @@ def _html(cfg, spec: TaskSpec, rows: list[dict[str, Any]], space: dict[str, str]
         f"<!doctype html><html><head><meta charset=utf-8><title>Sweep: {html.escape(spec.title)}</title>"
         f"<style>{style}</style></head><body><h1>Model selection: {html.escape(spec.title)}</h1>"
         f"<p>{best}</p><p>{len(rows)} trials: {counts}. Ranked by the best validation "
-        f"{html.escape(spec.selection_metric)} over epochs; only finished trials (trained to the end, "
-        f"tested) can win.</p><img src=\"{CURVES_PNG}\" alt=\"curves\">"
+        f"{html.escape(spec.selection_metric)} over epochs (ties: lower validation loss at that epoch); only "
+        f"finished trials (trained to the end, tested) can win. A trial's bundle holds its checkpoint with the "
+        f"lowest validation loss, as eyeray train exports it.</p><img src=\"{CURVES_PNG}\" alt=\"curves\">"
         f"<h2>Leaderboard</h2>{_table(rows, top['trial_id'] if top else None)}"
         f"{_ensemble_html(spec, ensemble, files)}"
         f"<h2>Search space</h2>{_table(space_rows)}<h2>Settings</h2>{_table(setting_rows)}</body></html>"
