@@ -103,7 +103,9 @@ def export_best(rows: list[dict[str, Any]], cfg) -> str | None:
     if top is None:
         print("[eyeray] no trial finished: no best bundle")
         return None
-    target = storage.join(cfg.output, "best")
+    from eyeray.sweep import BEST_DIR
+
+    target = storage.join(cfg.output, BEST_DIR)
     local, tmp = storage.local_copy(top["bundle"])
     try:
         storage.publish_dir(local, target, commit_file=bundle.MANIFEST)
@@ -121,6 +123,8 @@ def write(cfg, spec: TaskSpec, rows: list[dict[str, Any]], histories: dict[str, 
     """Write the leaderboard, plots, summary JSON and report.html to OUTPUT; return the report's URI."""
     from dataclasses import asdict
 
+    from eyeray.sweep import BEST_DIR
+
     top = winner(rows)
     with tempfile.TemporaryDirectory(prefix="eyeray-sweep-") as tmp:
         out = Path(tmp)
@@ -131,7 +135,7 @@ def write(cfg, spec: TaskSpec, rows: list[dict[str, Any]], histories: dict[str, 
             plot_ensemble(spec, ensemble, out / ENSEMBLE_PNG)
             files.append(ENSEMBLE_PNG)
         summary = {"config": asdict(cfg), "space": space, "selection_metric": f"val_{spec.selection_metric}",
-                   "winner": top, "best_bundle": storage.join(cfg.output, "best") if top else None,
+                   "winner": top, "best_bundle": storage.join(cfg.output, BEST_DIR) if top else None,
                    "statuses": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
                    "leaderboard": rows, "ensemble": ensemble}  # fmt: skip
         (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
