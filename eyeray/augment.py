@@ -8,11 +8,23 @@ also augment them while the trainers compute, and so the saved model has no rand
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
 
 from eyeray.tasks import AugmentSpec
+
+
+def scaled(spec: AugmentSpec, strength: float) -> AugmentSpec:
+    """The task's augmentation made weaker or stronger (a sweep dimension): rotation, zoom,
+    brightness and contrast ranges times `strength`; 0 turns augmentation off, flips included."""
+    if strength == 1.0:
+        return spec
+    if strength <= 0:
+        return AugmentSpec(hflip=False, vflip=False, rotation_deg=0.0, zoom=0.0, brightness=0.0, contrast=0.0)
+    return replace(spec, rotation_deg=spec.rotation_deg * strength, zoom=min(spec.zoom * strength, 0.9),
+                   brightness=spec.brightness * strength, contrast=min(spec.contrast * strength, 0.9))  # fmt: skip
 
 
 def augment_image(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) -> np.ndarray:

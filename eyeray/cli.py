@@ -40,6 +40,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--learning-rate", type=float, help="Adam learning rate of the first phase")
     add("--dropout", type=float, default=0.3, help="dropout in the classification head")
     add("--no-augment", dest="augment", action="store_false", help="turn training augmentation off")
+    add("--augment-strength", type=float, default=1.0, help="scale the task's augmentation ranges (0: none)")
     add("--workers", type=int, default=1, help="Ray Train workers (data-parallel replicas)")
     add("--use-gpu", action="store_true", help="one GPU per worker")
     add("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: leave one CPU for Ray Data)")
@@ -216,6 +217,61 @@ def explain_main(argv: list[str] | None = None) -> int:
     return _explain(add_explain_arguments(parser).parse_args(argv))
 
 
+def _seconds(value: str) -> float:
+    """`3600`, `90m`, `2h`, `45s` -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    scale = units.get(value[-1:].lower())
+    try:
+        return float(value[:-1] if scale else value) * (scale or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {value!r} (seconds, or 90m, 2h)") from None
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of `eyeray sweep` and jobs/sweep.py. Unset flags take the task's defaults, or the demo's
+    (small models from scratch on generated data) when --data is absent."""
+    add = parser.add_argument
+    add("--task", default="oct", choices=sorted(TASKS))
+    add("--data", help="dataset root: local folder or s3://bucket/prefix (absent: a generated demo dataset)")
+    add("--output", help="sweep folder (local or s3://): leaderboard.csv, report.html, best/, trials/, tune/ "
+        "(default runs/TASK-sweep-TIME)")  # fmt: skip
+    add("--trials", type=int, default=8, help="samples of the search space (each grid value gets this many)")
+    add("--time-budget", type=_seconds, help="stop running trials after this long (seconds, or 90m, 2h)")
+    add("--gpus-per-trial", type=int, default=0, help="GPUs per trial, one data-parallel worker each (0: CPU)")
+    add("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved for a trial's training workers")
+    add("--max-concurrent", type=int, help="trials at once (default: what the cluster holds)")
+    add("--epochs", type=int, help="epochs with the backbone frozen, or of the whole net when not pretrained "
+        "(default 10; 8 for the demo)")  # fmt: skip
+    add("--fine-tune-epochs", type=int, help="epochs with the top backbone layers unfrozen (default 10; demo 0)")
+    add("--weights", type=_weights, help="imagenet | none | PATH (default imagenet; none for the demo; "
+        "small_cnn always trains from scratch)")  # fmt: skip
+    add("--grace-period", type=int, default=1, help="epochs every trial runs before ASHA may stop it")
+    add("--reduction-factor", type=float, default=2.0, help="ASHA keeps the best 1/this of trials at each rung")
+    add("--space", help="YAML/JSON file overriding the task's search space (see eyeray/search_space.py)")
+    add("--ensemble-top", type=int, default=0, metavar="K", help="evaluate the top K trials together on the "
+        "test split (averaged probabilities and majority vote)")  # fmt: skip
+    add("--seed", type=int, default=0)
+    add("--resume", action="store_true", help="continue the interrupted sweep in --output")
+    return parser
+
+
+def sweep_config(args: argparse.Namespace):
+    from eyeray.sweep import SweepConfig
+
+    names = {f.name for f in fields(SweepConfig)}
+    return SweepConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    """Entry point of jobs/sweep.py."""
+    from eyeray.sweep import run
+
+    parser = argparse.ArgumentParser(description="Model selection with Ray Tune: many trainings, ASHA early "
+                                     "stopping, a leaderboard.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    run(sweep_config(add_sweep_arguments(parser).parse_args(argv)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eyeray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,7 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     add_score_arguments(sub.add_parser("score", help="score an image archive with Ray Data (Parquet out)"))
     add_serve_arguments(sub.add_parser("serve", help="online predictions over HTTP with Ray Serve"))
     add_explain_arguments(sub.add_parser("explain", help="Grad-CAM overlays (PNG) of a bundle's decision for images"))
+    add_sweep_arguments(sub.add_parser("sweep", help="model selection with Ray Tune: ASHA, leaderboard, best bundle"))
     args = parser.parse_args(argv)
+    if args.command == "sweep":
+        from eyeray.sweep import run as sweep
+
+        sweep(sweep_config(args))
+        return 0
     if args.command == "serve":
         return serve_main(args)
     if args.command == "explain":

@@ -116,7 +116,7 @@ class DistributedFitter:
     def _eval(self, x, y):
         p = self.model(x, training=False)
         loss, correct = self._per_example(y, p)
-        return tf.reduce_sum(loss), tf.reduce_sum(correct), tf.cast(tf.shape(x)[0], tf.float32)
+        return tf.reduce_sum(loss), tf.reduce_sum(correct), tf.cast(tf.shape(x)[0], tf.float32), p
 
     def train_epoch(self, batches: Iterable[dict[str, np.ndarray]]) -> EpochStats:
         """One pass over this worker's shard. Shards must yield the same number of batches on
@@ -127,13 +127,30 @@ class DistributedFitter:
             totals += [float(v) for v in out]
         return _stats(totals)
 
-    def evaluate(self, batches: Iterable[dict[str, np.ndarray]]) -> EpochStats:
-        """Local evaluation, then one all-reduce of the sums: shards may differ in length."""
+    def evaluate(self, batches: Iterable[dict[str, np.ndarray]], outputs: list | None = None) -> EpochStats:
+        """Local evaluation, then one all-reduce of the sums: shards may differ in length.
+        `outputs`, when given, collects this worker's (labels, probabilities) per batch."""
         totals = np.zeros(3)
         for batch in batches:
-            out = self._eval_step(tf.convert_to_tensor(batch["image"]), tf.convert_to_tensor(batch["label"], tf.float32))
-            totals += [float(v) for v in out]
+            *sums, probs = self._eval_step(tf.convert_to_tensor(batch["image"]), tf.convert_to_tensor(batch["label"], tf.float32))
+            totals += [float(v) for v in sums]
+            if outputs is not None:
+                outputs.append((np.asarray(batch["label"], np.float32), probs.numpy()))
         return _stats(self.all_reduce_sum(totals))
+
+    def gather_rows(self, rows: np.ndarray, rank: int, world: int) -> np.ndarray:
+        """Every worker's rows (n_i x k), in rank order, on every worker. Each worker places its rows
+        in a zero block at its offset and the blocks are summed: one all-reduce, no other collective
+        (meant for validation outputs, which are small)."""
+        counts = np.zeros(world)
+        counts[rank] = len(rows)
+        counts = np.rint(self.all_reduce_sum(counts)).astype(int)
+        if counts.sum() == 0:
+            return np.zeros((0, rows.shape[1]))
+        start = int(counts[:rank].sum())
+        block = np.zeros((int(counts.sum()), rows.shape[1]))
+        block[start : start + len(rows)] = rows
+        return self.all_reduce_sum(block)
 
     def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
         # Each local replica contributes the same worker-local sums: count each worker once.

@@ -51,6 +51,9 @@ class TaskSpec:
     referral_classes: tuple[str, ...] = ()
     positive_class: str | None = None  # binary tasks: the class whose probability is the score
     extra_metrics: tuple[str, ...] = ()  # keys of eyeray.evaluate.EXTRA_METRICS
+    # The validation metric that ranks epochs and trials in model selection (higher is better):
+    # a key of eyeray.evaluate.compute_metrics, reported every epoch as "val_<key>".
+    selection_metric: str = "macro_f1"
     # How decision thresholds are chosen on validation data: "RULE:TARGET" or "RULE", RULE a key
     # of eyeray.operating_points.RULES; "": none (argmax, or 0.5 per label).
     operating_point: str = ""
@@ -103,6 +106,7 @@ GLAUCOMA = TaskSpec(
     referral_classes=("RG",),
     positive_class="RG",
     extra_metrics=("pauc_90_100", "sens_at_95_spec"),
+    selection_metric="pauc_90_100",  # AIROGS alpha: partial AUC at 90-100 % specificity
     operating_point="referral_specificity:0.95",  # the AIROGS screening operating point
     augment=AugmentSpec(hflip=True, rotation_deg=15.0, zoom=0.1),
     demo=DemoSpec(modality="fundus"),
@@ -120,6 +124,7 @@ ODIR = TaskSpec(
     image_size=224,
     patient_id_pattern=r"^(\d+)_(?:left|right)",
     extra_metrics=("odir_score", "kappa", "f1"),
+    selection_metric="odir_score",  # the ODIR-2019 final score
     operating_point="per_label_f1",
     augment=AugmentSpec(hflip=True, rotation_deg=15.0, zoom=0.1),
     demo=DemoSpec(modality="fundus", images_per_class=40),

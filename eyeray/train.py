@@ -51,6 +51,7 @@ class TrainConfig:
     fine_tune_layers: int | None = None
     dropout: float = 0.3
     augment: bool = True
+    augment_strength: float = 1.0  # scales the task's augmentation ranges (eyeray.augment.scaled)
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float | None = None
@@ -193,13 +194,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             start = time.perf_counter()
             train = fitter.train_epoch(train_batches(train_shard, cfg.batch_size))
             seconds = time.perf_counter() - start
-            val = fitter.evaluate(val_shard.iter_batches(batch_size=cfg.batch_size))
+            outputs: list = []
+            val = fitter.evaluate(val_shard.iter_batches(batch_size=cfg.batch_size), outputs)
             metrics = {"epoch": epoch, "phase": phase, "learning_rate": lr, **train.as_dict(), **val.as_dict("val_"),
+                       **_validation_metrics(spec, fitter, outputs, rank, world),
                        "train_images": train.examples, "images_per_s": train.examples / max(seconds, 1e-9),
                        "epoch_seconds": seconds, "workers": world, "gpus_per_worker": gpus}  # fmt: skip
             state = replace(state, epoch=epoch, phase=phase, history=[*state.history, metrics])
             _report(model, fitter, state, metrics, rank)
             _maybe_inject_fault(cfg, epoch, rank, world)
+
+
+def _validation_metrics(spec: TaskSpec, fitter, outputs: list, rank: int, world: int) -> dict[str, Any]:
+    """The task's metrics on the whole validation split (every worker's rows) as "val_<key>", so
+    epochs and trials can be ranked by what matters for the task (spec.selection_metric), not
+    only by the loss. Undefined values (a class absent from a tiny split) are None."""
+    from eyeray import evaluate
+
+    k = spec.num_classes
+    local = np.concatenate([np.hstack([y, p]) for y, p in outputs]) if outputs else np.zeros((0, 2 * k))
+    rows = fitter.gather_rows(local, rank, world)
+    if len(rows) == 0:
+        return {}
+    computed = evaluate.compute_metrics(spec, rows[:, :k], rows[:, k:])
+    keys = dict.fromkeys(("macro_f1", "auc", spec.selection_metric, *spec.extra_metrics))
+    return {f"val_{key}": computed.get(key) for key in keys}
 
 
 # --------------------------------------------------------------------------- driver side
@@ -216,13 +235,14 @@ def _scaling(cfg: TrainConfig) -> ScalingConfig:
     return ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
 
 
-def _run_config(cfg: TrainConfig) -> RunConfig:
+def _run_config(cfg: TrainConfig, callbacks: list | None = None) -> RunConfig:
     fs = storage.pyarrow_filesystem(cfg.output)
     storage_path = storage.filesystem(cfg.output)[1] if fs is not None else os.path.abspath(cfg.output)
     return RunConfig(
         name=RUN_NAME,
         storage_path=storage_path,
         storage_filesystem=fs,
+        callbacks=callbacks,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=CheckpointConfig(
             num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
@@ -305,12 +325,15 @@ def _final_state(checkpoint: Checkpoint) -> _State:
         return _State(**json.loads(Path(d, STATE_FILE).read_text()))
 
 
-def run(config: TrainConfig) -> TrainResult:
-    """Train, evaluate on the test split, and write OUTPUT/bundle and OUTPUT/report."""
+def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Train, evaluate on the test split, and write OUTPUT/bundle and OUTPUT/report.
+
+    `callbacks`: Ray Train callbacks for the run (the model-selection sweep passes the one that
+    forwards every epoch's report to Ray Tune)."""
     from ray.train.tensorflow import TensorflowTrainer
 
     from eyeray import bundle, evaluate
-    from eyeray.augment import augment_batch
+    from eyeray.augment import augment_batch, scaled
     from eyeray.distributed import class_weights
     from eyeray.models import build_model
 
@@ -326,13 +349,13 @@ def run(config: TrainConfig) -> TrainResult:
     train_labels = np.stack([np.asarray(r["label"]) for r in layout.splits["train"]])
     train_ds = decoded["train"].images.randomize_block_order()
     if cfg.augment:
-        train_ds = train_ds.map_batches(augment_batch, fn_kwargs={"spec": spec.augment}, batch_size=64)
+        train_ds = train_ds.map_batches(augment_batch, fn_kwargs={"spec": scaled(spec.augment, cfg.augment_strength)}, batch_size=64)
 
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"train": asdict(cfg), "class_weights": class_weights(spec, train_labels).tolist()},
         scaling_config=_scaling(cfg),
-        run_config=_run_config(cfg),
+        run_config=_run_config(cfg, callbacks),
         datasets={"train": train_ds, "validation": decoded["validation"].images},
     )
     result = trainer.fit()

@@ -94,7 +94,11 @@ def ray_cluster(s3_server, tmp_path_factory):
 
     port, dashboard_port = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, **RAY_TEST_ENV}
+    # RAY_ADDRESS for every process of the cluster: Ray's own helpers inside workers (Train's
+    # PlacementGroupCleaner, the state API) otherwise fail with "Found multiple active Ray
+    # instances" while another private cluster runs on the same machine, and a stopped Ray Train
+    # run (a Tune trial cut by ASHA) then keeps its placement group's CPUs forever.
+    env = {**os.environ, **RAY_TEST_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     head_args = [
         "--head", f"--port={port}", "--num-cpus=2",
         "--num-gpus=2",  # logical GPUs: --use-gpu runs its real code path (TF falls back to the CPU)
