@@ -133,7 +133,7 @@ def test_sweep_stops_a_bad_trial_early_resumes_after_interruption_and_exports_th
     images = np.stack([imaging.preprocess(imaging.decode(f.read_bytes()), best.image_size) for f in files])
     probs = best.predict(images)
     assert probs.shape == (len(files), 4) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
-    assert all(len(labels) == 1 for labels in best.labels(probs))
+    assert all(len(labels) == 1 for labels in best.decide(probs).labels)
 
     # report, curves and the ensemble of the top 2 (mean and vote), with figures either way
     html = (output / "report.html").read_text()
