@@ -12,6 +12,7 @@ import posixpath
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import fsspec
 
@@ -66,6 +67,13 @@ def pyarrow_filesystem(uri: str):
 
     fs, _ = filesystem(uri)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def ray_storage(uri: str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for a Ray Train or Tune RunConfig writing under `uri`:
+    the bucket path and a pyarrow view of s3fs for s3://, or an absolute local path and None."""
+    fs = pyarrow_filesystem(uri)
+    return (filesystem(uri)[1] if fs is not None else os.path.abspath(uri)), fs
 
 
 def local_copy(uri: str) -> tuple[str, tempfile.TemporaryDirectory | None]:

@@ -194,8 +194,7 @@ def concurrency(cfg: SweepConfig, resources: dict[str, float]) -> int:
 
 def _experiment(cfg: SweepConfig) -> tuple[str, str, Any]:
     """(Tune's storage_path, experiment path, pyarrow filesystem or None) for OUTPUT."""
-    fs = storage.pyarrow_filesystem(cfg.output)
-    root = storage.filesystem(cfg.output)[1] if fs is not None else os.path.abspath(cfg.output)
+    root, fs = storage.ray_storage(cfg.output)
     return root, f"{root}/{TUNE_DIR}", fs
 
 
@@ -282,7 +281,8 @@ def run(config: SweepConfig) -> SweepResult:
     space = search_space.load(cfg.task, cfg.is_demo, cfg.space)  # all checks before any trial
     if not ray.is_initialized():
         ray.init()
-    tuner = _tuner(cfg, space, _data(cfg))
+    data = _data(cfg)  # generated once for all trials (and the ensemble's test split) without --data
+    tuner = _tuner(cfg, space, data)
     grid = tuner.fit()
     spec = get_task(cfg.task)
     rows, histories = sweep_report.collect(grid, cfg, spec, list(space.describe()))
@@ -291,7 +291,7 @@ def run(config: SweepConfig) -> SweepResult:
     if cfg.ensemble_top:
         from eyeray.sweep_ensemble import evaluate_top
 
-        ensemble = evaluate_top(rows, cfg, spec, _data(cfg))
+        ensemble = evaluate_top(rows, cfg, spec, data)
     report = sweep_report.write(cfg, spec, rows, histories, space.describe(), ensemble)
     print(f"[eyeray] leaderboard: {storage.join(cfg.output, sweep_report.LEADERBOARD)}\n[eyeray] report: {report}")
     if best:

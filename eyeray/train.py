@@ -236,8 +236,7 @@ def _scaling(cfg: TrainConfig) -> ScalingConfig:
 
 
 def _run_config(cfg: TrainConfig, callbacks: list | None = None) -> RunConfig:
-    fs = storage.pyarrow_filesystem(cfg.output)
-    storage_path = storage.filesystem(cfg.output)[1] if fs is not None else os.path.abspath(cfg.output)
+    storage_path, fs = storage.ray_storage(cfg.output)
     return RunConfig(
         name=RUN_NAME,
         storage_path=storage_path,
