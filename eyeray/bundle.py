@@ -128,6 +128,17 @@ def save(model, manifest: dict[str, Any], uri: str) -> dict[str, Any]:
     return manifest
 
 
+def publish(local_dir: str | Path, uri: str, **manifest_updates: Any) -> dict[str, Any]:
+    """Copy a bundle saved locally (`save`) to `uri`, with `manifest_updates` merged into its
+    manifest first: training scores the exported bundle before it knows the metrics to record.
+    The model file, and so the version, stay as saved."""
+    path = Path(local_dir, MANIFEST)
+    manifest = {**json.loads(path.read_text()), **manifest_updates}
+    path.write_text(json.dumps(manifest, indent=2, default=_json_default))
+    storage.publish_dir(local_dir, uri, commit_file=MANIFEST)
+    return manifest
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()

@@ -24,6 +24,8 @@ def _weights(value: str) -> str:
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags shared by every training entry point. Unset flags take the task's defaults, or the
     demo configuration when --data is absent."""
+    from eyeray.train import TrainConfig
+
     add = parser.add_argument
     add("--data", help="dataset root: local folder or s3://bucket/prefix (absent: a generated demo dataset)")
     add("--output", help="run folder (local or s3://) for bundle/, report/ and checkpoints (default runs/TASK-TIME)")
@@ -35,7 +37,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--epochs", type=int, help="epochs with the backbone frozen (or of the whole net when not pretrained)")
     add("--fine-tune-epochs", type=int, help="epochs with the top backbone layers unfrozen")
     add("--fine-tune-layers", type=int, help="how many top backbone layers to unfreeze (default per backbone)")
-    add("--fine-tune-lr-factor", type=float, default=0.01, help="fine-tuning learning rate = this x --learning-rate")
+    add("--fine-tune-lr-factor", type=float, default=TrainConfig.fine_tune_lr_factor,
+        help="fine-tuning learning rate = this x --learning-rate")
     add("--batch-size", type=int, help="images per worker per step")
     add("--learning-rate", type=float, help="Adam learning rate of the first phase")
     add("--dropout", type=float, default=0.3, help="dropout in the classification head")

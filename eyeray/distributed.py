@@ -138,6 +138,27 @@ class DistributedFitter:
                 outputs.append((np.asarray(batch["label"], np.float32), probs.numpy()))
         return _stats(self.all_reduce_sum(totals))
 
+    def fit_feature_scale(self, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+        """Fit the head's feature standardisation on this split (every worker's shard, one
+        all-reduce of count, sum and sum of squares), so all replicas get the same statistics.
+        Units that never vary keep a scale of 1, as scikit-learn's StandardScaler does."""
+        from eyeray.models import pooled_features
+
+        features, layer = pooled_features(self.model)
+        forward = tf.function(lambda x: features(x, training=False), reduce_retracing=True)
+        dims = layer.mean.shape[0]
+        sums = np.zeros((3, dims))
+        for batch in batches:
+            f = forward(tf.convert_to_tensor(batch["image"])).numpy().astype(np.float64)
+            sums += [np.full(dims, len(f)), f.sum(axis=0), np.square(f).sum(axis=0)]
+        count, total, squares = self.all_reduce_sum(sums)
+        n = max(float(count[0]), 1.0)
+        mean = total / n
+        std = np.sqrt(np.maximum(squares / n - mean**2, 0.0))
+        std = np.where(std > 1e-6 * max(float(std.max()), 1e-12), std, 1.0)
+        layer.set_statistics(mean.astype(np.float32), std.astype(np.float32))
+        return {"images": int(count[0]), "feature_mean": float(mean.mean()), "feature_std": float(std.mean())}
+
     def gather_rows(self, rows: np.ndarray, rank: int, world: int) -> np.ndarray:
         """Every worker's rows (n_i x k), in rank order, on every worker. Each worker places its rows
         in a zero block at its offset and the blocks are summed: one all-reduce, no other collective

@@ -340,16 +340,20 @@ def _per_class(spec: TaskSpec, y, p, d, mcm, notes) -> dict[str, dict[str, Any]]
 
 
 def compute_metrics(
-    spec: TaskSpec, y_true, probs, thresholds: Sequence[float] | float | None = None
+    spec: TaskSpec, y_true, probs, thresholds: Sequence[float] | float | None = None, decided=None
 ) -> dict[str, Any]:
     """All metrics for one evaluation set, as a JSON-serialisable dict (the metrics.json body).
 
     y_true: (n, C) one-hot or multi-hot; probs: (n, C) model outputs. `thresholds` (per label,
     or one for all) only applies to multi-label tasks; single-label tasks decide by argmax.
+    `decided`: (n, C) 0/1 decisions made elsewhere (a bundle's operating point) to score instead
+    of those; the ranking metrics (AUCs) still come from `probs`.
     Undefined values are None, and `notes[<key path>]` says why.
     """
     y, p = _check(spec, y_true, probs)
-    d = decisions(spec, p, thresholds)
+    d = decisions(spec, p, thresholds) if decided is None else np.asarray(decided, int)
+    if d.shape != y.shape:
+        raise ValueError(f"{spec.name}: decided must be {y.shape}; got {d.shape}")
     notes: dict[str, str] = {}
     with warnings.catch_warnings():  # undefined cases are reported in notes instead
         warnings.simplefilter("ignore", UndefinedMetricWarning)

@@ -17,6 +17,7 @@ from eyeray import storage
 from eyeray.tasks import TaskSpec
 
 ENSEMBLE_SEPARATOR = "+"
+FEATURE_SCALE = "feature_scale"  # the head's first layer: standardises the pooled backbone features
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,32 @@ class BackbonePreprocess(keras.layers.Layer):
         return {**super().get_config(), "preprocess": self.preprocess}
 
 
+@keras.saving.register_keras_serializable(package="eyeray")
+class FeatureStandardize(keras.layers.Layer):
+    """(features - mean) / std per unit, with mean and std fitted on the training images before
+    the head trains (`set_statistics`, see eyeray.distributed.DistributedFitter.fit_feature_scale).
+
+    Why: pooled features of pretrained backbones come in any scale (a real VGG16 here: mean 7.5,
+    std 19, max 333 per unit; a random one: 0.17 / 0.17 / 0.86). Unscaled, a freshly initialised
+    head starts with saturated softmax outputs (first-epoch loss 16-19 instead of ln 4) and dropout
+    on such inputs makes every training step a different, saturated guess (training accuracy at
+    chance). Standardised, the head starts near uniform outputs whatever the weights. Identity
+    until fitted (models trained from scratch keep it that way).
+    """
+
+    def build(self, input_shape):
+        units = (int(input_shape[-1]),)
+        self.mean = self.add_weight(shape=units, initializer="zeros", trainable=False, name="mean")
+        self.std = self.add_weight(shape=units, initializer="ones", trainable=False, name="std")
+
+    def call(self, inputs):
+        return (keras.ops.cast(inputs, "float32") - self.mean) / self.std
+
+    def set_statistics(self, mean, std) -> None:
+        self.mean.assign(mean)
+        self.std.assign(std)
+
+
 def resolve_weights(weights: str | None) -> tuple[str | None, str | None]:
     """`--weights` value -> (keras `weights=` argument, local weights file to load afterwards)."""
     if weights is None or str(weights).lower() in ("none", ""):
@@ -145,10 +172,14 @@ def build_model(
         pretrained = keras_weights is not None or weights_file is not None
         features.append(base(x, training=False) if pretrained else base(x))
     x = features[0] if len(features) == 1 else keras.layers.Concatenate(name="concat")(features)
+    x = FeatureStandardize(name=FEATURE_SCALE)(x)
     x = keras.layers.Dropout(dropout)(x)
     x = keras.layers.Dense(dense_units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(dropout)(x)
-    outputs = keras.layers.Dense(spec.num_classes, activation=spec.activation, dtype="float32", name="predictions")(x)
+    # Small initial logits: the head starts at near-uniform outputs (first loss ~ ln(classes)).
+    small = keras.initializers.VarianceScaling(0.01, mode="fan_avg", distribution="uniform")
+    outputs = keras.layers.Dense(spec.num_classes, activation=spec.activation, dtype="float32", kernel_initializer=small,
+                                 name="predictions")(x)  # fmt: skip
     model = keras.Model(inputs, outputs, name=f"{spec.name}_{'_'.join(names)}")
     return model
 
@@ -163,6 +194,16 @@ def _build_backbone(name: str, info: Backbone, size: int, keras_weights: str | N
             f"could not download Keras' ImageNet weights for {name} ({exc}). Without internet access, "
             "pass --weights PATH (a weights file saved where the internet is reachable) or --weights none"
         ) from exc
+
+
+def pooled_features(model: keras.Model) -> tuple[keras.Model, FeatureStandardize] | None:
+    """(uint8 image -> pooled backbone features, the head's standardisation layer), or None for a
+    model built before the head had one."""
+    try:
+        layer = model.get_layer(FEATURE_SCALE)
+    except ValueError:
+        return None
+    return keras.Model(model.input, layer.input, name=f"{model.name}_features"), layer
 
 
 def backbones_of(model: keras.Model) -> list[tuple[str, keras.Model]]:

@@ -39,6 +39,21 @@ def oct_sample() -> Path:
 
 
 @pytest.fixture(scope="session")
+def oct_train() -> Path:
+    return _sample("oct-train")
+
+
+@pytest.fixture(scope="session")
+def real_vgg16_weights(tmp_path_factory) -> str:
+    """A real pretrained VGG16 backbone weights file (HED's conv layers, bench/hed_vgg16.py),
+    for tests that need what ImageNet-like features do to training, through `--weights PATH`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.hed_vgg16 import convert
+
+    return str(convert(tmp_path_factory.mktemp("weights") / "vgg16_hed.weights.h5"))
+
+
+@pytest.fixture(scope="session")
 def glaucoma_sample() -> Path:
     return _sample("glaucoma-sample")
 

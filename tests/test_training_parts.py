@@ -65,3 +65,36 @@ def test_job_flags_parse_into_the_config():
         "oct", "s3://b/k", "s3://b/r", "none", 96, 4, True, True
     )
     assert cfg.learning_rate == 0.01 and cfg.batch_size == 8 and cfg.epochs == 2
+
+
+def test_head_standardises_pooled_features_fitted_on_training_batches(tmp_path):
+    """The head's first layer is identity until fitted, then maps the training images' pooled
+    features to mean 0 / std 1 per unit (constant units keep scale 1), and survives save/load."""
+    import keras
+    import tensorflow as tf
+
+    from eyeray.distributed import DistributedFitter
+    from eyeray.models import FEATURE_SCALE, build_model, pooled_features
+
+    spec = get_task("oct")
+    model = build_model(spec, "small_cnn", weights="none", image_size=32)
+    features, layer = pooled_features(model)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    raw = features.predict(images, verbose=0)
+    np.testing.assert_allclose(layer(raw), raw, rtol=1e-6)  # identity before fitting
+
+    fitter = DistributedFitter(tf.distribute.MirroredStrategy(["/cpu:0"]), model, spec, np.ones(4, np.float32))
+    stats = fitter.fit_feature_scale({"image": images[i : i + 16]} for i in range(0, 40, 16))
+    assert stats["images"] == 40
+    z = np.asarray(layer(raw))
+    varying = raw.std(axis=0) > 1e-6
+    np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-3)
+    np.testing.assert_allclose(z.std(axis=0)[varying], 1, atol=1e-3)
+    np.testing.assert_allclose(layer.std.numpy()[~varying], 1)
+
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, compile=False)
+    np.testing.assert_allclose(loaded.get_layer(FEATURE_SCALE).mean.numpy(), layer.mean.numpy())
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
