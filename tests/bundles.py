@@ -26,6 +26,10 @@ def validation_labels(task: str, n: int, rng: np.random.Generator) -> np.ndarray
 def make_bundle(root: Path, task: str = "oct", size: int = 32, decision: bool = False, seed: int = 0) -> str:
     spec = get_task(task)
     model = build_model(spec, "small_cnn", weights="none", image_size=size)
+    # An untrained head starts at near-uniform outputs (small initial logits); spread them, so
+    # calibration, operating points and review flags have different cases to tell apart.
+    kernel = model.get_layer("predictions").kernel
+    kernel.assign(np.random.default_rng(seed).normal(0, 1.0, kernel.shape).astype(np.float32))
     fitted = {}
     if decision:
         rng = np.random.default_rng(seed)

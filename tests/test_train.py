@@ -73,7 +73,7 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
     assert len(result.resumed_after) == 1 and result.resumed_after[0] in (1, 2)
     assert [(h["epoch"], h["phase"]) for h in result.history] == [(1, "head"), (2, "head"), (3, "fine_tune"), (4, "fine_tune")]
     assert {(h["workers"], h["gpus_per_worker"]) for h in result.history} == {(2, 1)}
-    assert result.history[2]["learning_rate"] == pytest.approx(result.history[0]["learning_rate"] * 0.01)
+    assert result.history[2]["learning_rate"] == pytest.approx(result.history[0]["learning_rate"] * cfg.fine_tune_lr_factor)
     for key in ("pauc_90_100", "sens_at_95_spec", "auc"):
         assert key in result.metrics
     assert bundle.read_manifest(result.bundle)["weights"] == str(weights)
