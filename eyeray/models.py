@@ -102,7 +102,7 @@ class FeatureStandardize(keras.layers.Layer):
     """(features - mean) / std per unit, with mean and std fitted on the training images before
     the head trains (`set_statistics`, see eyeray.distributed.DistributedFitter.fit_feature_scale).
 
-    Why: pooled features of pretrained backbones come in any scale (a real VGG16 here: mean 7.5,
+    Why: pooled features of pretrained backbones come in any scale (a real VGG16 at 160 px: mean 7.5,
     std 19, max 333 per unit; a random one: 0.17 / 0.17 / 0.86). Unscaled, a freshly initialised
     head starts with saturated softmax outputs (first-epoch loss 16-19 instead of ln 4) and dropout
     on such inputs makes every training step a different, saturated guess (training accuracy at
