@@ -375,7 +375,8 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     with best.as_directory() as d:
         model.load_weights(os.path.join(d, WEIGHTS_FILE))
     validation = _predict(model.predict_on_batch, decoded["validation"].images, cfg.batch_size)
-    calibration, operating_point, _ = _fit_decisions(spec, validation)
+    fitted = _fit_decisions(spec, validation)
+    calibration, operating_point, _ = fitted
 
     training = {"config": asdict(cfg), "epochs": len(history), "best_epoch": _best_epoch(history),
                 "train_images": int(decoded["train"].count)}  # fmt: skip
@@ -399,7 +400,7 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
         bundle.save(model, manifest, staged)
         exported = bundle.load(staged)
         y_true, probs = _predict(exported.predict, decoded["test"].images, cfg.batch_size)
-        _, _, sections, plots = _decision_support(spec, validation, (y_true, probs))
+        _, _, sections, plots = _decision_support(spec, validation, (y_true, probs), fitted)
         deployed, deployed_plots = _at_operating_point(spec, exported, y_true, probs)
         sections["at_operating_point"] = deployed
         plots.update(deployed_plots)
@@ -431,12 +432,13 @@ def _fit_decisions(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray]) ->
         return params, None, f"not chosen: {exc}"
 
 
-def _decision_support(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]):
-    """`_fit_decisions`, and what calibration and the operating point do on the test split
-    (report sections and the reliability diagram)."""
+def _decision_support(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                      fitted: tuple[dict, dict | None, str | None] | None = None):  # fmt: skip
+    """`_fit_decisions` (or its result, `fitted`), and what calibration and the operating point do
+    on the test split (report sections and the reliability diagram)."""
     from eyeray import calibration, operating_points
 
-    params, op, note = _fit_decisions(spec, validation)
+    params, op, note = fitted or _fit_decisions(spec, validation)
     (y_val, p_val), (y_test, p_test) = validation, test
     val_cal, test_cal = calibration.apply(params, p_val), calibration.apply(params, p_test)
     sections: dict[str, Any] = {"calibration": {
