@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 
 from bench.hed_vgg16 import convert  # noqa: E402
-from eyeray import evaluate, imaging  # noqa: E402
-from eyeray.datasets import read_layout  # noqa: E402
-from eyeray.models import build_model, pooled_features  # noqa: E402
+from eyeray.data import imaging
+from eyeray.data.layouts import read_layout  # noqa: E402
+from eyeray.evaluation import metrics as evaluate
+from eyeray.model.build import build_model, pooled_features  # noqa: E402
 from eyeray.tasks import get_task  # noqa: E402
 from eyeray.train import TrainConfig, run  # noqa: E402
 

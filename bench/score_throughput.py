@@ -34,9 +34,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 import psutil  # noqa: E402
 import ray  # noqa: E402
 
-from eyeray import bundle, imaging, synthetic  # noqa: E402
-from eyeray.models import build_model  # noqa: E402
-from eyeray.score import ScoreConfig, list_archive, run  # noqa: E402
+from eyeray.data import imaging, synthetic
+from eyeray.data.files import list_inputs as list_archive  # noqa: E402
+from eyeray.model import bundle
+from eyeray.model.build import build_model  # noqa: E402
+from eyeray.score import ScoreConfig, run
 from eyeray.tasks import get_task  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -27,8 +27,8 @@ from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eyeray import bundle
-from eyeray.models import build_model
+from eyeray.model import bundle
+from eyeray.model.build import build_model
 from eyeray.serve import ServeArgs, build_app
 from eyeray.tasks import get_task
 

@@ -1,6 +1,6 @@
 """Training throughput fed by Ray Data vs fed by the same tensors from memory.
 
-One Ray Train worker runs the real training step (eyeray.distributed) on the same model and
+One Ray Train worker runs the real training step (eyeray.train.distributed) on the same model and
 batch size, alternating epochs fed from its Ray Data shard (decoded once, materialized in the
 object store, as `eyeray.train` does) and epochs fed from numpy arrays already in the worker's
 memory. The ratio of steps per second says what the Ray Data feed costs; it is measured in one
@@ -26,12 +26,12 @@ from ray.train import RunConfig, ScalingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eyeray import synthetic  # noqa: E402
-from eyeray.augment import augment_batch  # noqa: E402
-from eyeray.datasets import read_layout  # noqa: E402
-from eyeray.ingest import decode_split  # noqa: E402
+from eyeray.data import synthetic
+from eyeray.data.augment import augment_batch  # noqa: E402
+from eyeray.data.layouts import read_layout  # noqa: E402
+from eyeray.data.records import decode_split  # noqa: E402
 from eyeray.tasks import get_task  # noqa: E402
-from eyeray.train import train_batches  # noqa: E402
+from eyeray.train.worker import train_batches  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,8 +39,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def worker_loop(config: dict) -> None:
     import tensorflow as tf
 
-    from eyeray.distributed import DistributedFitter
-    from eyeray.models import build_model, set_phase
+    from eyeray.model.build import build_model, set_phase
+    from eyeray.train.distributed import DistributedFitter
 
     spec = get_task(config["task"])
     strategy = tf.distribute.MultiWorkerMirroredStrategy()

@@ -31,9 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 
-from eyeray import bundle, imaging, storage  # noqa: E402
-from eyeray.models import build_model  # noqa: E402
-from eyeray.operating_points import DEFAULT_REVIEW_BELOW  # noqa: E402
+from eyeray import storage  # noqa: E402
+from eyeray.data import imaging
+from eyeray.decision.decide import DEFAULT_REVIEW_BELOW  # noqa: E402
+from eyeray.model import bundle
+from eyeray.model.build import build_model  # noqa: E402
 from eyeray.tasks import get_task  # noqa: E402
 from eyeray.train import TrainConfig, run  # noqa: E402
 

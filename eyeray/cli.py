@@ -12,8 +12,8 @@ import json
 import sys
 from dataclasses import fields
 
-from eyeray.ensemble import METHODS
-from eyeray.operating_points import DEFAULT_REVIEW_BELOW
+from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
+from eyeray.decision.ensemble import METHODS
 from eyeray.tasks import TASKS
 
 
@@ -173,7 +173,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def serve_main(args: argparse.Namespace) -> int:
     """`eyeray serve`: the Serve application of `jobs/serve_config.yaml`, until interrupted.
     The optional API token comes from EYERAY_API_TOKEN or EYERAY_API_TOKEN_FILE."""
-    from eyeray.bundle import read_manifest
+    from eyeray.model.bundle import read_manifest
     from eyeray.serve import ServeArgs, run
 
     thresholds = {}
@@ -203,9 +203,8 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 def _explain(args: argparse.Namespace) -> int:
     """One JSON line per image (overlay path, labels, calibrated probabilities, referral); exit 1 if any failed."""
-    from eyeray.explain import explain_files
-
-    from eyeray.operating_points import parse_thresholds
+    from eyeray.decision.operating_points import parse_thresholds
+    from eyeray.model.gradcam import explain_files
 
     rows = explain_files(args.bundle, args.images, output=args.output, class_name=args.class_name, alpha=args.alpha,
                          thresholds=parse_thresholds(args.thresholds))  # fmt: skip
@@ -250,7 +249,7 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "small_cnn always trains from scratch)")  # fmt: skip
     add("--grace-period", type=int, default=1, help="epochs every trial runs before ASHA may stop it")
     add("--reduction-factor", type=float, default=2.0, help="ASHA keeps the best 1/this of trials at each rung")
-    add("--space", help="YAML/JSON file overriding the task's search space (see eyeray/search_space.py)")
+    add("--space", help="YAML/JSON file overriding the task's search space (see eyeray/sweep/search_space.py)")
     add("--ensemble-top", type=int, default=0, metavar="K", help="evaluate the top K trials together on the "
         "test split (averaged probabilities and majority vote)")  # fmt: skip
     add("--seed", type=int, default=0)

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eyeray import storage, synthetic
+from eyeray import storage
+from eyeray.data import synthetic
 from eyeray.tasks import get_task
 
 BROKEN_FILES = {

@@ -40,8 +40,8 @@ class TaskSpec:
     title: str
     classes: tuple[str, ...]
     multi_label: bool
-    layout: str  # a key of eyeray.datasets.LAYOUTS
-    backbone: str  # default backbone (a key of eyeray.models.BACKBONES, or "a+b" for a concat ensemble)
+    layout: str  # a key of eyeray.data.layouts.LAYOUTS
+    backbone: str  # default backbone (a key of eyeray.model.build.BACKBONES, or "a+b" for a concat ensemble)
     image_size: int
     # Regex with one group that extracts the patient id from a file name (no directory), so
     # that flat layouts are split by patient. None: split by a stable hash of the file name.
@@ -50,12 +50,12 @@ class TaskSpec:
     # Classes whose presence means "refer" (OCT: CNV or DME is urgent); empty: no referral rule.
     referral_classes: tuple[str, ...] = ()
     positive_class: str | None = None  # binary tasks: the class whose probability is the score
-    extra_metrics: tuple[str, ...] = ()  # keys of eyeray.evaluate.EXTRA_METRICS
+    extra_metrics: tuple[str, ...] = ()  # keys of eyeray.evaluation.metrics.EXTRA_METRICS
     # The validation metric that ranks epochs and trials in model selection (higher is better):
-    # a key of eyeray.evaluate.compute_metrics, reported every epoch as "val_<key>".
+    # a key of eyeray.evaluation.metrics.compute_metrics, reported every epoch as "val_<key>".
     selection_metric: str = "macro_f1"
     # How decision thresholds are chosen on validation data: "RULE:TARGET" or "RULE", RULE a key
-    # of eyeray.operating_points.RULES; "": none (argmax, or 0.5 per label).
+    # of eyeray.decision.operating_points.RULES; "": none (argmax, or 0.5 per label).
     operating_point: str = ""
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     dataset_hint: str = ""  # shown in layout errors: what the reader expected

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from eyeray import bundle, calibration, operating_points
-from eyeray.models import build_model
+from eyeray.decision import calibration, operating_points
+from eyeray.model import bundle
+from eyeray.model.build import build_model
 from eyeray.tasks import get_task
 
 

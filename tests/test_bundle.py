@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eyeray import bundle
-from eyeray.models import build_model
+from eyeray.model import bundle
+from eyeray.model.build import build_model
 from eyeray.tasks import get_task
 
 

@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from eyeray import bundle, calibration
-from eyeray.models import build_model
+from eyeray.decision import calibration
+from eyeray.evaluation.plots import RELIABILITY_PNG, plot_reliability
+from eyeray.model import bundle
+from eyeray.model.build import build_model
 from eyeray.tasks import get_task
 
 
@@ -98,8 +100,8 @@ def test_ece_of_a_perfectly_calibrated_and_a_maximally_wrong_model():
 def test_reliability_diagram_is_written(tmp_path):
     y, p = overconfident_single_label(200, seed=3)
     after = calibration.apply(calibration.fit(y, p, multi_label=False), p)
-    calibration.plot_reliability(y, p, after, False, tmp_path / calibration.RELIABILITY_PNG, "OCT")
-    assert (tmp_path / calibration.RELIABILITY_PNG).stat().st_size > 5000
+    plot_reliability(y, p, after, False, tmp_path / RELIABILITY_PNG, "OCT")
+    assert (tmp_path / RELIABILITY_PNG).stat().st_size > 5000
 
 
 def test_perfectly_separated_validation_data_does_not_push_probabilities_to_0_and_1():

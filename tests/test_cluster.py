@@ -26,7 +26,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RAY_TEST_ENV, _wait_for_job_agent, free_port, start_node, stop_cluster
+from conftest import (
+    RAY_TEST_ENV,
+    _wait_for_job_agent,
+    free_port,
+    start_node,
+    stop_cluster,
+)
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
@@ -343,7 +349,7 @@ def assert_work_on_worker_node(cluster: dict, found: list[tuple[str, str, dict]]
 @pytest.fixture(scope="module")
 def trained(two_nodes, tmp_path_factory):
     """The OCT training job, tiny: one GPU worker (a logical GPU: TensorFlow computes on the CPU)."""
-    from eyeray import synthetic
+    from eyeray.data import synthetic
     from eyeray.tasks import get_task
 
     root = tmp_path_factory.mktemp("cluster-train")  # one machine: stands in for S3 / NFS

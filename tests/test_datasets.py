@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from eyeray import storage
-from eyeray.datasets import (
-    IMAGE_EXTENSIONS,
+from eyeray.data.files import IMAGE_EXTENSIONS, list_inputs
+from eyeray.data.layouts import (
     LAYOUTS,
     SPLITS,
     Layout,
@@ -297,13 +297,17 @@ def test_non_image_files_are_skipped_with_a_reason(tmp_path):
         "labels.txt": "not an image (.txt)",
         ".DS_Store": "hidden file",
         "._3_left.jpg": "hidden file",
-        "scan": "not an image (no extension)",
         "7_left.jpg": "in a hidden folder",
         "notes.md": "not in a class folder",
     }
-    assert len(all_records(layout)) == 21  # nested NRG/more/90_left.JPG counts, upper-case extension too
-    assert "skipped 6 files" in layout.summary()
+    # nested NRG/more/90_left.JPG counts, upper-case extension too; so does NRG/scan: PACS exports
+    # name DICOM files without an extension, and the decoder (not the name) judges them
+    assert len(all_records(layout)) == 22
+    assert "skipped 5 files" in layout.summary()
     assert ".dcm" in IMAGE_EXTENSIONS
+    # one rule for every route: scoring lists the same image files a training layout reads
+    inputs = {Path(p).relative_to(tmp_path).as_posix() for p in list_inputs(str(tmp_path))}
+    assert inputs == {Path(r["path"]).relative_to(tmp_path).as_posix() for r in all_records(layout)}
 
 
 def test_dataset_shipped_split_overlapping_patients_is_noted(tmp_path):

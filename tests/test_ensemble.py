@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eyeray.bundle import BundleError
-from eyeray.ensemble import check_compatible, combine, version_key
+from eyeray.decision import ensemble
+from eyeray.model.bundle import BundleError, check_compatible
+from eyeray.score.pipeline import version_key
+
+
+def combine(manifests, probabilities, method):
+    """(ensemble probabilities, labels per row) of the ensemble's Decision."""
+    decision = ensemble.combine(manifests, probabilities, method)
+    return decision.probabilities, decision.labels
 
 
 def manifest(version: str, classes=("CNV", "DME", "DRUSEN", "NORMAL"), multi_label=False, thresholds=None):

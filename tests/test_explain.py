@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eyeray import bundle, explain
 from eyeray.cli import explain_main
-from eyeray.models import build_model
+from eyeray.model import bundle
+from eyeray.model.build import build_model
+from eyeray.model.gradcam import GradCam, gradcam, overlay_path
+from eyeray.model.overlay import overlay, overlay_png
 from eyeray.tasks import get_task
 
 SIZE = 64
@@ -52,7 +54,7 @@ def quadrant_of_peak(heatmap: np.ndarray) -> tuple[bool, bool]:
 
 def test_heatmap_peak_falls_on_the_class_marker_for_held_out_images(marker_model):
     images, classes = marker_images(40, np.random.default_rng(1))
-    result = explain.GradCam(marker_model)(images)
+    result = GradCam(marker_model)(images)
     assert (result.class_index == classes).mean() == 1.0  # the model learned the marker
     assert result.heatmaps.shape == (40, SIZE // 8, SIZE // 8)  # small CNN: the last ReLU before pooling
     hits = [quadrant_of_peak(h) == ((False, False) if k == 0 else (True, True)) for h, k in zip(result.heatmaps, classes)]
@@ -62,13 +64,13 @@ def test_heatmap_peak_falls_on_the_class_marker_for_held_out_images(marker_model
 
 def test_explaining_a_given_class_and_the_cached_function(marker_model):
     images, _ = marker_images(4, np.random.default_rng(2))
-    result = explain.GradCam(marker_model)(images, class_index=[1, 1, 0, 0])
+    result = GradCam(marker_model)(images, class_index=[1, 1, 0, 0])
     assert result.class_index.tolist() == [1, 1, 0, 0]
     np.testing.assert_allclose(result.probabilities, marker_model.predict(images, verbose=0), atol=1e-5)
-    heatmaps = explain.gradcam(marker_model, images, class_index=[1, 1, 0, 0])
+    heatmaps = gradcam(marker_model, images, class_index=[1, 1, 0, 0])
     np.testing.assert_allclose(heatmaps, result.heatmaps, atol=1e-6)
     with pytest.raises(ValueError, match="class_index"):
-        explain.gradcam(marker_model, images, class_index=2)
+        gradcam(marker_model, images, class_index=2)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +84,7 @@ def test_explaining_a_given_class_and_the_cached_function(marker_model):
 )
 def test_feature_map_is_found_from_the_graph_for_each_backbone(backbone, size, feature_layer, grid):
     model = build_model(get_task("oct"), backbone, weights="none", image_size=size)
-    cam = explain.GradCam(model)
+    cam = GradCam(model)
     [source] = cam.sources
     assert source.name == f"backbone_{backbone}" and source.feature_layer.startswith(feature_layer)
     heatmaps = cam(np.random.default_rng(0).integers(0, 255, (2, size, size, 3), dtype=np.uint8)).heatmaps
@@ -92,7 +94,7 @@ def test_feature_map_is_found_from_the_graph_for_each_backbone(backbone, size, f
 
 def test_concatenation_ensemble_combines_both_branches_or_explains_one():
     model = build_model(get_task("glaucoma"), "vgg16+small_cnn", weights="none", image_size=32)
-    cam = explain.GradCam(model)
+    cam = GradCam(model)
     assert [s.name for s in cam.sources] == ["backbone_vgg16", "backbone_small_cnn"]
     images = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3), dtype=np.uint8)
     assert cam(images).heatmaps.shape == (2, 4, 4)  # on the finer (small CNN) grid
@@ -108,7 +110,7 @@ def test_a_flat_functional_model_without_a_nested_backbone_works_too():
     x = keras.layers.Conv2D(8, 3, activation="relu", name="last_conv")(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
-    cam = explain.GradCam(model)
+    cam = GradCam(model)
     assert [s.feature_layer for s in cam.sources] == ["last_conv"]
     assert cam(np.zeros((1, 32, 32, 3), np.uint8)).heatmaps.shape == (1, 30, 30)
 
@@ -117,13 +119,13 @@ def test_overlay_has_the_original_image_size_and_encodes_as_png():
     image = np.full((123, 211, 3), 90, np.uint8)
     heatmap = np.zeros((4, 4), np.float32)
     heatmap[0, 0] = 1.0
-    out = explain.overlay(image, heatmap)
+    out = overlay(image, heatmap)
     assert out.shape == image.shape and out.dtype == np.uint8
     assert not np.array_equal(out[:10, :10], image[:10, :10])  # hot corner coloured
     np.testing.assert_array_equal(out[-10:, -10:], image[-10:, -10:])  # cold corner keeps the image
-    decoded = np.asarray(Image.open(io.BytesIO(explain.overlay_png(image, heatmap))))
+    decoded = np.asarray(Image.open(io.BytesIO(overlay_png(image, heatmap))))
     np.testing.assert_array_equal(decoded, out)
-    assert explain.overlay(image[..., 0], heatmap).shape == image.shape  # greyscale in, RGB out
+    assert overlay(image[..., 0], heatmap).shape == image.shape  # greyscale in, RGB out
 
 
 def test_explain_cli_writes_an_overlay_per_image_from_a_bundle(marker_model, tmp_path, capsys):
@@ -146,12 +148,12 @@ def test_explain_cli_writes_an_overlay_per_image_from_a_bundle(marker_model, tmp
         assert row["overlay"] == str(tmp_path / "out" / f"{path.stem}.gradcam.png")
         assert row["explained_class"] == spec.classes[k] and row["labels"] == [spec.classes[k]]
         assert Image.open(row["overlay"]).size == Image.open(path).size
-    assert explain.overlay_path("s3://b/x/eye.jpeg", None) == "s3://b/x/eye.gradcam.png"
+    assert overlay_path("s3://b/x/eye.jpeg", None) == "s3://b/x/eye.gradcam.png"
 
 
 def test_explain_plan_picks_rows_and_classes():
-    from eyeray.explain_plan import ExplainPlan
-    from eyeray.operating_points import Decision
+    from eyeray.decision.decide import Decision
+    from eyeray.score.explain_plan import ExplainPlan
 
     probs = np.array([[0.7, 0.2, 0.1], [0.2, 0.5, 0.3], [0.4, 0.35, 0.25]], np.float32)
     decision = Decision(probs, [["a"], ["b"], ["a"]], np.array([True, False, False]), None)

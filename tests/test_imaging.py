@@ -6,12 +6,11 @@ import io
 
 import numpy as np
 import pytest
+from corpus import encode, gradient, make_dicom
 from PIL import Image
 
-from eyeray import imaging
-from eyeray.imaging import DecodeError
-
-from corpus import encode, gradient, make_dicom
+from eyeray.data import imaging
+from eyeray.data.imaging import DecodeError
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF"])

@@ -6,7 +6,14 @@ import keras
 import numpy as np
 import pytest
 
-from eyeray.models import BACKBONES, backbone_names, backbones_of, build_model, phases, set_phase
+from eyeray.model.build import (
+    BACKBONES,
+    backbone_names,
+    backbones_of,
+    build_model,
+    phases,
+    set_phase,
+)
 from eyeray.tasks import TASKS, get_task
 
 

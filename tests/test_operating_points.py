@@ -8,8 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from eyeray import calibration, evaluate
-from eyeray import operating_points as op_
+from eyeray.decision import calibration
+from eyeray.decision import operating_points as op_
+from eyeray.decision.decide import confidence, decide
+from eyeray.decision.roc import UndefinedMetric
+from eyeray.evaluation.metrics import decisions, sens_at_95_spec
+from eyeray.evaluation.plots import RELIABILITY_PNG
+from eyeray.evaluation.report import METRICS_FILE, write_report
 from eyeray.tasks import get_task
 
 
@@ -47,7 +52,7 @@ def test_glaucoma_threshold_gives_95_percent_specificity_on_its_validation_data(
     assert specificity >= 0.95
     assert op["achieved"]["specificity"] == pytest.approx(specificity)
     # the most sensitive point with that specificity: AIROGS' sens@95%spec, from evaluate
-    assert sensitivity == pytest.approx(evaluate.sens_at_95_spec(spec, y, p))
+    assert sensitivity == pytest.approx(sens_at_95_spec(spec, y, p))
     assert (p[:, 1] > op["threshold"]).tolist() == refer.tolist()  # '>' and '>=' agree on it
     decided = op_.decisions(op, p)  # the label agrees with the referral: RG exactly when referred
     assert decided[:, 1].astype(bool).tolist() == refer.tolist()
@@ -81,7 +86,7 @@ def test_odir_per_label_f1_thresholds_beat_a_flat_half():
         f1, flat = np.mean(list(tuned["f1"].values())), np.mean(list(tuned["f1_at_0.5"].values()))
         print(f"ODIR {split}: mean per-label F1 {flat:.3f} at 0.5 -> {f1:.3f} at the chosen thresholds")
         assert all(tuned["f1"][c] > tuned["f1_at_0.5"][c] + 0.5 for c in spec.classes)
-    assert evaluate.decisions(spec, p_val, op["thresholds"]).tolist() == op_.decisions(op, p_val).tolist()
+    assert decisions(spec, p_val, op["thresholds"]).tolist() == op_.decisions(op, p_val).tolist()
 
 
 def test_a_label_without_positives_keeps_the_default_threshold():
@@ -115,31 +120,31 @@ def test_decide_calibrates_then_applies_the_operating_point_or_falls_back_for_ol
     calibrated = calibration.apply(params, p)
     manifest = {"classes": list(spec.classes), "multi_label": False, "referral_classes": ["RG"], "thresholds": [0.5, 0.5],
                 "calibration": params, "operating_point": op_.choose(spec, y, calibrated)}  # fmt: skip
-    d = op_.decide(manifest, p)
+    d = decide(manifest, p)
     np.testing.assert_array_equal(d.probabilities, calibrated)
     assert d.referral.tolist() == op_.referral(manifest["operating_point"], calibrated).tolist()
     assert [row == ["RG"] for row in d.labels] == d.referral.tolist()
-    assert op_.decide(manifest, p, thresholds=0.0).labels == [["RG"]] * len(p)
+    assert decide(manifest, p, thresholds=0.0).labels == [["RG"]] * len(p)
     old = {k: v for k, v in manifest.items() if k not in ("calibration", "operating_point")}
-    legacy = op_.decide(old, p)  # argmax, refer when the label is a referral class
+    legacy = decide(old, p)  # argmax, refer when the label is a referral class
     np.testing.assert_array_equal(legacy.probabilities, p)
     assert legacy.referral.tolist() == (p[:, 1] > p[:, 0]).tolist() and legacy.operating_point is None
     with pytest.raises(ValueError, match="no operating point"):
-        op_.decide(old, p, thresholds=0.3)
+        decide(old, p, thresholds=0.3)
 
 
 def test_unknown_rule_and_undefined_data_fail_clearly():
     with pytest.raises(ValueError, match="unknown operating-point rule"):
         op_.choose(get_task("oct"), *oct_case(20, 0), rule="youden")
     _, p = glaucoma_case(20, 0)
-    with pytest.raises(evaluate.UndefinedMetric):
+    with pytest.raises(UndefinedMetric):
         op_.choose(get_task("glaucoma"), np.eye(2)[[0] * 20], p)
 
 
 @pytest.mark.parametrize("task, case", [("oct", oct_case), ("odir", odir_case)])
 def test_training_driver_fits_both_on_validation_and_reports_them_on_test(task, case, tmp_path):
     """The end of `eyeray.train.run` without Ray: validation fits, the report shows test figures."""
-    from eyeray.train import _decision_support
+    from eyeray.train.driver import _decision_support
 
     spec = get_task(task)
     (y_val, p_val), (y_test, p_test) = case(300, seed=6), case(300, seed=7)
@@ -148,14 +153,14 @@ def test_training_driver_fits_both_on_validation_and_reports_them_on_test(task, 
     assert sections["calibration"]["test"]["ece_bins"] == calibration.ECE_BINS
     assert {"ece_before", "ece_after"} <= set(sections["calibration"]["validation"])
     assert sections["operating_point"]["test"]["n"] == 300
-    metrics = evaluate.write_report(spec, tmp_path, y_true=y_test, probs=p_test, sections=sections, extra_plots=plots)
-    on_disk = json.loads((tmp_path / evaluate.METRICS_FILE).read_text())
+    metrics = write_report(spec, tmp_path, y_true=y_test, probs=p_test, sections=sections, extra_plots=plots)
+    on_disk = json.loads((tmp_path / METRICS_FILE).read_text())
     assert on_disk["calibration"] == metrics["calibration"] and on_disk["operating_point"]["rule"] == op["rule"]
-    assert calibration.RELIABILITY_PNG in on_disk["plots"] and (tmp_path / calibration.RELIABILITY_PNG).stat().st_size > 5000
+    assert RELIABILITY_PNG in on_disk["plots"] and (tmp_path / RELIABILITY_PNG).stat().st_size > 5000
 
 
 def test_training_driver_leaves_the_operating_point_out_when_validation_cannot_define_it():
-    from eyeray.train import _decision_support
+    from eyeray.train.driver import _decision_support
 
     y, p = glaucoma_case(30, seed=8)
     only_nrg = np.eye(2)[[0] * 30]
@@ -178,14 +183,14 @@ def test_answer_carries_confidence_review_and_the_operating_point_used():
     y, p = oct_case(300, seed=9)
     manifest = {"classes": list(spec.classes), "multi_label": False, "thresholds": [0.5] * 4,
                 "calibration": calibration.fit(y, p, False), "operating_point": op_.choose(spec, y, p)}  # fmt: skip
-    decision = op_.decide(manifest, p[:5])
-    answer = decision.answer(0, spec.classes, review_below=0.99)
+    decision = decide(manifest, p[:5], review_below=0.99)
+    answer = decision.answer(0, spec.classes)
     assert answer["confidence"] == pytest.approx(max(answer["probabilities"].values()))
-    assert answer["needs_review"] == (answer["confidence"] < 0.99)
+    assert answer["needs_review"] == (answer["confidence"] < 0.99) == decision.needs_review()[0]
     assert answer["label"] == answer["labels"][0] and answer["referral"] == (answer["label"] in ("CNV", "DME"))
     assert set(answer["operating_point"]) == {"rule", "target", "score", "threshold", "chosen_on"}
     # multi-label: the least sure label decides the confidence
-    sure = op_.confidence(np.array([[0.9, 0.05, 0.55], [0.99, 0.01, 0.0]]), multi_label=True)
+    sure = confidence(np.array([[0.9, 0.05, 0.55], [0.99, 0.01, 0.0]]), multi_label=True)
     np.testing.assert_allclose(sure, [0.55, 0.99])
 
 
@@ -199,3 +204,23 @@ def test_averaging_ensemble_uses_the_members_mean_threshold():
     assert merged["threshold"] == pytest.approx(np.mean([m["operating_point"]["threshold"] for m in members]))
     assert "achieved" not in merged and merged["chosen_on"].startswith("mean")
     assert op_.mean_operating_point([members[0], {"operating_point": None}]) is None
+
+
+def test_one_rule_from_probabilities_to_labels_on_every_route():
+    """The model's own figures (evaluation), a bundle without an operating point and one with a
+    per-label point all decide `p >= threshold`: a probability exactly at the threshold is positive."""
+    spec = get_task("odir")
+    p = np.array([[0.5, 0.2, 0.7, 0.1, 0.1, 0.1, 0.1, 0.49]])
+    want = [["N", "G"]]
+    manifest = {"classes": list(spec.classes), "multi_label": True, "thresholds": [0.5] * 8, "referral_classes": []}
+    assert decide(manifest, p).labels == want
+    point = op_.fixed_point(spec.classes, True, thresholds=0.5)
+    assert decide({**manifest, "operating_point": {**point, "rule": "per_label_f1"}}, p).labels == want
+    np.testing.assert_array_equal(decisions(spec, p), [[c in want[0] for c in spec.classes]])
+    # single-label without an operating point: argmax, referral when the decided class is a referral class
+    oct_spec = get_task("oct")
+    m = {"classes": list(oct_spec.classes), "multi_label": False, "thresholds": [0.5] * 4, "referral_classes": ["CNV", "DME"]}
+    d = decide(m, np.array([[0.1, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.7]]))
+    assert d.labels == [["DME"], ["NORMAL"]] and d.referral.tolist() == [True, False] and d.operating_point is None
+    with pytest.raises(ValueError, match="no operating point"):
+        decide(m, np.array([[0.25] * 4]), thresholds=0.3)

@@ -12,10 +12,12 @@ import math
 import numpy as np
 import pytest
 
-from eyeray import bundle, imaging
-from eyeray.datasets import read_layout
+from eyeray.data import imaging
+from eyeray.data.layouts import read_layout
+from eyeray.model import bundle
 from eyeray.tasks import get_task
-from eyeray.train import DEPLOYED_CONFUSION_PNG, TrainConfig, run
+from eyeray.train import TrainConfig, run
+from eyeray.train.driver import DEPLOYED_CONFUSION_PNG
 
 pytestmark = pytest.mark.cluster
 

@@ -13,14 +13,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-from PIL import Image
-
 from bundles import make_bundle
 from corpus import gradient, write_bad_corpus
-from eyeray import bundle, calibration, imaging, operating_points, storage
+from PIL import Image
+
+from eyeray import storage
 from eyeray.cli import add_score_arguments, score_config
-from eyeray.ensemble import version_key
-from eyeray.score import BundlePredictor, ScoreConfig, list_archive, pipeline, run
+from eyeray.data import imaging
+from eyeray.data.files import list_inputs as list_archive
+from eyeray.decision import operating_points
+from eyeray.model import bundle
+from eyeray.score import ScoreConfig, pipeline, run
+from eyeray.score.pipeline import version_key
+from eyeray.score.predictor import BundlePredictor
 from eyeray.tasks import get_task
 
 pytestmark = pytest.mark.cluster
@@ -304,10 +309,10 @@ def test_a_pipeline_the_cluster_can_never_run_is_refused(ray_cluster, oct_bundle
 def test_demo_trains_scores_and_serves(ray_cluster, tmp_path):
     """`eyeray demo` end to end (shortened): the archive's broken files become error rows, and
     the service answers the files it is sent as the batch scorer did (the broken one: 422)."""
+    from conftest import free_port
+
     from eyeray import demo
     from eyeray.train import TrainConfig
-
-    from conftest import free_port
 
     out = demo.run(TrainConfig(task="glaucoma", output=str(tmp_path / "run"), epochs=1, image_size=32),
                    serve_port=free_port())  # fmt: skip

@@ -23,8 +23,10 @@ from conftest import free_port
 from PIL import Image
 from test_imaging import make_dicom
 
-from eyeray import bundle, imaging
-from eyeray.serve import ServeArgs, build_app, read_token
+from eyeray.data import imaging
+from eyeray.model import bundle
+from eyeray.serve import ServeArgs, build_app
+from eyeray.serve.app import read_token
 from eyeray.tasks import get_task
 
 pytestmark = pytest.mark.cluster

@@ -8,7 +8,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eyeray import bundle, imaging, search_space
-from eyeray.sweep import SweepConfig, concurrency, run
+from eyeray.data import imaging
+from eyeray.model import bundle
+from eyeray.sweep import SweepConfig, run, search_space
+from eyeray.sweep.driver import concurrency
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,7 +216,7 @@ def test_asha_rung_records_survive_a_restart_of_the_scheduler(tmp_path):
 
     from ray.tune.schedulers import TrialScheduler
 
-    from eyeray.sweep_scheduler import ResumableASHA
+    from eyeray.sweep.scheduler import ResumableASHA
 
     def scheduler(state: Path) -> ResumableASHA:
         return ResumableASHA(str(state), time_attr="epoch", metric="score", mode="max", max_t=3, grace_period=1)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from eyeray import synthetic
+from eyeray.data import synthetic
 from eyeray.tasks import get_task
 
 SIZE = 64  # the demo's image size: features must survive this resize
@@ -109,7 +109,7 @@ def test_odir_sheet_has_the_real_columns_and_the_drawn_labels(tmp_path, monkeypa
 @pytest.mark.parametrize("task", ["oct", "glaucoma", "odir"])
 def test_eyeray_reads_every_generated_image(task, tmp_path):
     """The point of imitating the layouts: the real reader takes them as they are."""
-    from eyeray.datasets import read_layout
+    from eyeray.data.layouts import read_layout
 
     spec = get_task(task)
     root = synthetic.make_dataset(spec, tmp_path, images_per_class=6, image_size=32)

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import ray.train
 
-from eyeray import bundle, storage, synthetic
+from eyeray import storage
+from eyeray.data import synthetic
+from eyeray.model import bundle
 from eyeray.tasks import get_task
 from eyeray.train import TrainConfig, run
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from eyeray.augment import augment_batch, augment_image
 from eyeray.cli import get_train_parser, train_config
-from eyeray.distributed import class_weights
+from eyeray.data.augment import augment_batch, augment_image
 from eyeray.tasks import AugmentSpec, get_task
 from eyeray.train import TrainConfig
+from eyeray.train.distributed import class_weights
 
 
 def test_augmentation_keeps_shape_and_dtype_and_varies():
@@ -73,8 +73,8 @@ def test_head_standardises_pooled_features_fitted_on_training_batches(tmp_path):
     import keras
     import tensorflow as tf
 
-    from eyeray.distributed import DistributedFitter
-    from eyeray.models import FEATURE_SCALE, build_model, pooled_features
+    from eyeray.model.build import FEATURE_SCALE, build_model, pooled_features
+    from eyeray.train.distributed import DistributedFitter
 
     spec = get_task("oct")
     model = build_model(spec, "small_cnn", weights="none", image_size=32)

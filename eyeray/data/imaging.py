@@ -1,0 +1,186 @@
+"""The one decode and the one preprocess, shared by training, batch scoring and serving.
+
+`decode` turns file bytes into an RGB uint8 array; `preprocess` resizes it to the model's input
+size. The backbone's own `preprocess_input` (ImageNet mean/scale) is the first layer of every
+model (see `eyeray.model.build.BackbonePreprocess`), so pipelines ship compact uint8 pixels and a
+bundle cannot be fed pixels normalised the wrong way.
+
+Records are MONAI-style dicts (`path`, `image`, `label`, `error`, ...): functions copy them, fill
+their own keys and pass the rest through. A file that cannot be decoded sets `error` instead of
+raising, so one bad file never fails a batch.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# About 8000 x 8000: far above fundus cameras (~12 MP) and OCT B-scans, far below what a
+# crafted "decompression bomb" file asks the decoder to allocate.
+DEFAULT_MAX_PIXELS = 64_000_000
+DICOM_MAGIC_OFFSET = 128
+
+
+class DecodeError(ValueError):
+    """The bytes are not an image eyeray can use; the message is the reason shown to users."""
+
+
+def is_dicom(data: bytes) -> bool:
+    return data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes (JPEG, PNG, TIFF, BMP or DICOM) -> HxWx3 uint8 RGB array.
+
+    Greyscale, 16-bit and float images are scaled into 0..255 and replicated to three channels.
+    """
+    if not data:
+        raise DecodeError("empty file")
+    if is_dicom(data):
+        return _decode_dicom(data, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            _check_size(img.size, max_pixels)
+            if getattr(img, "n_frames", 1) > 1:  # a volume (multi-page TIFF): its central frame, as for DICOM
+                img.seek(img.n_frames // 2)
+            img = ImageOps.exif_transpose(img)  # camera orientation, as a viewer shows it
+            img.load()
+    except DecodeError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DecodeError(_reason(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
+        raise DecodeError(f"corrupt image: {exc}") from None
+    return _to_rgb(img)
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (unrecognised format)"
+    return f"image too large (decompression bomb limit): {exc}"
+
+
+def _check_size(size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if w * h > max_pixels:
+        raise DecodeError(f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+    if w < 1 or h < 1:
+        raise DecodeError(f"image has no pixels: {w}x{h}")
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in ("RGB", "L"):
+        arr = np.asarray(img)
+    elif img.mode in ("RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+        arr = np.asarray(img.convert("RGB"))
+    else:  # "I;16", "I", "F": more than 8 bits per sample
+        arr = scale_to_uint8(np.asarray(img))
+    return gray_to_rgb(arr)
+
+
+def scale_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Min-max scale a high-bit-depth image into 0..255 (12/16-bit OCT and DICOM)."""
+    arr = arr.astype(np.float64)
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    if hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
+    return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def gray_to_rgb(arr: np.ndarray) -> np.ndarray:
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DecodeError(f"unsupported pixel layout {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
+    try:
+        import pydicom
+        from pydicom.pixels import apply_voi_lut
+    except ImportError:  # pragma: no cover - pydicom is a core dependency
+        raise DecodeError("DICOM support needs pydicom") from None
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+            raise DecodeError("DICOM without pixel data (a report, structured document or key object)")
+        _check_size((int(ds.Columns), int(ds.Rows)), max_pixels)
+        arr = ds.pixel_array
+    except DecodeError:
+        raise
+    except Exception as exc:  # pydicom raises many types for bad or unsupported files
+        raise DecodeError(f"unreadable DICOM: {exc}") from None
+    if getattr(ds, "NumberOfFrames", 1) not in (None, 1) and arr.ndim >= 3 and arr.shape[0] > 1:
+        arr = arr[arr.shape[0] // 2]  # a volume: the central frame
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if photometric.startswith("MONOCHROME"):
+        arr = apply_voi_lut(arr, ds)  # the window the modality intended, when it set one
+        arr = scale_to_uint8(arr)
+        if photometric == "MONOCHROME1":  # 0 means white
+            arr = 255 - arr
+    elif arr.dtype != np.uint8:
+        arr = scale_to_uint8(arr)
+    return gray_to_rgb(arr)
+
+
+def preprocess(image: np.ndarray, size: int) -> np.ndarray:
+    """RGB uint8 -> size x size x 3 uint8 (bilinear, aspect ratio not kept, as the seeds did)."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def load_record(record: dict[str, Any], size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                extra_sizes: tuple[int, ...] = ()) -> dict[str, Any]:  # fmt: skip
+    """Read, decode and preprocess one record's file; errors become `error`, never exceptions.
+
+    Uses `record["bytes"]` when present (uploads, `read_binary_files`), else reads `record["path"]`.
+    `extra_sizes` adds `image_<size>` columns from the same decode (ensembles of models whose
+    input sizes differ decode each file once).
+    """
+    from eyeray import storage
+
+    out = dict(record)
+    out.pop("bytes", None)
+    try:
+        data = record["bytes"] if record.get("bytes") is not None else storage.read_bytes(record["path"])
+        image = decode(data, max_pixels)
+    except DecodeError as exc:
+        return _failed(out, size, extra_sizes, str(exc))
+    except (OSError, ValueError) as exc:  # missing file, permission, network
+        return _failed(out, size, extra_sizes, f"unreadable file: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # a decoder bug on one odd file must not fail its whole block
+        return _failed(out, size, extra_sizes, f"undecodable file: {type(exc).__name__}: {exc}")
+    out.update(image=preprocess(image, size), height=image.shape[0], width=image.shape[1], error="")
+    out.update({f"image_{s}": preprocess(image, s) for s in extra_sizes})
+    return out
+
+
+def _failed(out: dict[str, Any], size: int, extra_sizes: tuple[int, ...], reason: str) -> dict[str, Any]:
+    # A blank image keeps every column the same shape, so the row travels with its batch.
+    out.update(image=np.zeros((size, size, 3), np.uint8), height=0, width=0, error=reason)
+    out.update({f"image_{s}": np.zeros((s, s, 3), np.uint8) for s in extra_sizes})
+    return out
+
+
+def load_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               extra_sizes: tuple[int, ...] = ()) -> dict[str, np.ndarray]:  # fmt: skip
+    """`load_record` over a Ray Data batch (dict of columns) -> dict of columns."""
+    n = len(next(iter(batch.values())))
+    rows = [load_record({k: v[i] for k, v in batch.items()}, size, max_pixels, extra_sizes) for i in range(n)]
+    return {key: _column([row[key] for row in rows]) for key in rows[0]} if rows else dict(batch)
+
+
+def _column(values: list[Any]) -> np.ndarray:
+    if isinstance(values[0], np.ndarray):
+        return np.stack(values)
+    if isinstance(values[0], str):
+        return np.array(values, dtype=object)
+    return np.asarray(values)

@@ -1,0 +1,241 @@
+"""Batch scoring of an image archive with Ray Data: one Parquet row per input file, exactly once.
+
+Pipeline: list files -> read + decode + resize (CPU tasks, `eyeray.data.imaging`, the functions
+training used) -> predict (`BundlePredictor` actors: one or more bundles loaded once per actor,
+`num_gpus` when asked; calibrated probabilities, the operating point's labels and referral, a
+confidence and `needs_review`, Grad-CAM overlays of the rows `--explain` selects) -> write shards
+(`eyeray.score.shards`: committed by rename). The stages stream,
+so the model is fed while files are still being read. A re-run lists what committed shards hold
+for the same scoring version and scores only the rest: killed and re-run, every file ends up once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from eyeray import faults, storage
+from eyeray.data import imaging
+from eyeray.data.files import list_inputs
+from eyeray.decision import operating_points
+from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
+from eyeray.decision.ensemble import METHODS, combine
+from eyeray.model.bundle import check_compatible
+from eyeray.score import shards
+from eyeray.score.explain_plan import ExplainPlan
+from eyeray.score.predictor import BundlePredictor
+
+SUMMARY_FILE = "summary.json"
+DECODE_CPUS = 1  # per decode task: decoding one JPEG or DICOM is single-threaded
+# TensorFlow, Keras and the Ray worker itself. Measured: a VGG16 actor peaked at 1.0 GiB on CPU
+# (Ray Data's memory issue detector); with 4x the weights on top, Ray's detector stays quiet.
+ACTOR_RUNTIME_BYTES = 5 << 28  # 1.25 GiB
+REPORT_COLUMNS = ["path", "status", "error", "label", "referral", "confidence", "needs_review", "explanations"]
+SUMMARY_PRINTED = ("files_seen", "scored", "errors", "errors_by_reason", "predictions", "referred", "needs_review",
+                   "wall_seconds")  # fmt: skip
+
+
+@dataclass
+class ScoreConfig:
+    bundles: list[str]
+    input: str
+    output: str
+    ensemble: str = "mean"  # how several bundles combine: "mean" or "vote"
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    batch_size: int = 32
+    rows_per_shard: int = 1000
+    report: bool = True  # write OUTPUT/report.html
+    cpus_per_actor: float = 1.0
+    memory_per_actor: int | None = None  # bytes Ray reserves per model actor; None: estimated from the bundles
+    thresholds: str | None = None  # operating-point override, as typed: "0.3", "0.3,0.4", "D=0.3,G=0.2"
+    tta: bool = False  # mean over the image and its mirror
+    review_below: float = DEFAULT_REVIEW_BELOW  # calibrated confidence -> needs_review
+    explain: str = "review"  # rows that get Grad-CAM overlays: eyeray.score.explain_plan.ExplainPlan
+    block_batches: int = field(default=4, repr=False)  # files per read task, in batches
+
+    def __post_init__(self):
+        operating_points.parse_thresholds(self.thresholds)  # a typo fails here, not in an actor
+        ExplainPlan.parse(self.explain)
+        if not 0.0 <= self.review_below <= 1.0:
+            raise ValueError(f"review_below must be between 0 and 1, not {self.review_below}")
+        if isinstance(self.bundles, str):
+            self.bundles = [self.bundles]
+        if self.ensemble not in METHODS:
+            raise ValueError(f"--ensemble must be one of {', '.join(METHODS)}, not {self.ensemble!r}")
+        for name in ("actors", "batch_size", "rows_per_shard", "block_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
+            raise ValueError("gpus_per_actor and cpus_per_actor must not be negative")
+
+    @property
+    def decision_options(self) -> dict[str, Any]:
+        """The non-default options that change the rows (and so the scoring version)."""
+        options = {"thresholds": operating_points.parse_thresholds(self.thresholds), "tta": self.tta or None,
+                   "review_below": None if self.review_below == DEFAULT_REVIEW_BELOW else self.review_below}
+        return {k: v for k, v in options.items() if v is not None}  # fmt: skip
+
+
+def version_key(manifests: list[dict[str, Any]], method: str, options: dict[str, Any] | None = None) -> str:
+    """What identifies a scoring result: the bundle's version, or for an ensemble a hash of its
+    members' versions and the method (so a re-run with the same bundles resumes, other ones do not).
+    Non-default decision `options` (threshold override, TTA, review level) add a hash of their own:
+    they change the rows, so rows made without them are not reused."""
+    if len(manifests) == 1:
+        key = manifests[0]["version"]
+    else:
+        members = ",".join(sorted(m["version"] for m in manifests))
+        key = "ens-" + hashlib.sha1(f"{method}:{members}".encode()).hexdigest()[:12]
+    if options:
+        key += "-" + hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    return key
+
+
+def run(cfg: ScoreConfig) -> dict[str, Any]:
+    """Score every file of `cfg.input` not yet scored into `cfg.output`; write and return the summary."""
+    from eyeray.model import bundle
+    from eyeray.score import report as score_report
+
+    start = time.perf_counter()
+    manifests = [bundle.read_manifest(uri) for uri in cfg.bundles]
+    check_compatible(manifests)
+    decision = check_decision(cfg, manifests)
+    key = version_key(manifests, cfg.ensemble, cfg.decision_options)
+    fs, root = storage.filesystem(cfg.output)
+    fs.makedirs(root, exist_ok=True)
+    shards.clear_incomplete(cfg.output)
+    found = pa.array(list_inputs(cfg.input), pa.string())
+    done = shards.committed(cfg.output, key, ["path"]).column("path")
+    todo = found.filter(pc.invert(pc.is_in(found, value_set=done.combine_chunks())))
+    print(f"[eyeray] {len(found)} files in {cfg.input}; {len(found) - len(todo)} already scored "
+          f"(version {key}); scoring {len(todo)}")  # fmt: skip
+    written = 0
+    if len(todo):
+        if not ray.is_initialized():
+            ray.init()
+        check_resources(cfg)
+        written = sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests).iter_rows())
+    rows = shards.committed(cfg.output, key, REPORT_COLUMNS)  # read once: the summary and the report
+    summary = summarize(rows, manifests, key, files_seen=len(found), scored_now=written,
+                        seconds=time.perf_counter() - start)  # fmt: skip
+    summary["bundles"] = [{"uri": uri, "version": m["version"], "backbone": m["backbone"]}
+                          for uri, m in zip(cfg.bundles, manifests)]  # fmt: skip
+    summary["ensemble"] = cfg.ensemble if len(manifests) > 1 else None
+    summary["decision"] = decision
+    fs.pipe(f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
+    if cfg.report:
+        score_report.write(cfg.output, summary, rows)
+    print("[eyeray] summary: " + json.dumps({k: summary[k] for k in SUMMARY_PRINTED}))
+    return summary
+
+
+def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.data.Dataset:
+    """The Ray Data pipeline over the files to score: one row (file name, rows) per committed shard."""
+    key, members = version_key(manifests, cfg.ensemble, cfg.decision_options), [m["version"] for m in manifests]
+    sizes = sorted({int(m["input"]["shape"][0]) for m in manifests})
+    block = cfg.batch_size * cfg.block_batches
+    ds = ray.data.from_arrow([pa.table({"path": todo.slice(i, block)}) for i in range(0, len(todo), block)])
+    ds = ds.map_batches(imaging.load_batch, fn_kwargs={"size": sizes[0], "extra_sizes": tuple(sizes[1:])},
+                        batch_size=cfg.batch_size, num_cpus=DECODE_CPUS)  # fmt: skip
+    predictor_args = {"bundle_uris": cfg.bundles, "method": cfg.ensemble, "primary_size": sizes[0],
+                      "thresholds": operating_points.parse_thresholds(cfg.thresholds), "tta": cfg.tta,
+                      "review_below": cfg.review_below, "explain": cfg.explain, "output": cfg.output, "key": key,
+                      "fault_after_batches": faults.from_env(faults.AFTER_BATCHES_ENV)}  # fmt: skip
+    ds = ds.map_batches(BundlePredictor, fn_constructor_kwargs=predictor_args, batch_size=cfg.batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=cfg.gpus_per_actor,
+                        num_cpus=cfg.cpus_per_actor, memory=cfg.memory_per_actor or actor_memory(cfg.bundles))  # fmt: skip
+    ds = ds.map_batches(shards.write_shard, batch_size=cfg.rows_per_shard,
+                        fn_kwargs={"output": cfg.output, "manifest": manifests[0], "key": key, "members": members,
+                                   "decision": json.dumps(check_decision(cfg, manifests), sort_keys=True)})  # fmt: skip
+    return ds
+
+
+def check_decision(cfg: ScoreConfig, manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """How rows are decided (calibration, operating point with any override, TTA, review level),
+    as the rows and the summary record it. A threshold override the bundles cannot take (wrong
+    count, unknown label, no operating point) fails here, before any file is read."""
+    classes = len(manifests[0]["classes"])
+    dry = combine(manifests, [np.full((1, classes), 1 / classes, np.float32)] * len(manifests), cfg.ensemble,
+                          operating_points.parse_thresholds(cfg.thresholds))  # fmt: skip
+    return {
+        "calibration": [m.get("calibration", {}).get("method", "none") for m in manifests],
+        "operating_point": operating_points.summary(dry.operating_point),
+        "tta": cfg.tta,
+        "review_below": cfg.review_below,
+        "explain": cfg.explain,
+    }
+
+
+def check_resources(cfg: ScoreConfig) -> None:
+    """Refuse a pipeline the cluster can never run (Ray Data would wait forever), and say so when
+    other work (a Serve app, another job) holds what it needs right now."""
+    need = {"CPU": cfg.actors * cfg.cpus_per_actor + DECODE_CPUS, "GPU": cfg.actors * cfg.gpus_per_actor}
+    total, free = ray.cluster_resources(), ray.available_resources()
+    short = {k: v for k, v in need.items() if v > total.get(k, 0) + 1e-9}
+    if short:
+        raise ValueError(
+            f"the cluster has {', '.join(f'{total.get(k, 0):g} {k}' for k in short)}, but {cfg.actors} model "
+            f"actor(s) plus one decode task need {', '.join(f'{v:g} {k}' for k, v in short.items())}: "
+            "lower --actors, --cpus-per-actor or --gpus-per-actor, or add nodes"
+        )
+    busy = {k: v for k, v in need.items() if v > free.get(k, 0) + 1e-9}
+    if busy:
+        print(f"[eyeray] waiting for resources held by other work: need {busy}, free now "
+              f"{ {k: round(free.get(k, 0), 2) for k in busy} }")  # fmt: skip
+
+
+def actor_memory(bundle_uris: list[str]) -> int:
+    """Memory a model actor needs: the runtime plus a few times the weights (loaded model, graph,
+    activations). Reserving it keeps Ray from packing more model actors on a node than fit in
+    RAM, and, being a resource the decode tasks do not ask for, keeps decoding in its own tasks
+    rather than fused into the model actor (where it would stall the model on every read)."""
+    from eyeray.model.bundle import MODEL_FILE
+
+    weights = 0
+    for uri in bundle_uris:
+        fs, path = storage.filesystem(uri)
+        weights += fs.size(f"{path}/{MODEL_FILE}")
+    return ACTOR_RUNTIME_BYTES + 4 * weights
+
+
+def summarize(table: pa.Table, manifests: list[dict[str, Any]], key: str, *, files_seen: int, scored_now: int,
+              seconds: float) -> dict[str, Any]:  # fmt: skip
+    """Counts over every committed row of this scoring version (all runs, not just this one)."""
+    ok = pc.equal(table.column("status"), "ok") if table.num_rows else pa.array([], pa.bool_())
+    errors = _counts(table.column("error").filter(pc.invert(ok))) if table.num_rows else {}
+    labels = table.column("label").filter(ok) if table.num_rows else pa.array([], pa.string())
+    if manifests[0]["multi_label"] and len(labels):
+        labels = pc.list_flatten(labels)
+    predicted = _counts(labels)
+    flagged = {name: int(pc.sum(table.column(name).filter(ok)).as_py() or 0) if table.num_rows and name in table.column_names
+               else 0 for name in ("referral", "needs_review")}  # fmt: skip
+    return {
+        "task": manifests[0]["task"],
+        "bundle_version": key,
+        "files_seen": files_seen,
+        "rows": table.num_rows,
+        "scored": int(pc.sum(ok).as_py() or 0) if table.num_rows else 0,
+        "errors": sum(errors.values()),
+        "errors_by_reason": errors,
+        "predictions": {c: predicted.get(c, 0) for c in manifests[0]["classes"]},
+        "referred": flagged["referral"] if manifests[0].get("referral_classes") else None,
+        "needs_review": flagged["needs_review"],
+        "scored_this_run": scored_now,
+        "wall_seconds": round(seconds, 2),
+        "images_per_s_this_run": round(scored_now / seconds, 2) if seconds > 0 else None,
+    }
+
+
+def _counts(values) -> dict[str, int]:
+    """Value -> count, most frequent first."""
+    counts = pc.value_counts(values).to_pylist() if len(values) else []
+    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: -c["counts"])}

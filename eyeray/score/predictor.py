@@ -1,0 +1,94 @@
+"""The model stage of batch scoring: a Ray Data callable class that loads the bundles once per
+actor and turns decoded images into decision columns (calibrated probabilities, labels, referral,
+confidence, needs_review, Grad-CAM overlays). It can be called on a plain dict, without Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from eyeray import faults
+from eyeray.decision import calibration, ensemble
+from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
+from eyeray.model.bundle import check_compatible
+from eyeray.score import shards
+from eyeray.score.explain_plan import ExplainPlan
+
+
+def image_column(size: int, primary: int) -> str:
+    """The decode stage's column holding images resized for a model of input `size`."""
+    return "image" if size == primary else f"image_{size}"
+
+
+class BundlePredictor:
+    """Ray Data callable class: loads the bundles once per actor; adds the decision columns.
+
+    With several bundles, each predicts from the image column of its own input size and the
+    results combine (`eyeray.decision.ensemble`); per-model calibrated probabilities stay in the rows.
+    Grad-CAM models are built once per actor, on the first row that needs one."""
+
+    def __init__(self, bundle_uris: list[str], method: str = "mean", primary_size: int | None = None,
+                 thresholds=None, tta: bool = False, review_below: float = DEFAULT_REVIEW_BELOW,
+                 explain: str = "none", output: str | None = None, key: str = "",
+                 fault_after_batches: int | None = None):  # fmt: skip
+        from eyeray.model import bundle
+
+        self.bundles = [bundle.load(uri) for uri in bundle_uris]
+        self.manifests = [b.manifest for b in self.bundles]
+        check_compatible(self.manifests)
+        self.method, self.thresholds, self.tta, self.review_below = method, thresholds, tta, review_below
+        self.plan, self.output, self.key, self._cams = ExplainPlan.parse(explain), output, key, None
+        if self.plan.active and output is None:
+            raise ValueError("explaining rows needs the output folder")
+        self.primary = primary_size or min(b.image_size for b in self.bundles)
+        self.fault_after, self.batches = fault_after_batches, 0  # eyeray.faults: tests only
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._maybe_inject_fault()
+        ok = np.asarray([e == "" for e in batch["error"]], bool)
+        classes = self.bundles[0].classes
+        images = [batch[image_column(b.image_size, self.primary)][ok] for b in self.bundles]
+        per_model = [b.predict(x, tta=self.tta) for b, x in zip(self.bundles, images)]
+        decision = ensemble.combine(self.manifests, per_model, self.method, self.thresholds, self.review_below)
+        sure, review = decision.confidence(), decision.needs_review()
+        out = {k: v for k, v in batch.items() if not k.startswith("image")}
+        out["probabilities"] = _spread(ok, decision.probabilities, np.nan, np.float32)
+        out["label"] = _spread(ok, [shards.LABEL_SEPARATOR.join(x) for x in decision.labels], "", object)
+        refer = decision.referral if decision.referral is not None else np.full(len(sure), np.nan)
+        out["referral"] = _spread(ok, np.asarray(refer, np.float32), np.nan, np.float32)
+        out["confidence"] = _spread(ok, sure, np.nan, np.float32)
+        out["needs_review"] = _spread(ok, review, False, bool)
+        explained = self._explain(batch, ok, images, decision, review)
+        out["explanations"] = _spread(ok, [shards.LABEL_SEPARATOR.join(explained.get(i, [])) for i in range(len(sure))],
+                                      "", object)  # fmt: skip
+        if len(self.bundles) > 1:
+            members = [calibration.apply(m.get("calibration"), p) for m, p in zip(self.manifests, per_model)]
+            out["model_probabilities"] = _spread(ok, np.stack(members, axis=1) if len(sure) else
+                                                 np.zeros((0, len(self.bundles), len(classes))), np.nan, np.float32)  # fmt: skip
+        self.batches += 1
+        return out
+
+    def _explain(self, batch, ok, images, decision, review) -> dict[int, list[str]]:
+        """Overlays of the rows the plan selects (indices among the decoded rows)."""
+        from eyeray.model.gradcam import GradCam, explain_rows
+
+        pairs = self.plan.pairs(decision, review, self.bundles[0].classes) if self.plan.active else []
+        if not pairs:
+            return {}
+        if self._cams is None:
+            self._cams = [GradCam(b.model) for b in self.bundles]
+        paths = [str(p) for p in np.asarray(batch["path"])[ok]]
+        return explain_rows(self._cams, images, paths, pairs, self.bundles[0].classes, self.output, self.key)
+
+    def _maybe_inject_fault(self) -> None:
+        """Tests only (eyeray.faults): the first actor to reach `fault_after_batches` dies hard, once per output."""
+        if self.fault_after is not None and self.batches == self.fault_after:
+            faults.kill_once(self.output, f"killed a scoring actor after {self.batches} batches")
+
+
+def _spread(ok: np.ndarray, values, fill, dtype) -> np.ndarray:
+    """Values of the decoded rows, placed among all rows of the batch; `fill` for error rows."""
+    values = np.asarray(values, dtype=dtype) if dtype is not object else np.array(values, dtype=object)
+    out = np.empty((len(ok), *values.shape[1:]), dtype=dtype)
+    out[...] = fill
+    out[ok] = values
+    return out

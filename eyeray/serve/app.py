@@ -1,0 +1,504 @@
+"""Online predictions with Ray Serve: the same bundles, decode and preprocess behind an HTTP API.
+
+One application: an ingress deployment (`api`, FastAPI: routes, auth, body limits, decode and
+preprocess) and one model deployment per bundle, named after its task (`oct`, `glaucoma`,
+`odir`), so each task scales on its own. A model deployment loads its bundle once and scores
+concurrent requests in one model call (`@serve.batch`; batch size and wait time come from
+`user_config`, so `serve deploy` retunes them without a restart).
+
+Answers are those of batch scoring: calibrated probabilities, the labels and referral at the
+bundle's operating point (`?thresholds=` overrides it per request, `thresholds:` per deployment),
+a confidence and `needs_review`. `POST /v1/{task}/explain` adds a Grad-CAM overlay of the
+decided class (a PNG at the upload's own size, base64), drawn by the ingress from the replica's
+small heatmap, so no full-size image travels to the model.
+
+    serve run jobs/serve_config.yaml            # Ray's own tools, bundles as application args
+    eyeray serve --bundle runs/oct-1/bundle     # the same application from the command line
+
+Bad requests are values: every one gets a 4xx with `{"detail": reason}` and the replica carries
+on. Nothing from a request body (pixels, file names) is logged.
+"""
+
+# No `from __future__ import annotations`: FastAPI and Serve read these annotations at run time,
+# in replicas that receive the routes serialised by value.
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.exceptions import RayError
+from starlette.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from eyeray import __version__
+from eyeray.data import imaging
+from eyeray.decision import operating_points
+from eyeray.decision.decide import DEFAULT_REVIEW_BELOW, decide
+from eyeray.model.overlay import overlay_png
+
+logger = logging.getLogger("ray.serve")
+
+API_APP = "eyeray"  # the application's name in `serve status` and the config file
+INGRESS = "api"  # the ingress deployment's name (model deployments are named after their task)
+TOKEN_ENV = "EYERAY_API_TOKEN"
+TOKEN_FILE_ENV = "EYERAY_API_TOKEN_FILE"
+MULTIPART = "multipart/form-data"
+RAW_TYPES = ("application/octet-stream", "application/dicom")  # and any image/*
+MAX_BATCH_SIZE, BATCH_WAIT_TIMEOUT_S = 16, 0.01  # defaults; per deployment through user_config
+LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class ServeArgs(BaseModel):
+    """Application arguments (`args:` in a Serve config file, flags of `eyeray serve`).
+
+    Replica resources and autoscaling set here are the code defaults, sized so that all three
+    tasks fit on a two-core laptop; a Serve config file's `deployments:` section overrides them
+    per deployment, as Serve always does (jobs/serve_config.yaml: GPU replicas, autoscaling)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundles: list[str] = Field(min_length=1, description="bundle folders or s3:// URIs, at most one per task")
+    max_body_bytes: int = Field(64 * 2**20, gt=0, description="larger request bodies get 413")
+    max_pixels: int = Field(imaging.DEFAULT_MAX_PIXELS, gt=0, description="larger decoded images get 422")
+    max_batch_size: int = Field(MAX_BATCH_SIZE, gt=0, description="requests per model call (user_config)")
+    batch_wait_timeout_s: float = Field(BATCH_WAIT_TIMEOUT_S, ge=0, description="how long a batch waits to fill up")
+    gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica")
+    cpus_per_replica: float = Field(0.5, ge=0, description="CPUs per model replica")
+    ingress_cpus: float = Field(0.5, ge=0, description="CPUs per ingress replica (it decodes the uploads)")
+    autoscaling: dict[str, Any] = Field(
+        default_factory=lambda: {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 8},
+        description="Serve autoscaling_config of every model deployment",
+    )
+    ingress_env: dict[str, str] = Field(
+        default_factory=dict, description=f"environment of the ingress replicas (e.g. {TOKEN_FILE_ENV})"
+    )
+    thresholds: dict[str, str] = Field(
+        default_factory=dict, description="task -> operating-point override (as `?thresholds=`); requests may override"
+    )
+    tta: bool = Field(False, description="test-time augmentation: mean over the image and its mirror (2x model time)")
+    review_below: float = Field(DEFAULT_REVIEW_BELOW, ge=0, le=1,
+                                description="calibrated confidence below which an answer says needs_review")  # fmt: skip
+
+
+class Prediction(BaseModel):
+    task: str
+    labels: list[str] = Field(description="decided labels at the operating point (multi-label: possibly none)")
+    label: str | None = Field(None, description="the decided class of a single-label task")
+    probabilities: dict[str, float] = Field(description="calibrated probabilities")
+    referral: bool | None = Field(description="refer at the operating point; null: the task has no referral rule")
+    confidence: float = Field(description="calibrated top probability (multi-label: of the least sure label)")
+    needs_review: bool = Field(description="confidence below the service's review level")
+    operating_point: dict[str, Any] | None = Field(description="rule and threshold(s) used, and where they come from")
+    bundle_version: str
+    batch_size: int = Field(description="requests scored in the same model call as this one")
+
+
+class Explanation(Prediction):
+    explained_class: str = Field(description="the class the heatmap explains")
+    overlay_png: str = Field(description="base64 PNG: the Grad-CAM heatmap over the uploaded image, at its size")
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+# --------------------------------------------------------------------------- model deployment
+
+
+@serve.deployment(max_ongoing_requests=64)
+class TaskModel:
+    """One bundle, loaded once per replica; concurrent requests become one model call."""
+
+    def __init__(self, bundle_uri: str, version: str, tta: bool = False,
+                 review_below: float = DEFAULT_REVIEW_BELOW):  # fmt: skip
+        import threading
+
+        import tensorflow as tf
+        from ray.util import metrics
+
+        from eyeray.model import bundle
+
+        for gpu in tf.config.list_physical_devices("GPU"):  # fractional GPUs: replicas share one
+            tf.config.experimental.set_memory_growth(gpu, True)
+        self.bundle = bundle.load(bundle_uri)
+        if self.bundle.version != version:
+            raise bundle.BundleError(f"{bundle_uri} changed since the application was built "
+                                     f"({version} -> {self.bundle.version}): redeploy it")  # fmt: skip
+        bundle.verify(self.bundle)  # also the warm-up: the first request does not pay for tracing
+        self.task, self.tta, self.review_below = self.bundle.manifest["task"], tta, review_below
+        self._cam, self._cam_lock = None, threading.Lock()
+        self.batch_sizes = metrics.Histogram("eyeray_serve_batch_size", "Requests per model call.",
+                                             boundaries=BATCH_BOUNDARIES, tag_keys=("task",))  # fmt: skip
+        self.model_seconds = metrics.Histogram("eyeray_serve_model_seconds", "Seconds per model call.",
+                                               boundaries=LATENCY_BOUNDARIES, tag_keys=("task",))  # fmt: skip
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        self.predict.set_max_batch_size(int(config.get("max_batch_size", MAX_BATCH_SIZE)))
+        self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", BATCH_WAIT_TIMEOUT_S)))
+
+    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
+    async def predict(self, requests: list[tuple[np.ndarray, Any]]) -> list[dict[str, Any]]:
+        """(preprocessed uint8 image, threshold override or None), one per request -> one answer each."""
+        start = time.perf_counter()
+        images = np.stack([image for image, _ in requests])
+        probs = await asyncio.to_thread(self.bundle.predict, images, tta=self.tta)  # the loop keeps queueing
+        self.model_seconds.observe(time.perf_counter() - start, tags={"task": self.task})
+        self.batch_sizes.observe(len(requests), tags={"task": self.task})
+        answers: list[dict[str, Any]] = [{} for _ in requests]
+        groups: dict[str, list[int]] = {}
+        for i, (_, thresholds) in enumerate(requests):  # requests with the same override decide together
+            groups.setdefault(json.dumps(thresholds, sort_keys=True), []).append(i)
+        for rows in groups.values():
+            decision = self.bundle.decide(probs[rows], requests[rows[0]][1])
+            for j, i in enumerate(rows):
+                answers[i] = self._answer(decision, j, len(requests))
+        return answers
+
+    async def explain(self, image: np.ndarray, class_name: str | None, thresholds: Any) -> tuple[dict[str, Any], np.ndarray]:
+        """The answer for one image plus the Grad-CAM heatmap (feature-map resolution) of its class."""
+        return await asyncio.to_thread(self._explain, image, class_name, thresholds)
+
+    def _explain(self, image: np.ndarray, class_name: str | None, thresholds: Any) -> tuple[dict[str, Any], np.ndarray]:
+        from eyeray.model.gradcam import GradCam, explain_decision
+
+        with self._cam_lock:  # built once per replica, on the first explain request
+            if self._cam is None:
+                self._cam = GradCam(self.bundle.model)
+            decision, k, heatmap = explain_decision(self.bundle, self._cam, image, class_name, thresholds, self.tta)
+        return {**self._answer(decision, 0, 1), "explained_class": self.bundle.classes[k]}, heatmap
+
+    def _answer(self, decision, i: int, batch_size: int) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            **decision.answer(i, self.bundle.classes, self.review_below),
+            "bundle_version": self.bundle.version,
+            "batch_size": batch_size,
+        }
+
+
+# --------------------------------------------------------------------------- HTTP ingress
+
+app = FastAPI(
+    title="eyeray",
+    version=__version__,
+    description="Retinal image classifiers (research use only; not a diagnosis). Post an image to "
+    "`/v1/{task}/predict` as a multipart upload (`file`) or as the raw request body.",
+)
+REJECTIONS = {code: {"model": Problem} for code in (400, 401, 404, 413, 415, 422)}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            MULTIPART: {"schema": {"type": "object", "required": ["file"],
+                                   "properties": {"file": {"type": "string", "format": "binary"}}}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/dicom": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}  # fmt: skip
+
+
+def read_token() -> str | None:
+    """The bearer token from EYERAY_API_TOKEN or the file EYERAY_API_TOKEN_FILE names; None: no auth.
+    A named file that is missing or empty is an error, so a broken secret never opens the API."""
+    path = os.environ.get(TOKEN_FILE_ENV)
+    if path:
+        token = Path(path).read_text().strip()
+        if not token:
+            raise ValueError(f"{TOKEN_FILE_ENV}={path} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """Not the client's fault: 503 when a model replica failed (retry), else 500. JSON either way;
+    the log names the type only, as messages of failed calls could quote request data."""
+    logger.error(f"eyeray API: {type(exc).__name__} on {request.url.path}")
+    if isinstance(exc, RayError):
+        return JSONResponse({"detail": f"model unavailable ({type(exc).__name__}); retry"}, status_code=503)
+    return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
+
+
+def check_thresholds(manifest: dict[str, Any], text: str | None) -> Any:
+    """Parse a threshold override and check the bundle can take it (a dry run of its decision)."""
+    thresholds = operating_points.parse_thresholds(text)
+    if thresholds is not None:
+        classes = len(manifest["classes"])
+        decide(manifest, np.full((1, classes), 1 / classes, np.float32), thresholds)
+    return thresholds
+
+
+THRESHOLDS_QUERY = Query(None, description="override the bundle's operating point: 0.3 (referral rules), "
+                         "0.3,0.4,... (one per label) or LABEL=0.3,LABEL=0.2")  # fmt: skip
+
+
+class _InMemoryParser(MultiPartParser):
+    spool_max_size = 2**62  # uploads stay in memory (bounded by max_body_bytes), never on disk
+
+
+# `serve.ingress` serialises the app and this class as it decorates them, before the module has
+# finished importing: whatever they use (functions, exception handlers) must be defined above.
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(app)
+class Api:
+    """Routes, auth, body limits, decode + preprocess; scoring is awaited from the task's model."""
+
+    def __init__(self, models: dict[str, Any], manifests: dict[str, dict], max_body_bytes: int, max_pixels: int,
+                 thresholds: dict[str, str] | None = None):  # fmt: skip
+        from ray.util import metrics
+
+        self.models, self.manifests, self.default_thresholds = models, manifests, dict(thresholds or {})
+        self.max_body_bytes, self.max_pixels = max_body_bytes, max_pixels
+        self.token = read_token()
+        if self.token is None:
+            logger.warning(f"eyeray API without authentication: set {TOKEN_ENV} or {TOKEN_FILE_ENV} to require one")
+        self.requests = metrics.Counter("eyeray_serve_requests", "Prediction requests by outcome.",
+                                        tag_keys=("task", "status", "label"))  # fmt: skip
+        self.latency = metrics.Histogram("eyeray_serve_request_seconds", "Seconds per prediction request.",
+                                         boundaries=LATENCY_BOUNDARIES, tag_keys=("task", "status"))  # fmt: skip
+
+    @app.get("/healthz")
+    def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "tasks": sorted(self.models)}
+
+    @app.get("/v1/models", responses={401: {"model": Problem}})
+    def list_models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        return {"models": [{"task": task, "manifest": m} for task, m in sorted(self.manifests.items())]}
+
+    @app.post("/v1/{task}/predict", response_model=Prediction, responses=REJECTIONS, openapi_extra=UPLOAD_BODY)
+    async def predict(self, task: str, request: Request, thresholds: str | None = THRESHOLDS_QUERY) -> dict[str, Any]:
+        return await self._answer(task, request, thresholds)
+
+    @app.post("/v1/{task}/explain", response_model=Explanation, responses=REJECTIONS, openapi_extra=UPLOAD_BODY)
+    async def explain(self, task: str, request: Request, thresholds: str | None = THRESHOLDS_QUERY,
+                      class_name: str | None = Query(None, alias="class", description="class to explain "
+                                                     "(default: the decided class the model is most sure of)"),
+                      alpha: float = Query(0.5, ge=0, le=1, description="heatmap opacity where the heat is highest"),
+                      ) -> dict[str, Any]:  # fmt: skip
+        return await self._answer(task, request, thresholds, explain=(class_name, alpha))
+
+    async def _answer(self, task: str, request: Request, thresholds_text: str | None,
+                      explain: tuple[str | None, float] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Auth, checks, decode + preprocess here; the model call (or Grad-CAM) in the task's replicas."""
+        start, status, label = time.perf_counter(), 500, "-"
+        try:
+            self._authorize(request)
+            if task not in self.models:
+                raise HTTPException(404, f"unknown task {task!r}; this service has: {', '.join(sorted(self.models))}")
+            manifest = self.manifests[task]
+            thresholds = self._thresholds(task, thresholds_text)
+            if explain and explain[0] is not None and explain[0] not in manifest["classes"]:
+                raise HTTPException(422, f"class {explain[0]!r} is not a class of {task}: {', '.join(manifest['classes'])}")
+            data = await self._read_image(request)
+            size = int(manifest["input"]["shape"][0])
+            try:
+                original = await run_in_threadpool(imaging.decode, data, self.max_pixels)
+            except imaging.DecodeError as exc:
+                raise HTTPException(422, str(exc)) from None
+            image = await run_in_threadpool(imaging.preprocess, original, size)
+            if explain is None:
+                answer = await self.models[task].predict.remote((image, thresholds))
+            else:
+                answer, heatmap = await self.models[task].explain.remote(image, explain[0], thresholds)
+                png = await run_in_threadpool(overlay_png, original, heatmap, explain[1])
+                answer["overlay_png"] = base64.b64encode(png).decode()
+            status, label = 200, "|".join(answer["labels"]) or "none"
+            return answer
+        except HTTPException as exc:
+            status = exc.status_code
+            raise
+        except Exception as exc:
+            status = 503 if isinstance(exc, RayError) else 500
+            raise
+        finally:
+            tags = {"task": task if task in self.models else "unknown", "status": str(status)}
+            self.requests.inc(tags={**tags, "label": label})
+            self.latency.observe(time.perf_counter() - start, tags=tags)
+
+    def _thresholds(self, task: str, text: str | None) -> Any:
+        """The request's override, else the deployment's; checked against the bundle (422 if it cannot take it)."""
+        text = text if text is not None else self.default_thresholds.get(task)
+        try:
+            return check_thresholds(self.manifests[task], text)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _read_image(self, request: Request) -> bytes:
+        """The upload's bytes: a multipart `file` field or the raw body, never more than the limit."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and ctype != MULTIPART and ctype not in RAW_TYPES and not ctype.startswith("image/"):
+            raise HTTPException(415, f"unsupported content type {ctype!r}: send multipart/form-data with a "
+                                "'file' field, or the image as the body (image/*, application/dicom, "
+                                "application/octet-stream)")  # fmt: skip
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            raise self._too_large() if length.isdigit() else HTTPException(400, "invalid Content-Length")
+        body = self._limited(request)
+        if ctype == MULTIPART:
+            data = await self._multipart_file(request, body)
+        else:
+            data = b"".join([chunk async for chunk in body])
+        if not data:
+            raise HTTPException(400, "empty body: no image bytes received")
+        return data
+
+    async def _limited(self, request: Request):
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > self.max_body_bytes:
+                raise self._too_large()
+            yield chunk
+
+    async def _multipart_file(self, request: Request, body) -> bytes:
+        parser = _InMemoryParser(request.headers, body, max_files=1, max_fields=10)
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise HTTPException(400, f"malformed multipart body: {exc.message}") from None
+        try:
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise HTTPException(400, "multipart upload needs a 'file' field holding the image")
+            return await upload.read()
+        finally:
+            await form.close()
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"body larger than the limit of {self.max_body_bytes} bytes")
+
+
+# --------------------------------------------------------------------------- application
+
+
+def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
+    """Serve application builder (`import_path: eyeray.serve:build_app`): one model deployment
+    per bundle, named after its task, bound into the ingress."""
+    from eyeray.model import bundle
+
+    args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
+    unknown = set(args.thresholds) - {bundle.read_manifest(uri)["task"] for uri in args.bundles}
+    if unknown:
+        raise ValueError(f"thresholds for tasks this application does not serve: {sorted(unknown)}")
+    manifests: dict[str, dict] = {}
+    models = {}
+    for uri in args.bundles:
+        manifest = bundle.read_manifest(uri)
+        task = manifest["task"]
+        if task in manifests:
+            raise ValueError(f"two bundles for task {task!r}; serve one bundle per task")
+        manifests[task] = {**manifest, "uri": uri}
+        check_thresholds(manifest, args.thresholds.get(task))  # a bad override fails the deploy, not requests
+        models[task] = TaskModel.options(
+            name=task,
+            autoscaling_config=args.autoscaling,
+            ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica},
+            user_config={"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
+            max_ongoing_requests=max(64, 2 * args.max_batch_size),
+        ).bind(uri, manifest["version"], args.tta, args.review_below)
+    ingress_actor = {"num_cpus": args.ingress_cpus}
+    if args.ingress_env:
+        ingress_actor["runtime_env"] = {"env_vars": dict(args.ingress_env)}
+    return Api.options(name=INGRESS, ray_actor_options=ingress_actor).bind(
+        models, manifests, args.max_body_bytes, args.max_pixels, args.thresholds
+    )
+
+
+def start(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, name: str = API_APP,
+          route_prefix: str = "/") -> str:  # fmt: skip
+    """Deploy the application on the current Ray cluster (or a new local one); returns its URL."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    return f"http://{host}:{port}{route_prefix.rstrip('/')}"
+
+
+def stop(name: str = API_APP) -> None:
+    """Delete the application; shut Serve down when no other application is left."""
+    serve.delete(name)
+    if not serve.status().applications:
+        serve.shutdown()
+
+
+def run(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """`eyeray serve`: serve until SIGINT or SIGTERM, then delete the application.
+
+    The API token (variable or file name) is passed from this process's environment to the
+    ingress replicas, which may run in another process tree (an existing cluster)."""
+    from eyeray import storage
+
+    env = {k: os.environ[k] for k in (TOKEN_ENV, TOKEN_FILE_ENV) if os.environ.get(k)}
+    # Replicas do not share this shell's working directory: local bundle paths become absolute.
+    bundles = [uri if storage.is_remote(uri) else str(Path(uri).resolve()) for uri in args.bundles]
+    url = start(args.model_copy(update={"bundles": bundles, "ingress_env": {**env, **args.ingress_env}}),
+                host=host, port=port)  # fmt: skip
+    print(f"[eyeray] serving at {url} (OpenAPI docs: {url}/docs); Ctrl-C or SIGTERM stops")
+    signal.signal(signal.SIGTERM, _interrupt)  # a background `eyeray serve` ignores SIGINT
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("[eyeray] stopping")
+    finally:
+        stop()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def demo(bundle_uri: str, images: list[Path], port: int = 8000, route_prefix: str = "/") -> list[dict[str, Any]]:
+    """Start the service on `bundle_uri`, post each image as the raw body, print and return the
+    answers (with `file` and `status` added), then shut the application down."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from eyeray.model import bundle
+
+    task = bundle.read_manifest(bundle_uri)["task"]
+    url = start(ServeArgs(bundles=[bundle_uri]), port=port, name="eyeray-demo", route_prefix=route_prefix)
+    answers = []
+    try:
+        for path in images:
+            req = urllib.request.Request(f"{url}/v1/{task}/predict", data=Path(path).read_bytes(), method="POST",
+                                         headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    status, body = resp.status, json.load(resp)
+            except urllib.error.HTTPError as exc:
+                status, body = exc.code, json.load(exc)
+            answers.append({"file": Path(path).name, "status": status, **body})
+            shown = body.get("labels", body.get("detail"))
+            print(f"[eyeray serve] POST {Path(path).name} -> {status} {shown}")
+    finally:
+        stop("eyeray-demo")
+    return answers

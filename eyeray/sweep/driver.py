@@ -1,0 +1,290 @@
+"""Model selection with Ray Tune: many training runs, bad ones stopped early, one leaderboard.
+
+Each trial is a real `eyeray.train.run` (Ray Train inside a Tune function trainable, as Ray's
+Train V2 guide does it), with its own run folder OUTPUT/trials/<trial_id>. A Train callback
+forwards every epoch's report to Tune, where ASHA compares trials on the task's validation
+metric (TaskSpec.selection_metric) and stops the weak ones. Afterwards the sweep writes the
+leaderboard and report (eyeray.sweep.report), exports the winner's bundle to OUTPUT/best, and,
+with `ensemble_top`, evaluates the top trials together on the test split (eyeray.decision.ensemble).
+
+OUTPUT/tune holds Tune's own experiment state, so `resume` continues an interrupted sweep
+through `Tuner.restore`: finished trials keep their results and are not run again.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from eyeray import storage
+from eyeray.sweep import results, search_space
+from eyeray.tasks import TaskSpec, get_task
+
+TUNE_DIR = "tune"  # Tune's experiment folder inside OUTPUT
+# eyeray.sweep.scheduler: ASHA's rungs, for a resume. Not inside TUNE_DIR: Tune mirrors that folder
+# from a local staging copy, which after a restore would overwrite newer records with old ones.
+ASHA_STATE = "asha_state.json"
+DATA_CPUS = 1.0  # CPUs left free for Ray Data (decoding, augmentation): map tasks take a whole CPU
+# A trial's Tune actor only waits on its Train run, but Tune cannot place an actor that reserves
+# nothing: it holds this sliver of the trial's CPUs, its training workers the rest.
+DRIVER_CPUS = 0.01
+DEMO_EPOCHS = 8
+
+
+@dataclass
+class SweepConfig:
+    """Every knob of a sweep. None means "the default": the demo's when `data` is None."""
+
+    task: str = "oct"
+    data: str | None = None
+    output: str | None = None
+    trials: int = 8  # samples of the space (each grid value gets this many)
+    time_budget: float | None = None  # seconds; running trials stop when it is spent
+    gpus_per_trial: int = 0  # one data-parallel Ray Train worker per GPU (0: one CPU worker)
+    cpus_per_trial: float = 1.0  # CPUs reserved for a trial (its training workers, together)
+    max_concurrent: int | None = None  # default: as many trials as the cluster holds
+    epochs: int | None = None  # phase 1 (the whole net when not pretrained)
+    fine_tune_epochs: int | None = None  # phase 2
+    weights: str | None = None  # imagenet | none | PATH (small_cnn always trains from scratch)
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
+    space: str | None = None  # YAML/JSON overrides of the task's search space
+    ensemble_top: int = 0  # evaluate the top K trials together on the test split (0: off)
+    seed: int = 0
+    resume: bool = False
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+    @property
+    def is_demo(self) -> bool:
+        return self.data is None
+
+    @property
+    def total_epochs(self) -> int:
+        return int(self.epochs or 0) + int(self.fine_tune_epochs or 0)
+
+    def resolved(self) -> "SweepConfig":
+        demo = self.is_demo
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg = replace(
+            self,
+            output=self.output or os.path.join("runs", f"{self.task}-sweep-{stamp}"),
+            weights=self.weights or ("none" if demo else "imagenet"),
+            epochs=self.epochs if self.epochs is not None else (DEMO_EPOCHS if demo else 10),
+            fine_tune_epochs=self.fine_tune_epochs if self.fine_tune_epochs is not None else (0 if demo else 10),
+        )
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        get_task(self.task)
+        problems = [
+            (self.trials < 1, f"--trials must be at least 1, not {self.trials}"),
+            (self.total_epochs < 1, "a trial needs at least one epoch"),
+            (not 1 <= self.grace_period, f"--grace-period must be at least 1, not {self.grace_period}"),
+            (self.reduction_factor <= 1, f"--reduction-factor must exceed 1, not {self.reduction_factor}"),
+            (self.gpus_per_trial < 0 or self.cpus_per_trial <= 2 * DRIVER_CPUS,
+             f"--gpus-per-trial must be >= 0 and --cpus-per-trial above {2 * DRIVER_CPUS:g}"),
+            (self.time_budget is not None and self.time_budget <= 0, "--time-budget must be positive"),
+            (self.ensemble_top < 0 or self.ensemble_top == 1, "--ensemble-top K needs K >= 2 (or 0: off)"),
+            (self.max_concurrent is not None and self.max_concurrent < 1, "--max-concurrent must be at least 1"),
+        ]  # fmt: skip
+        for bad, message in problems:
+            if bad:
+                raise ValueError(message)
+
+
+@dataclass
+class SweepResult:
+    output: str
+    leaderboard: list[dict[str, Any]]
+    best: str | None  # OUTPUT/best, the winner's bundle (None when no trial finished)
+    report: str
+    ensemble: dict[str, Any] | None = None
+    histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+class ReportToTune(TuneReportCallback):
+    """Forwards each epoch's Ray Train report to Tune, with the task's selection metric under one
+    name (SCORE) that ASHA compares; an undefined value (one class in a tiny validation split)
+    counts as the worst, so the scheduler always has a number."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics, checkpoint):
+        scored = [{**m, results.SCORE: results.score(m.get(self.metric))} for m in metrics]
+        super().after_report(run_context, scored, checkpoint)
+
+
+def selection_key(spec: TaskSpec) -> str:
+    return f"val_{spec.selection_metric}"
+
+
+def trial_config(cfg: SweepConfig, params: dict[str, Any], data: str, output: str):
+    """The TrainConfig of one trial: the sampled parameters plus the sweep's fixed settings.
+    A trial restarted by Tuner.restore finds its own run folder and resumes from its checkpoint."""
+    from eyeray.model.build import backbone_names
+    from eyeray.train import TrainConfig
+    from eyeray.train.config import RUN_NAME
+
+    fs, path = storage.filesystem(output)
+    workers = max(1, cfg.gpus_per_trial)
+    scratch = "small_cnn" in backbone_names(params["backbone"])  # no ImageNet weights exist for it
+    return TrainConfig(
+        task=cfg.task, data=data, output=output, weights="none" if scratch else cfg.weights,
+        epochs=cfg.epochs, fine_tune_epochs=cfg.fine_tune_epochs, workers=workers, use_gpu=cfg.gpus_per_trial > 0,
+        cpus_per_worker=(cfg.cpus_per_trial - DRIVER_CPUS) / workers, resume=fs.exists(f"{path}/{RUN_NAME}"),
+        seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, **params,
+    )  # fmt: skip
+
+
+def _trial(params: dict[str, Any], sweep: SweepConfig, data: str) -> None:
+    """The Tune function trainable: one real training run of eyeray.train."""
+    from eyeray import train
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(sweep, params, data, results.trial_output(sweep.output, trial_id))
+    train.run(cfg, callbacks=[ReportToTune(selection_key(get_task(sweep.task)))])
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def concurrency(cfg: SweepConfig, resources: dict[str, float]) -> int:
+    """How many trials run at once: as many as the cluster holds with DATA_CPUS left for Ray Data
+    (a trial's training worker never takes the CPUs its own data pipeline needs). Refuses a
+    trial that can never fit instead of letting it wait forever."""
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    by_cpu = math.floor((cpus - DATA_CPUS) / cfg.cpus_per_trial + 1e-9)
+    by_gpu = math.floor(gpus / cfg.gpus_per_trial + 1e-9) if cfg.gpus_per_trial else by_cpu
+    fits = min(by_cpu, by_gpu)
+    if fits < 1:
+        raise ValueError(
+            f"one trial needs {cfg.cpus_per_trial:g} CPU + {DATA_CPUS:g} CPU for Ray Data"
+            + (f" and {cfg.gpus_per_trial} GPU" if cfg.gpus_per_trial else "")
+            + f", but the cluster has {cpus:g} CPU and {gpus:g} GPU: lower --cpus-per-trial/--gpus-per-trial "
+            "or add nodes"
+        )
+    if cfg.max_concurrent:
+        return cfg.max_concurrent
+    return fits
+
+
+def _experiment(cfg: SweepConfig) -> tuple[str, str, Any]:
+    """(Tune's storage_path, experiment path, pyarrow filesystem or None) for OUTPUT."""
+    root, fs = storage.ray_storage(cfg.output)
+    return root, f"{root}/{TUNE_DIR}", fs
+
+
+@ray.remote(num_cpus=0)
+def _state_api_problem() -> str:
+    """Why Ray's state API is unreachable from a worker ("" when it works). Ray Train frees a
+    stopped run's placement group through it (its PlacementGroupCleaner); without it, every trial
+    ASHA stops keeps its CPUs/GPUs and the sweep waits forever."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=30)
+    except Exception as exc:  # no dashboard, several Ray instances on the node, ...
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+    return ""
+
+
+def _scheduler(cfg: SweepConfig):
+    """ASHA on the epoch counter, its rungs kept across a resume. The last epoch is never a rung
+    (max_t below it, surviving trials not stopped): a trial that trained to the end is exported
+    and tested, not cut at the finish."""
+    from eyeray.sweep.scheduler import ResumableASHA
+
+    if cfg.grace_period >= cfg.total_epochs:
+        print(f"[eyeray] --grace-period {cfg.grace_period} >= {cfg.total_epochs} epochs: no early stopping")
+        return None  # Tune's default: every trial runs to the end
+    problem = ray.get(_state_api_problem.remote())
+    if problem:
+        print("[eyeray] WARNING: early stopping is off: a trial stopped early could not release its resources "
+              f"on this cluster, since Ray's state API is unreachable from workers ({problem}). Start the cluster "
+              "with its dashboard, and with RAY_ADDRESS set when other Ray instances run on the machine.")  # fmt: skip
+        return None
+    max_t = max(cfg.grace_period, cfg.total_epochs - 1)
+    return ResumableASHA(storage.join(cfg.output, ASHA_STATE), time_attr="epoch", max_t=max_t,
+                         grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
+                         stop_last_trials=False)  # fmt: skip
+
+
+def _tuner(cfg: SweepConfig, space: search_space.SearchSpace, data: str) -> tune.Tuner:
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=cfg, data=data), {"CPU": DRIVER_CPUS})
+    root, path, fs = _experiment(cfg)
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        if not cfg.resume:
+            raise FileExistsError(f"{cfg.output} already holds a sweep; pass --resume to continue it, "
+                                  "or choose another --output")  # fmt: skip
+        print(f"[eyeray] resuming the sweep in {cfg.output}: finished trials keep their results; the search "
+              "space and schedule are the ones it started with")  # fmt: skip
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+    if cfg.resume:
+        print(f"[eyeray] --resume: no earlier sweep in {cfg.output}; starting a new one")
+    spec = get_task(cfg.task)
+    limit = concurrency(cfg, ray.cluster_resources())
+    print(f"[eyeray] sweep {spec.name}: {cfg.trials} sample(s), up to {limit} at a time, "
+          f"ASHA on {selection_key(spec)}, output {cfg.output}")  # fmt: skip
+    return tune.Tuner(
+        trainable,
+        param_space=space.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=results.SCORE, mode="max", scheduler=_scheduler(cfg), num_samples=cfg.trials, time_budget_s=cfg.time_budget,
+            search_alg=BasicVariantGenerator(max_concurrent=limit, random_state=cfg.seed),
+            trial_dirname_creator=lambda t: t.trial_id,
+        ),
+        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=root, storage_filesystem=fs),
+    )  # fmt: skip
+
+
+def _data(cfg: SweepConfig) -> str:
+    """The dataset every trial reads: --data, or the embedded default generated once for all
+    trials (the same generator and folder `eyeray train` uses for its demo)."""
+    if cfg.data is not None:
+        return cfg.data
+    from eyeray.data import synthetic
+
+    return synthetic.demo_dataset(get_task(cfg.task), cfg.output, cfg.seed)
+
+
+def run(config: SweepConfig) -> SweepResult:
+    """Run (or resume) a sweep, then write the leaderboard, the report and OUTPUT/best."""
+    from eyeray.sweep import report as sweep_report
+
+    cfg = config.resolved()
+    space = search_space.load(cfg.task, cfg.is_demo, cfg.space)  # all checks before any trial
+    if not ray.is_initialized():
+        ray.init()
+    data = _data(cfg)  # generated once for all trials (and the ensemble's test split) without --data
+    tuner = _tuner(cfg, space, data)
+    grid = tuner.fit()
+    spec = get_task(cfg.task)
+    rows, histories = sweep_report.collect(grid, cfg, spec, list(space.describe()))
+    best = sweep_report.export_best(rows, cfg)
+    ensemble = None
+    if cfg.ensemble_top:
+        from eyeray.sweep.ensemble import evaluate_top
+
+        ensemble = evaluate_top(rows, cfg, spec, data)
+    report = sweep_report.write(cfg, spec, rows, histories, space.describe(), ensemble)
+    print(f"[eyeray] leaderboard: {storage.join(cfg.output, sweep_report.LEADERBOARD)}\n[eyeray] report: {report}")
+    if best:
+        print(f"[eyeray] best bundle: {best}")
+    return SweepResult(output=cfg.output, leaderboard=rows, best=best, report=report, ensemble=ensemble,
+                       histories=histories)  # fmt: skip

@@ -1,0 +1,267 @@
+"""The training driver: prepare the data, run the `TensorflowTrainer`, then export the bundle
+(scored as exported on the test split) and the evaluation report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+from eyeray import faults, storage
+from eyeray.data import synthetic
+from eyeray.tasks import TaskSpec, get_task
+from eyeray.train import checkpoint
+from eyeray.train.config import RUN_NAME, TrainConfig, TrainResult
+from eyeray.train.worker import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+DEPLOYED_CONFUSION_PNG = "confusion_matrix_operating_point.png"
+
+
+def _scaling(cfg: TrainConfig) -> ScalingConfig:
+    """One GPU per worker when asked; CPUs sized so Ray Data keeps some for decoding and augmenting
+    (2 workers x 1 CPU on a 2-CPU node leaves Ray Data none and the run hangs)."""
+    cpus = cfg.cpus_per_worker
+    if cpus is None:
+        total = ray.cluster_resources().get("CPU", 1.0)
+        cpus = max(0.25, min(1.0, (total - 1.0) / cfg.workers))
+    resources = {"CPU": cpus, **({"GPU": 1} if cfg.use_gpu else {})}
+    return ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+
+
+def _run_config(cfg: TrainConfig, callbacks: list | None = None) -> RunConfig:
+    storage_path, fs = storage.ray_storage(cfg.output)
+    return RunConfig(
+        name=RUN_NAME,
+        storage_path=storage_path,
+        storage_filesystem=fs,
+        callbacks=callbacks,
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+        ),
+    )
+
+
+def _check_output(cfg: TrainConfig) -> None:
+    fs, path = storage.filesystem(cfg.output)
+    previous = fs.exists(f"{path}/{RUN_NAME}")
+    if previous and not cfg.resume:
+        raise FileExistsError(
+            f"{cfg.output} already holds a training run; pass --resume to continue it, "
+            "or choose another --output"
+        )
+    if cfg.resume and not previous:
+        print(f"[eyeray] --resume: no earlier run in {cfg.output}; starting a new one")
+
+
+def _prepare_data(spec: TaskSpec, cfg: TrainConfig):
+    from eyeray.data.layouts import read_layout
+    from eyeray.data.records import decode_split
+
+    data = cfg.data
+    if data is None:
+        data = synthetic.demo_dataset(spec, cfg.output, cfg.seed)
+    layout = read_layout(spec, data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    print(layout.summary())
+    decoded = {
+        split: decode_split(records, cfg.image_size, seed=cfg.seed if split == "train" else None)
+        for split, records in layout.splits.items()
+    }
+    for split, d in decoded.items():
+        for e in d.errors:
+            print(f"[eyeray] skipped undecodable {split} image {e['path']}: {e['error']}")
+        if d.count == 0:
+            raise ValueError(f"no usable images in the {split} split of {data} ({len(d.errors)} failed to decode)")
+    return layout, decoded
+
+
+def _samples(spec: TaskSpec, ds, per_class: int = 6) -> dict[str, list[np.ndarray]]:
+    rows = ds.take(min(400, ds.count()))
+    grid: dict[str, list[np.ndarray]] = {c: [] for c in spec.classes}
+    for row in rows:
+        for i in np.flatnonzero(np.asarray(row["label"]) > 0.5):
+            if len(grid[spec.classes[i]]) < per_class:
+                grid[spec.classes[i]].append(row["image"])
+    return grid
+
+
+def _predict(predict, ds, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and model outputs of one split: Ray Data streams decoded batches to `predict`
+    (uint8 images -> outputs: `Bundle.predict`, or a model's `predict_on_batch`)."""
+    labels, probs = [], []
+    for batch in ds.iter_batches(batch_size=batch_size):
+        labels.append(batch["label"])
+        probs.append(np.asarray(predict(batch["image"]), np.float32))
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
+    """Train, evaluate on the test split, and write OUTPUT/bundle and OUTPUT/report.
+
+    `callbacks`: Ray Train callbacks for the run (the model-selection sweep passes the one that
+    forwards every epoch's report to Ray Tune)."""
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from eyeray.data.augment import augment_batch, scaled
+    from eyeray.evaluation.report import write_report
+    from eyeray.model import bundle
+    from eyeray.model.build import build_model
+    from eyeray.train.distributed import class_weights
+
+    cfg = config.resolved()
+    spec = get_task(cfg.task)
+    if not ray.is_initialized():
+        ray.init()
+    _check_output(cfg)
+    print(f"[eyeray] training {spec.name}: {cfg.backbone} @ {cfg.image_size}px, weights={cfg.weights}, "
+          f"{cfg.workers} worker(s){' with GPUs' if cfg.use_gpu else ''}, output {cfg.output}")  # fmt: skip
+
+    layout, decoded = _prepare_data(spec, cfg)
+    train_labels = np.stack([np.asarray(r["label"]) for r in layout.splits["train"]])
+    train_ds = decoded["train"].images.randomize_block_order()
+    if cfg.augment:
+        train_ds = train_ds.map_batches(augment_batch, fn_kwargs={"spec": scaled(spec.augment, cfg.augment_strength)}, batch_size=64)
+
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=train_loop_per_worker,
+        train_loop_config={"train": asdict(cfg), "class_weights": class_weights(spec, train_labels).tolist(),
+                           "fault_at_epoch": faults.from_env(faults.AT_EPOCH_ENV)},
+        scaling_config=_scaling(cfg),
+        run_config=_run_config(cfg, callbacks),
+        datasets={"train": train_ds, "validation": decoded["validation"].images},
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(metric="val_loss", mode="min") or result.checkpoint
+    final = checkpoint.final_state(result.checkpoint)
+    history, resumed = final.history, final.resumed_after
+
+    model = build_model(spec, cfg.backbone, weights=None, image_size=cfg.image_size, dropout=cfg.dropout)
+    with best.as_directory() as d:
+        model.load_weights(os.path.join(d, checkpoint.WEIGHTS_FILE))
+    validation = _predict(model.predict_on_batch, decoded["validation"].images, cfg.batch_size)
+    fitted = _fit_decisions(spec, validation)
+    calibration, operating_point, _ = fitted
+
+    training = {"config": asdict(cfg), "epochs": len(history), "best_epoch": _best_epoch(history),
+                "train_images": int(decoded["train"].count)}  # fmt: skip
+    manifest = bundle.make_manifest(
+        spec, model, backbone=cfg.backbone, image_size=cfg.image_size, weights=cfg.weights,
+        training=training, calibration=calibration, operating_point=operating_point,
+    )  # fmt: skip
+    data_report = {
+        "source": cfg.data or "synthetic (embedded default)",
+        "counts": layout.counts(),
+        "notes": layout.notes,
+        "skipped": layout.skipped,
+        "decode_errors": {split: d.errors for split, d in decoded.items()},
+    }
+    report_uri = storage.join(cfg.output, "report")
+    bundle_uri = storage.join(cfg.output, "bundle")
+    with tempfile.TemporaryDirectory(prefix="eyeray-export-") as tmp:
+        # The test split is scored by the bundle as exported (loaded back from disk, through
+        # Bundle.predict and Bundle.decide), so the report describes what scoring and serving do.
+        staged = os.path.join(tmp, "bundle")
+        bundle.save(model, manifest, staged)
+        exported = bundle.load(staged)
+        y_true, probs = _predict(exported.predict, decoded["test"].images, cfg.batch_size)
+        _, _, sections, plots = _decision_support(spec, validation, (y_true, probs), fitted)
+        deployed, deployed_plots = _at_operating_point(spec, exported, y_true, probs)
+        sections["at_operating_point"] = deployed
+        plots.update(deployed_plots)
+        metrics = write_report(
+            spec, report_uri, y_true=y_true, probs=probs, history=history,
+            samples=_samples(spec, decoded["train"].images),
+            extra={"config": asdict(cfg), "best_epoch": _best_epoch(history), "resumed_after": resumed, "data": data_report},
+            sections=sections, extra_plots=plots,
+        )  # fmt: skip
+        headline = {**_headline(metrics), "at_operating_point": _headline(deployed)}
+        bundle.publish(staged, bundle_uri, metrics=headline)
+    print(f"[eyeray] bundle: {bundle_uri}\n[eyeray] report: {report_uri}")
+    print("[eyeray] test metrics (argmax of the raw outputs): " + json.dumps(_headline(metrics)))
+    print("[eyeray] test metrics (calibrated, at the operating point, as deployed): " + json.dumps(_headline(deployed)))
+    return TrainResult(output=cfg.output, bundle=bundle_uri, report=report_uri, metrics=metrics, history=history,
+                       resumed_after=resumed)  # fmt: skip
+
+
+def _fit_decisions(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray]) -> tuple[dict, dict | None, str | None]:
+    """Calibration and the operating point, fitted on the validation split. Data too small to
+    choose an operating point leaves it out with a note instead of failing a finished run."""
+    from eyeray.decision import calibration, operating_points
+    from eyeray.decision.roc import UndefinedMetric
+
+    y_val, p_val = validation
+    params = calibration.fit(y_val, p_val, spec.multi_label, spec.classes)
+    try:
+        return params, operating_points.choose(spec, y_val, calibration.apply(params, p_val)), None
+    except UndefinedMetric as exc:
+        return params, None, f"not chosen: {exc}"
+
+
+def _decision_support(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                      fitted: tuple[dict, dict | None, str | None] | None = None):  # fmt: skip
+    """`_fit_decisions` (or its result, `fitted`), and what calibration and the operating point do
+    on the test split (report sections and the reliability diagram)."""
+    from eyeray.decision import calibration, operating_points
+    from eyeray.evaluation.plots import RELIABILITY_PNG, plot_reliability
+
+    params, op, note = fitted or _fit_decisions(spec, validation)
+    (y_val, p_val), (y_test, p_test) = validation, test
+    val_cal, test_cal = calibration.apply(params, p_val), calibration.apply(params, p_test)
+    sections: dict[str, Any] = {"calibration": {
+        **params, "validation": calibration.summary(y_val, p_val, val_cal, spec.multi_label),
+        "test": calibration.summary(y_test, p_test, test_cal, spec.multi_label),
+    }}  # fmt: skip
+    if op is None:
+        sections["operating_point"] = {"rule": spec.operating_point, "note": note}
+    else:
+        sections["operating_point"] = {**op, "test": operating_points.achieved(op, y_test, test_cal)}
+
+    def reliability(path: Path) -> None:
+        title = f"{spec.title}\ntest split; calibration fitted on the validation split"
+        plot_reliability(y_test, p_test, test_cal, spec.multi_label, path, title)
+
+    return params, op, sections, {RELIABILITY_PNG: reliability}
+
+
+def _at_operating_point(spec: TaskSpec, exported, y_true: np.ndarray, raw: np.ndarray):
+    """Test metrics as deployed: the exported bundle's `decide` (calibrated probabilities, labels
+    at its operating point) scored with the same metrics as the argmax figures, plus the
+    confusion matrix of those decisions. Returns (metrics, {png name: draw function})."""
+    from eyeray.evaluation.metrics import compute_metrics
+    from eyeray.evaluation.plots import plot_confusion
+
+    decision = exported.decide(raw)
+    decided = np.array([[c in row for c in spec.classes] for row in decision.labels], int)
+    op = decision.operating_point
+    thresholds = op.get("thresholds") if op is not None and spec.multi_label else None
+    metrics = compute_metrics(spec, y_true, decision.probabilities, thresholds, decided=decided)
+    metrics["decided_by"] = exported.manifest["decision"]
+    if decision.referral is not None:
+        refer, truth = decision.referral, y_true[:, [spec.class_index(c) for c in spec.referral_classes]].any(axis=1)
+        metrics.update(referral_sensitivity=float(refer[truth].mean()) if truth.any() else None,
+                       referral_specificity=float((~refer[~truth]).mean()) if (~truth).any() else None,
+                       referred=int(refer.sum()), referable=int(truth.sum()))  # fmt: skip
+
+    def confusion(path: Path) -> None:
+        plot_confusion(spec, y_true, decided, path, 0.5 if spec.multi_label else None)
+
+    return metrics, {DEPLOYED_CONFUSION_PNG: confusion}
+
+
+def _best_epoch(history: list[dict[str, Any]]) -> int | None:
+    return min(history, key=lambda h: h["val_loss"])["epoch"] if history else None
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The scalar metrics (per-class tables and matrices stay in the report)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) or v is None}

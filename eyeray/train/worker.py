@@ -1,0 +1,106 @@
+"""The Ray Train worker loop: build the model inside the strategy scope, take this worker's
+dataset shard, and run the fine-tuning phases epoch by epoch, reporting and checkpointing each."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+
+from eyeray import faults
+from eyeray.tasks import TaskSpec, get_task
+from eyeray.train import checkpoint
+from eyeray.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def train_batches(shard, batch_size: int):
+    """One epoch of a worker's training shard: shuffled locally, prefetched while the step runs."""
+    return shard.iter_batches(batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size, prefetch_batches=2)
+
+
+def cosine(base_lr: float, step: int, steps: int) -> float:
+    """Cosine decay over a phase's epochs: the late epochs settle instead of oscillating."""
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(steps, 1)))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import tensorflow as tf
+
+    from eyeray.model.build import build_model, phases, set_phase
+    from eyeray.train.distributed import DistributedFitter
+
+    cfg = TrainConfig(**config["train"])
+    spec = get_task(cfg.task)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+
+    gpus = len(ray.get_gpu_ids())
+    if cfg.use_gpu and not tf.config.list_physical_devices("GPU"):
+        print(f"[eyeray] worker {rank}: Ray assigned {gpus} GPU(s) but TensorFlow sees none; computing on the CPU")
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    with strategy.scope():
+        model = build_model(spec, cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, dropout=cfg.dropout)
+    state, optimizer_state = checkpoint.restore(model, ray.train.get_checkpoint())
+    fitter = DistributedFitter(strategy, model, spec, np.asarray(config["class_weights"], np.float32))
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+
+    pretrained = cfg.weights not in (None, "none")
+    epoch = 0
+    for phase, n_epochs in phases(pretrained, cfg.epochs, cfg.fine_tune_epochs):
+        if epoch + n_epochs <= state.epoch:
+            epoch += n_epochs
+            continue
+        base_lr = cfg.learning_rate * (cfg.fine_tune_lr_factor if phase == "fine_tune" else 1.0)
+        set_phase(model, phase, cfg.fine_tune_layers)
+        fitter.compile(base_lr)
+        if optimizer_state is not None and state.phase == phase:
+            fitter.load_optimizer_state(optimizer_state)
+        if phase == "head" and state.epoch == 0:  # a resumed run has the statistics in its weights
+            scale = fitter.fit_feature_scale(train_batches(train_shard, cfg.batch_size))
+            if rank == 0:
+                print(f"[eyeray] head input standardised on {scale['images']} training images "
+                      f"(pooled features: mean {scale['feature_mean']:.3g}, std {scale['feature_std']:.3g})")  # fmt: skip
+        for i in range(n_epochs):
+            epoch += 1
+            if epoch <= state.epoch:
+                continue
+            lr = cosine(base_lr, i, n_epochs)
+            fitter.set_learning_rate(lr)
+            start = time.perf_counter()
+            train = fitter.train_epoch(train_batches(train_shard, cfg.batch_size))
+            seconds = time.perf_counter() - start
+            outputs: list = []
+            val = fitter.evaluate(val_shard.iter_batches(batch_size=cfg.batch_size), outputs)
+            metrics = {"epoch": epoch, "phase": phase, "learning_rate": lr, **train.as_dict(), **val.as_dict("val_"),
+                       **_validation_metrics(spec, fitter, outputs, rank, world),
+                       "train_images": train.examples, "images_per_s": train.examples / max(seconds, 1e-9),
+                       "epoch_seconds": seconds, "workers": world, "gpus_per_worker": gpus}  # fmt: skip
+            state = replace(state, epoch=epoch, phase=phase, history=[*state.history, metrics])
+            checkpoint.report(model, fitter, state, metrics, rank)
+            if config.get("fault_at_epoch") == epoch and rank == world - 1:  # tests only: eyeray.faults
+                faults.kill_once(cfg.output, f"killed worker rank {rank} after epoch {epoch}", delay_s=5)
+
+
+def _validation_metrics(spec: TaskSpec, fitter, outputs: list, rank: int, world: int) -> dict[str, Any]:
+    """The task's metrics on the whole validation split (every worker's rows) as "val_<key>", so
+    epochs and trials can be ranked by what matters for the task (spec.selection_metric), not
+    only by the loss. Undefined values (a class absent from a tiny split) are None."""
+    from eyeray.evaluation import metrics as evaluate
+
+    k = spec.num_classes
+    local = np.concatenate([np.hstack([y, p]) for y, p in outputs]) if outputs else np.zeros((0, 2 * k))
+    rows = fitter.gather_rows(local, rank, world)
+    if len(rows) == 0:
+        return {}
+    computed = evaluate.compute_metrics(spec, rows[:, :k], rows[:, k:])
+    keys = dict.fromkeys(("macro_f1", "auc", spec.selection_metric, *spec.extra_metrics))
+    return {f"val_{key}": computed.get(key) for key in keys}
