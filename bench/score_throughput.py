@@ -100,8 +100,11 @@ class PeakRSS:
 
     def figures(self) -> dict:
         mib = 1 << 20
-        return {"driver_mib": round(self.driver / mib), "workers_total_mib": round(self.workers_total / mib),
-                "largest_worker_mib": round(self.worker_max / mib)}  # fmt: skip
+        return {
+            "driver_mib": round(self.driver / mib),
+            "workers_total_mib": round(self.workers_total / mib),
+            "largest_worker_mib": round(self.worker_max / mib),
+        }
 
 
 def bare_model(bundle_uri: str, files: list[str], batch_size: int) -> dict:
@@ -130,11 +133,16 @@ def seed_style(bundle_uri: str, files: list[str]) -> dict:
 def pipeline(bundle_uri: str, archive: Path, output: Path, batch_size: int) -> dict:
     """`eyeray.score.run` end to end: wall time includes starting the actors and loading the model."""
     start = time.perf_counter()
-    summary = run(ScoreConfig(bundles=[bundle_uri], input=str(archive), output=str(output), batch_size=batch_size,
-                              report=False))  # fmt: skip
+    summary = run(
+        ScoreConfig(bundles=[bundle_uri], input=str(archive), output=str(output), batch_size=batch_size, report=False)
+    )
     wall = time.perf_counter() - start
-    return {"images": summary["scored_this_run"], "errors": summary["errors"], "wall_seconds": round(wall, 2),
-            "end_to_end_images_per_s": round(summary["scored_this_run"] / wall, 2)}  # fmt: skip
+    return {
+        "images": summary["scored_this_run"],
+        "errors": summary["errors"],
+        "wall_seconds": round(wall, 2),
+        "end_to_end_images_per_s": round(summary["scored_this_run"] / wall, 2),
+    }
 
 
 def steady_pipeline(bundle_uri: str, tmp: Path, n: int, batch_size: int) -> dict:
@@ -143,8 +151,12 @@ def steady_pipeline(bundle_uri: str, tmp: Path, n: int, batch_size: int) -> dict
     small = pipeline(bundle_uri, make_archive(tmp / "archive-1x", n), tmp / "scored-1x", batch_size)
     large = pipeline(bundle_uri, make_archive(tmp / "archive-2x", 2 * n), tmp / "scored-2x", batch_size)
     extra = large["wall_seconds"] - small["wall_seconds"]
-    return {"n": small, "2n": large, "steady_images_per_s": round(n / extra, 2) if extra > 0 else None,
-            "startup_seconds": round(small["wall_seconds"] - extra, 2)}  # fmt: skip
+    return {
+        "n": small,
+        "2n": large,
+        "steady_images_per_s": round(n / extra, 2) if extra > 0 else None,
+        "startup_seconds": round(small["wall_seconds"] - extra, 2),
+    }
 
 
 def main() -> None:
@@ -159,8 +171,11 @@ def main() -> None:
     ray.init(include_dashboard=False)
     out: dict = {
         "benchmark": "score_throughput",
-        "machine": {"cpus": ray.cluster_resources().get("CPU"), "gpus": ray.cluster_resources().get("GPU", 0),
-                    "platform": platform.platform()},  # fmt: skip
+        "machine": {
+            "cpus": ray.cluster_resources().get("CPU"),
+            "gpus": ray.cluster_resources().get("GPU", 0),
+            "platform": platform.platform(),
+        },
         "archive": f"greyscale JPEG {OCT_SHAPE[0]}x{OCT_SHAPE[1]}, quality 90",
         "targets": {"pipeline_vs_bare": 0.9, "pipeline_vs_seed_style": 3.0, "rss_10n_vs_n": 1.15},
     }
@@ -179,13 +194,18 @@ def main() -> None:
         print("seed-style", seed, flush=True)
         bare = round((bare_before["images_per_s"] + bare_after["images_per_s"]) / 2, 2)
         out["throughput"] = {
-            "model": args.model, "batch_size": args.batch_size, "bare_model_before": bare_before,
-            "bare_model_after": bare_after, "bare_model_images_per_s": bare, "pipeline": piped, "seed_style": seed,
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "bare_model_before": bare_before,
+            "bare_model_after": bare_after,
+            "bare_model_images_per_s": bare,
+            "pipeline": piped,
+            "seed_style": seed,
             "ratio_pipeline_steady_vs_bare": round(piped["steady_images_per_s"] / bare, 3),
             "ratio_pipeline_end_to_end_2n_vs_bare": round(piped["2n"]["end_to_end_images_per_s"] / bare, 3),
             "ratio_pipeline_steady_vs_seed_style": round(piped["steady_images_per_s"] / seed["images_per_s"], 2),
             "ratio_bare_vs_seed_style": round(bare / seed["images_per_s"], 2),
-        }  # fmt: skip
+        }
 
         backbone, size = args.memory_model.split(":")
         small = make_bundle(tmp, backbone, int(size))

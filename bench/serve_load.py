@@ -114,12 +114,22 @@ def main(argv: list[str] | None = None) -> dict:
     port = 18000 + (int(time.time()) % 1000)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    results = {"backbone": args.backbone, "image_size": args.image_size, "cpus": args.cpus,
-               "machine": platform.processor() or platform.machine(), "runs": {}}  # fmt: skip
+    results = {
+        "backbone": args.backbone,
+        "image_size": args.image_size,
+        "cpus": args.cpus,
+        "machine": platform.processor() or platform.machine(),
+        "runs": {},
+    }
     try:
         for name, batch in (("unbatched", 1), ("batched", 16)):
-            app = ServeArgs(bundles=[uri], max_batch_size=batch, cpus_per_replica=1, ingress_cpus=0.5,
-                            autoscaling={"min_replicas": 1, "max_replicas": 1})  # fmt: skip
+            app = ServeArgs(
+                bundles=[uri],
+                max_batch_size=batch,
+                cpus_per_replica=1,
+                ingress_cpus=0.5,
+                autoscaling={"min_replicas": 1, "max_replicas": 1},
+            )
             serve.run(build_app(app), name="bench", route_prefix="/")
             load(url, images, 4, 32)  # warm-up: traces every batch shape the run will see
             results["runs"][name] = [load(url, images, c, args.requests) for c in args.clients]

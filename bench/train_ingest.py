@@ -75,10 +75,13 @@ def worker_loop(config: dict) -> None:
             timings[name].append((time.perf_counter() - start, stats.examples))
     steps = -(-len(images) // bs)
     result = {
-        name: {"steps_per_s": steps * len(t) / sum(s for s, _ in t), "images_per_s": sum(n for _, n in t) / sum(s for s, _ in t),
-               "epoch_seconds": [round(s, 3) for s, _ in t]}
+        name: {
+            "steps_per_s": steps * len(t) / sum(s for s, _ in t),
+            "images_per_s": sum(n for _, n in t) / sum(s for s, _ in t),
+            "epoch_seconds": [round(s, 3) for s, _ in t],
+        }
         for name, t in timings.items()
-    }  # fmt: skip
+    }
     # Train V2 keeps metrics only with a checkpoint: hand the figures back through a file instead.
     Path(config["out"]).write_text(json.dumps({"result": result, "images": int(len(images)), "steps_per_epoch": steps}))
 
@@ -95,9 +98,14 @@ def measure(args, backbone: str, image_size: int, augment: bool, data: str) -> d
     with tempfile.TemporaryDirectory() as storage:
         trainer = TensorflowTrainer(
             worker_loop,
-            train_loop_config={"task": args.task, "backbone": backbone, "image_size": image_size,
-                               "batch_size": args.batch_size, "rounds": args.rounds,
-                               "out": str(Path(storage, "figures.json"))},  # fmt: skip
+            train_loop_config={
+                "task": args.task,
+                "backbone": backbone,
+                "image_size": image_size,
+                "batch_size": args.batch_size,
+                "rounds": args.rounds,
+                "out": str(Path(storage, "figures.json")),
+            },
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(storage_path=storage, name="bench"),
             datasets={"train": train},
@@ -106,11 +114,21 @@ def measure(args, backbone: str, image_size: int, augment: bool, data: str) -> d
         metrics = json.loads(Path(storage, "figures.json").read_text())
     result = metrics["result"]
     ratio = result["ray_data"]["steps_per_s"] / result["memory"]["steps_per_s"]
-    row = {"backbone": backbone, "image_size": image_size, "batch_size": args.batch_size, "augment": augment,
-           "images": metrics["images"], "steps_per_epoch": metrics["steps_per_epoch"], **result,
-           "ratio_ray_data_vs_memory": round(ratio, 3)}  # fmt: skip
-    print(f"{backbone:>12} @{image_size:<4} augment={str(augment):5} ray_data {result['ray_data']['steps_per_s']:.2f} "
-          f"steps/s, memory {result['memory']['steps_per_s']:.2f} steps/s, ratio {ratio:.3f}", flush=True)  # fmt: skip
+    row = {
+        "backbone": backbone,
+        "image_size": image_size,
+        "batch_size": args.batch_size,
+        "augment": augment,
+        "images": metrics["images"],
+        "steps_per_epoch": metrics["steps_per_epoch"],
+        **result,
+        "ratio_ray_data_vs_memory": round(ratio, 3),
+    }
+    print(
+        f"{backbone:>12} @{image_size:<4} augment={str(augment):5} ray_data {result['ray_data']['steps_per_s']:.2f} "
+        f"steps/s, memory {result['memory']['steps_per_s']:.2f} steps/s, ratio {ratio:.3f}",
+        flush=True,
+    )
     return row
 
 

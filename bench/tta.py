@@ -61,8 +61,11 @@ def model_seconds(loaded: bundle.Bundle, images: np.ndarray) -> dict[str, float]
             start = time.perf_counter()
             loaded.predict(images, tta=flag)
             out.append((time.perf_counter() - start) / len(images))
-    return {"plain_s_per_image": float(np.median(plain)), "tta_s_per_image": float(np.median(tta)),
-            "tta_over_plain": float(np.median(tta) / np.median(plain))}  # fmt: skip
+    return {
+        "plain_s_per_image": float(np.median(plain)),
+        "tta_s_per_image": float(np.median(tta)),
+        "tta_over_plain": float(np.median(tta) / np.median(plain)),
+    }
 
 
 def changes(loaded: bundle.Bundle, images: np.ndarray, truth: np.ndarray) -> dict[str, float | int]:
@@ -88,16 +91,31 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False)
-    results: dict = {"machine": f"{os.cpu_count()} CPU cores, no GPU, {platform.processor() or platform.machine()}",
-                     "repeats": REPEATS, "tasks": {}}  # fmt: skip
+    results: dict = {
+        "machine": f"{os.cpu_count()} CPU cores, no GPU, {platform.processor() or platform.machine()}",
+        "repeats": REPEATS,
+        "tasks": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for task, folder in (("oct", "oct-sample"), ("glaucoma", "glaucoma-sample")):
-            cfg = TrainConfig(task=task, data=str(SAMPLES / folder), output=f"{tmp}/{task}", backbone="small_cnn",
-                              weights="none", image_size=64, epochs=12, fine_tune_epochs=0, batch_size=16)  # fmt: skip
+            cfg = TrainConfig(
+                task=task,
+                data=str(SAMPLES / folder),
+                output=f"{tmp}/{task}",
+                backbone="small_cnn",
+                weights="none",
+                image_size=64,
+                epochs=12,
+                fine_tune_epochs=0,
+                batch_size=16,
+            )
             trained = bundle.load(run(cfg).bundle)
             _, images, truth = load_sample(task, SAMPLES / folder, trained.image_size)
-            results["tasks"][task] = {"model": "small_cnn @ 64 px, trained on the sample's train split",
-                                      **changes(trained, images, truth), **model_seconds(trained, images)}  # fmt: skip
+            results["tasks"][task] = {
+                "model": "small_cnn @ 64 px, trained on the sample's train split",
+                **changes(trained, images, truth),
+                **model_seconds(trained, images),
+            }
             print(task, json.dumps(results["tasks"][task]))
         spec = get_task("oct")
         vgg = build_model(spec, "vgg16", weights=None, image_size=224)

@@ -29,16 +29,27 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add = parser.add_argument
     add("--data", help="dataset root: local folder or s3://bucket/prefix (absent: a generated demo dataset)")
     add("--output", help="run folder (local or s3://) for bundle/, report/ and checkpoints (default runs/TASK-TIME)")
-    add("--backbone", help="vgg16 | xception | inception_resnet_v2 | mobilenet_v2 | small_cnn, or A+B for a "
-        "concatenation ensemble (default: the task's; small_cnn for the demo)")  # fmt: skip
-    add("--weights", type=_weights, help="imagenet (download Keras' weights) | none | PATH or s3:// URI of a "
-        "backbone weights file (default imagenet; none for the demo)")  # fmt: skip
+    add(
+        "--backbone",
+        help="vgg16 | xception | inception_resnet_v2 | mobilenet_v2 | small_cnn, or A+B for a "
+        "concatenation ensemble (default: the task's; small_cnn for the demo)",
+    )
+    add(
+        "--weights",
+        type=_weights,
+        help="imagenet (download Keras' weights) | none | PATH or s3:// URI of a "
+        "backbone weights file (default imagenet; none for the demo)",
+    )
     add("--image-size", type=int, help="input size in pixels (default: the task's; 64 for the demo)")
     add("--epochs", type=int, help="epochs with the backbone frozen (or of the whole net when not pretrained)")
     add("--fine-tune-epochs", type=int, help="epochs with the top backbone layers unfrozen")
     add("--fine-tune-layers", type=int, help="how many top backbone layers to unfreeze (default per backbone)")
-    add("--fine-tune-lr-factor", type=float, default=TrainConfig.fine_tune_lr_factor,
-        help="fine-tuning learning rate = this x --learning-rate")
+    add(
+        "--fine-tune-lr-factor",
+        type=float,
+        default=TrainConfig.fine_tune_lr_factor,
+        help="fine-tuning learning rate = this x --learning-rate",
+    )
     add("--batch-size", type=int, help="images per worker per step")
     add("--learning-rate", type=float, help="Adam learning rate of the first phase")
     add("--dropout", type=float, default=0.3, help="dropout in the classification head")
@@ -108,12 +119,22 @@ def _served(answer: dict) -> str:
 
 def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add = parser.add_argument
-    add("--bundle", dest="bundles", action="append", required=True, metavar="DIR_OR_S3_URI",
-        help="model bundle folder or s3:// URI (from training); repeat for an ensemble of one task")  # fmt: skip
+    add(
+        "--bundle",
+        dest="bundles",
+        action="append",
+        required=True,
+        metavar="DIR_OR_S3_URI",
+        help="model bundle folder or s3:// URI (from training); repeat for an ensemble of one task",
+    )
     add("--input", required=True, help="archive to score: local folder or s3://bucket/prefix (recursive)")
     add("--output", required=True, help="results folder or s3:// URI (Parquet shards, summary.json, report.html)")
-    add("--ensemble", choices=METHODS, default="mean",
-        help="with several bundles: average the probabilities, or majority vote")  # fmt: skip
+    add(
+        "--ensemble",
+        choices=METHODS,
+        default="mean",
+        help="with several bundles: average the probabilities, or majority vote",
+    )
     add("--actors", type=int, default=1, help="model actors (each loads the bundles once)")
     add("--gpus-per-actor", type=float, default=0.0, help="GPUs per model actor")
     add("--cpus-per-actor", type=float, default=1.0, help="CPUs Ray reserves per model actor")
@@ -121,29 +142,54 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--rows-per-shard", type=int, default=1000, help="rows per Parquet shard (the unit of commit and resume)")
     add("--no-report", dest="report", action="store_false", help="skip report.html")
     add_decision_arguments(parser)
-    add("--explain", default="review",
+    add(
+        "--explain",
+        default="review",
         help="rows that get Grad-CAM overlays (PNG under OUTPUT/explanations/, named in the rows): "
-             "none, review, referred, top-K (every row, its K most probable classes), or a comma list")  # fmt: skip
+        "none, review, referred, top-K (every row, its K most probable classes), or a comma list",
+    )
     return parser
 
 
 def add_decision_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """How probabilities become answers, the same flags for score, serve and explain."""
     add = parser.add_argument
-    add("--thresholds", default=None, metavar="T",
+    add(
+        "--thresholds",
+        default=None,
+        metavar="T",
         help="override the bundle's operating point: 0.3 (referral rules), 0.3,0.4,... (one per label) "
-             "or LABEL=0.3,LABEL=0.2 (default: the thresholds chosen on validation data)")  # fmt: skip
+        "or LABEL=0.3,LABEL=0.2 (default: the thresholds chosen on validation data)",
+    )
     add("--tta", action="store_true", help="test-time augmentation: mean over the image and its mirror (2x model time)")
-    add("--review-below", type=float, default=DEFAULT_REVIEW_BELOW,
-        help="calibrated confidence below which a case is marked needs_review")  # fmt: skip
+    add(
+        "--review-below",
+        type=float,
+        default=DEFAULT_REVIEW_BELOW,
+        help="calibrated confidence below which a case is marked needs_review",
+    )
     return parser
 
 
 def score_config(args: argparse.Namespace):
     from eyeray.score import ScoreConfig
 
-    names = ("bundles", "input", "output", "ensemble", "actors", "gpus_per_actor", "cpus_per_actor", "batch_size",
-             "rows_per_shard", "report", "thresholds", "tta", "review_below", "explain")  # fmt: skip
+    names = (
+        "bundles",
+        "input",
+        "output",
+        "ensemble",
+        "actors",
+        "gpus_per_actor",
+        "cpus_per_actor",
+        "batch_size",
+        "rows_per_shard",
+        "report",
+        "thresholds",
+        "tta",
+        "review_below",
+        "explain",
+    )
     return ScoreConfig(**{k: getattr(args, k) for k in names})
 
 
@@ -151,16 +197,22 @@ def score_main(argv: list[str] | None = None) -> int:
     """Entry point of jobs/score_archive.py."""
     from eyeray.score import run
 
-    parser = argparse.ArgumentParser(description="Score an image archive with Ray Data.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description="Score an image archive with Ray Data.", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     run(score_config(add_score_arguments(parser).parse_args(argv)))
     return 0
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add = parser.add_argument
-    add("--bundle", dest="bundles", action="append", required=True,
-        help="model bundle folder or s3:// URI; repeat for more tasks (one bundle per task)")  # fmt: skip
+    add(
+        "--bundle",
+        dest="bundles",
+        action="append",
+        required=True,
+        help="model bundle folder or s3:// URI; repeat for more tasks (one bundle per task)",
+    )
     add("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     add("--port", type=int, default=8000, help="HTTP port")
     add("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica")
@@ -179,14 +231,25 @@ def serve_main(args: argparse.Namespace) -> int:
     thresholds = {}
     if args.thresholds is not None:
         if len(args.bundles) != 1:
-            raise SystemExit("--thresholds takes one bundle; with several, give `thresholds: {task: ...}` "
-                             "in a Serve config file (jobs/serve_config.yaml)")  # fmt: skip
+            raise SystemExit(
+                "--thresholds takes one bundle; with several, give `thresholds: {task: ...}` "
+                "in a Serve config file (jobs/serve_config.yaml)"
+            )
         thresholds = {read_manifest(args.bundles[0])["task"]: args.thresholds}
-    run(ServeArgs(bundles=args.bundles, gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
-                  max_body_bytes=int(args.max_body_mb * 2**20), tta=args.tta, review_below=args.review_below,
-                  thresholds=thresholds,
-                  autoscaling={"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": 8}),
-        host=args.host, port=args.port)  # fmt: skip
+    run(
+        ServeArgs(
+            bundles=args.bundles,
+            gpus_per_replica=args.gpus_per_replica,
+            max_batch_size=args.max_batch_size,
+            max_body_bytes=int(args.max_body_mb * 2**20),
+            tta=args.tta,
+            review_below=args.review_below,
+            thresholds=thresholds,
+            autoscaling={"min_replicas": 1, "max_replicas": args.max_replicas, "target_ongoing_requests": 8},
+        ),
+        host=args.host,
+        port=args.port,
+    )
     return 0
 
 
@@ -206,16 +269,24 @@ def _explain(args: argparse.Namespace) -> int:
     from eyeray.decision.operating_points import parse_thresholds
     from eyeray.model.gradcam import explain_files
 
-    rows = explain_files(args.bundle, args.images, output=args.output, class_name=args.class_name, alpha=args.alpha,
-                         thresholds=parse_thresholds(args.thresholds))  # fmt: skip
+    rows = explain_files(
+        args.bundle,
+        args.images,
+        output=args.output,
+        class_name=args.class_name,
+        alpha=args.alpha,
+        thresholds=parse_thresholds(args.thresholds),
+    )
     for row in rows:
         print(json.dumps(row))
     return 1 if any(row["error"] for row in rows) else 0
 
 
 def explain_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Grad-CAM overlays (PNG) for images, by a model bundle.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description="Grad-CAM overlays (PNG) for images, by a model bundle.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     return _explain(add_explain_arguments(parser).parse_args(argv))
 
 
@@ -235,23 +306,37 @@ def add_sweep_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add = parser.add_argument
     add("--task", default="oct", choices=sorted(TASKS))
     add("--data", help="dataset root: local folder or s3://bucket/prefix (absent: a generated demo dataset)")
-    add("--output", help="sweep folder (local or s3://): leaderboard.csv, report.html, best/, trials/, tune/ "
-        "(default runs/TASK-sweep-TIME)")  # fmt: skip
+    add(
+        "--output",
+        help="sweep folder (local or s3://): leaderboard.csv, report.html, best/, trials/, tune/ "
+        "(default runs/TASK-sweep-TIME)",
+    )
     add("--trials", type=int, default=8, help="samples of the search space (each grid value gets this many)")
     add("--time-budget", type=_seconds, help="stop running trials after this long (seconds, or 90m, 2h)")
     add("--gpus-per-trial", type=int, default=0, help="GPUs per trial, one data-parallel worker each (0: CPU)")
     add("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved for a trial's training workers")
     add("--max-concurrent", type=int, help="trials at once (default: what the cluster holds)")
-    add("--epochs", type=int, help="epochs with the backbone frozen, or of the whole net when not pretrained "
-        "(default 10; 8 for the demo)")  # fmt: skip
+    add(
+        "--epochs",
+        type=int,
+        help="epochs with the backbone frozen, or of the whole net when not pretrained (default 10; 8 for the demo)",
+    )
     add("--fine-tune-epochs", type=int, help="epochs with the top backbone layers unfrozen (default 10; demo 0)")
-    add("--weights", type=_weights, help="imagenet | none | PATH (default imagenet; none for the demo; "
-        "small_cnn always trains from scratch)")  # fmt: skip
+    add(
+        "--weights",
+        type=_weights,
+        help="imagenet | none | PATH (default imagenet; none for the demo; small_cnn always trains from scratch)",
+    )
     add("--grace-period", type=int, default=1, help="epochs every trial runs before ASHA may stop it")
     add("--reduction-factor", type=float, default=2.0, help="ASHA keeps the best 1/this of trials at each rung")
     add("--space", help="YAML/JSON file overriding the task's search space (see eyeray/sweep/search_space.py)")
-    add("--ensemble-top", type=int, default=0, metavar="K", help="evaluate the top K trials together on the "
-        "test split (averaged probabilities and majority vote)")  # fmt: skip
+    add(
+        "--ensemble-top",
+        type=int,
+        default=0,
+        metavar="K",
+        help="evaluate the top K trials together on the test split (averaged probabilities and majority vote)",
+    )
     add("--seed", type=int, default=0)
     add("--resume", action="store_true", help="continue the interrupted sweep in --output")
     return parser
@@ -268,8 +353,10 @@ def sweep_main(argv: list[str] | None = None) -> int:
     """Entry point of jobs/sweep.py."""
     from eyeray.sweep import run
 
-    parser = argparse.ArgumentParser(description="Model selection with Ray Tune: many trainings, ASHA early "
-                                     "stopping, a leaderboard.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description="Model selection with Ray Tune: many trainings, ASHA early stopping, a leaderboard.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     run(sweep_config(add_sweep_arguments(parser).parse_args(argv)))
     return 0
 

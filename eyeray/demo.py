@@ -38,8 +38,9 @@ def run(train_config, serve_port: int = 8000) -> dict[str, Any]:
     result = train.run(train_config)
     base = result.output if not storage.is_remote(result.output) else None
     archive = make_archive(train_config.task, Path(base or ".") / "demo_archive", seed=train_config.seed + 1)
-    summary = score.run(score.ScoreConfig(bundles=[result.bundle], input=str(archive),
-                                          output=storage.join(result.output, "scores")))  # fmt: skip
+    summary = score.run(
+        score.ScoreConfig(bundles=[result.bundle], input=str(archive), output=storage.join(result.output, "scores"))
+    )
     images = sorted(p for p in archive.rglob("*") if p.is_file() and p.parent != archive)
     first_per_class = list({p.parent: p for p in reversed(images)}.values())
     posted = (first_per_class + [p for p in images if p not in first_per_class])[:3]  # every class, then more

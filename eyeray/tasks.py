@@ -90,8 +90,7 @@ OCT = TaskSpec(
     operating_point="referral_sensitivity:0.95",  # Kermany et al.: urgent referral (CNV or DME)
     augment=AugmentSpec(hflip=True, rotation_deg=5.0, zoom=0.1),
     demo=DemoSpec(modality="oct"),
-    dataset_hint="Kaggle kermany2018: train/ test/ [val/] each with CNV/ DME/ DRUSEN/ NORMAL/, "
-    "or one folder per class",
+    dataset_hint="Kaggle kermany2018: train/ test/ [val/] each with CNV/ DME/ DRUSEN/ NORMAL/, or one folder per class",
 )
 
 GLAUCOMA = TaskSpec(
@@ -110,8 +109,7 @@ GLAUCOMA = TaskSpec(
     operating_point="referral_specificity:0.95",  # the AIROGS screening operating point
     augment=AugmentSpec(hflip=True, rotation_deg=15.0, zoom=0.1),
     demo=DemoSpec(modality="fundus"),
-    dataset_hint="EyePACS-AIROGS-light: train/ validation/ test/ each with RG/ NRG/, "
-    "or one folder per class",
+    dataset_hint="EyePACS-AIROGS-light: train/ validation/ test/ each with RG/ NRG/, or one folder per class",
 )
 
 ODIR = TaskSpec(

@@ -81,9 +81,11 @@ def s3_server():
     server.start()
     saved = {k: os.environ.get(k) for k in S3_ENV}
     os.environ.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
-    )  # fmt: skip
+    )
     for key in ("EYERAY_S3_ENDPOINT", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
         os.environ.pop(key, None)
     try:
@@ -94,8 +96,15 @@ def s3_server():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
-S3_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-          "EYERAY_S3_ENDPOINT", "AWS_PROFILE", "AWS_SESSION_TOKEN")  # fmt: skip
+S3_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "EYERAY_S3_ENDPOINT",
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+)
 
 
 @pytest.fixture(scope="session")
@@ -115,19 +124,27 @@ def ray_cluster(s3_server, tmp_path_factory):
     # run (a Tune trial cut by ASHA) then keeps its placement group's CPUs forever.
     env = {**os.environ, **RAY_TEST_ENV, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     head_args = [
-        "--head", f"--port={port}", "--num-cpus=2",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
         "--num-gpus=2",  # logical GPUs: --use-gpu runs its real code path (TF falls back to the CPU)
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={free_port()}",
-    ]  # fmt: skip
+    ]
     address = f"127.0.0.1:{port}"
     try:
         start_node(head_args, temp_dir, env)
         os.environ["RAY_ADDRESS"] = address
         ray.init(address=address, log_to_driver=False)
         _wait_for_job_agent(f"http://127.0.0.1:{dashboard_port}")
-        yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard_port}",
-               "env": {**env, "RAY_ADDRESS": address}, "temp_dir": temp_dir}  # fmt: skip
+        yield {
+            "address": address,
+            "dashboard": f"http://127.0.0.1:{dashboard_port}",
+            "env": {**env, "RAY_ADDRESS": address},
+            "temp_dir": temp_dir,
+        }
     finally:
         ray.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
@@ -152,11 +169,17 @@ def start_node(args: list[str], temp_dir: str, env: dict[str, str]) -> None:
     `--address=HEAD` for one more node of that cluster on this machine."""
     joining = any(arg.startswith("--address") for arg in args)
     cmd = [
-        *([sys.executable, "-c", _JOIN_NODE] if joining else ["ray"]), "start", "--node-ip-address=127.0.0.1",
-        *args, f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]  # fmt: skip
+        *([sys.executable, "-c", _JOIN_NODE] if joining else ["ray"]),
+        "start",
+        "--node-ip-address=127.0.0.1",
+        *args,
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise RuntimeError(f"ray start {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

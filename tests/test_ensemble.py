@@ -17,8 +17,13 @@ def combine(manifests, probabilities, method):
 
 
 def manifest(version: str, classes=("CNV", "DME", "DRUSEN", "NORMAL"), multi_label=False, thresholds=None):
-    return {"task": "odir" if multi_label else "oct", "classes": list(classes), "multi_label": multi_label,
-            "version": version, "thresholds": thresholds or [0.5] * len(classes)}  # fmt: skip
+    return {
+        "task": "odir" if multi_label else "oct",
+        "classes": list(classes),
+        "multi_label": multi_label,
+        "version": version,
+        "thresholds": thresholds or [0.5] * len(classes),
+    }
 
 
 P1 = np.array([[0.6, 0.3, 0.05, 0.05], [0.1, 0.2, 0.3, 0.4]], np.float32)
@@ -48,8 +53,11 @@ def test_vote_tie_goes_to_the_higher_mean_probability():
 
 def test_multi_label_vote_needs_more_than_half_and_mean_uses_mean_thresholds():
     classes = ("N", "D", "G")
-    ms = [manifest("a", classes, True, [0.5, 0.5, 0.5]), manifest("b", classes, True, [0.5, 0.3, 0.5]),
-          manifest("c", classes, True, [0.5, 0.5, 0.5])]  # fmt: skip
+    ms = [
+        manifest("a", classes, True, [0.5, 0.5, 0.5]),
+        manifest("b", classes, True, [0.5, 0.3, 0.5]),
+        manifest("c", classes, True, [0.5, 0.5, 0.5]),
+    ]
     p = [np.array([[0.9, 0.4, 0.1]]), np.array([[0.2, 0.4, 0.6]]), np.array([[0.8, 0.1, 0.6]])]
     _, voted = combine(ms, p, "vote")
     assert voted == [["N", "G"]]  # N: 2 of 3; D: 1 of 3 (only b's lower threshold); G: 2 of 3

@@ -230,8 +230,14 @@ def _fake_oct(n_per_class=15, seed=0):
 
 
 HISTORY = [
-    {"epoch": e, "phase": "head" if e <= 3 else "fine_tune", "loss": 1.3 / e, "accuracy": 0.5 + 0.06 * e,
-     "val_loss": 1.4 / e + 0.05, "val_accuracy": 0.45 + 0.055 * e}
+    {
+        "epoch": e,
+        "phase": "head" if e <= 3 else "fine_tune",
+        "loss": 1.3 / e,
+        "accuracy": 0.5 + 0.06 * e,
+        "val_loss": 1.4 / e + 0.05,
+        "val_accuracy": 0.45 + 0.055 * e,
+    }
     for e in range(1, 8)
 ]
 
@@ -248,16 +254,28 @@ def _check_png(path, min_side=300):
 def test_write_report_oct(tmp_path):
     y, probs = _fake_oct()
     rng = np.random.default_rng(1)
-    samples = {c: [rng.integers(0, 255, (48, 96, 3), dtype=np.uint8) for _ in range(k)]
-               for c, k in zip(OCT.classes, (7, 3, 6, 1))}
+    samples = {
+        c: [rng.integers(0, 255, (48, 96, 3), dtype=np.uint8) for _ in range(k)]
+        for c, k in zip(OCT.classes, (7, 3, 6, 1))
+    }
     extra = {"backbone": "vgg16", "epochs": np.int64(7), "lr": np.float32(1e-3), "bad": float("nan")}
-    m = write_report(OCT, tmp_path / "report", y_true=y, probs=probs, history=HISTORY,
-                     samples=samples, extra=extra)
+    m = write_report(OCT, tmp_path / "report", y_true=y, probs=probs, history=HISTORY, samples=samples, extra=extra)
     out = tmp_path / "report"
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk == m
-    for key in ("accuracy", "macro_f1", "auc", "confusion_matrix", "per_class", "n",
-                "urgent_referral_auc", "notes", "history", "run", "plots"):
+    for key in (
+        "accuracy",
+        "macro_f1",
+        "auc",
+        "confusion_matrix",
+        "per_class",
+        "n",
+        "urgent_referral_auc",
+        "notes",
+        "history",
+        "run",
+        "plots",
+    ):
         assert key in on_disk, key
     assert on_disk["run"] == {"backbone": "vgg16", "epochs": 7, "lr": pytest.approx(1e-3), "bad": None}
     assert set(on_disk["per_class"]) == set(OCT.classes)
@@ -287,11 +305,13 @@ def test_write_report_remote_uploads_a_finished_directory(tmp_path, monkeypatch)
     published = {}
 
     def fake_publish(local_dir, uri, commit_file=None):
-        published.update(uri=uri, commit_file=commit_file,
-                         files=sorted(p.name for p in Path(local_dir).iterdir()))
+        published.update(uri=uri, commit_file=commit_file, files=sorted(p.name for p in Path(local_dir).iterdir()))
 
     monkeypatch.setattr("eyeray.storage.publish_dir", fake_publish)
     y, probs = _fake_oct(n_per_class=5)
     write_report(OCT, "s3://bucket/runs/1/eval", y_true=y, probs=probs)
-    assert published == {"uri": "s3://bucket/runs/1/eval", "commit_file": "metrics.json",
-                         "files": ["confusion_matrix.png", "metrics.json", "roc.png"]}
+    assert published == {
+        "uri": "s3://bucket/runs/1/eval",
+        "commit_file": "metrics.json",
+        "files": ["confusion_matrix.png", "metrics.json", "roc.png"],
+    }

@@ -57,7 +57,9 @@ def test_heatmap_peak_falls_on_the_class_marker_for_held_out_images(marker_model
     result = GradCam(marker_model)(images)
     assert (result.class_index == classes).mean() == 1.0  # the model learned the marker
     assert result.heatmaps.shape == (40, SIZE // 8, SIZE // 8)  # small CNN: the last ReLU before pooling
-    hits = [quadrant_of_peak(h) == ((False, False) if k == 0 else (True, True)) for h, k in zip(result.heatmaps, classes)]
+    hits = [
+        quadrant_of_peak(h) == ((False, False) if k == 0 else (True, True)) for h, k in zip(result.heatmaps, classes)
+    ]
     print(f"localisation hit rate {np.mean(hits):.3f} on {len(hits)} held-out images")
     assert np.mean(hits) >= 0.9
 
@@ -139,8 +141,16 @@ def test_explain_cli_writes_an_overlay_per_image_from_a_bundle(marker_model, tmp
         Image.fromarray(image).resize(size, Image.NEAREST).save(paths[-1], quality=95)
     (tmp_path / "broken.png").write_bytes(b"not an image")
 
-    code = explain_main(["--bundle", str(tmp_path / "bundle"), "--output", str(tmp_path / "out"),
-                         *map(str, paths), str(tmp_path / "broken.png")])  # fmt: skip
+    code = explain_main(
+        [
+            "--bundle",
+            str(tmp_path / "bundle"),
+            "--output",
+            str(tmp_path / "out"),
+            *map(str, paths),
+            str(tmp_path / "broken.png"),
+        ]
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert code == 1 and [r["error"] == "" for r in rows] == [True, True, False]
     assert "not an image" in rows[2]["error"]
@@ -162,7 +172,14 @@ def test_explain_plan_picks_rows_and_classes():
     assert ExplainPlan.parse("none").pairs(decision, review, classes) == [] and not ExplainPlan.parse("none").active
     assert ExplainPlan.parse("review").pairs(decision, review, classes) == [(2, 0)]
     assert ExplainPlan.parse("referred,review").pairs(decision, review, classes) == [(0, 0), (2, 0)]
-    assert ExplainPlan.parse("top-2").pairs(decision, review, classes) == [(0, 0), (0, 1), (1, 1), (1, 2), (2, 0), (2, 1)]
+    assert ExplainPlan.parse("top-2").pairs(decision, review, classes) == [
+        (0, 0),
+        (0, 1),
+        (1, 1),
+        (1, 2),
+        (2, 0),
+        (2, 1),
+    ]
     for bad in ("top-0", "top-x", "everything", "top-1,top-2"):
         with pytest.raises(ValueError, match="--explain"):
             ExplainPlan.parse(bad)

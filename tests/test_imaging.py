@@ -37,7 +37,7 @@ def test_greyscale_is_replicated_to_three_channels():
 
 
 def test_16bit_is_scaled_to_full_8bit_range():
-    arr16 = (np.arange(40 * 60, dtype=np.uint16).reshape(40, 60) * 3 + 1000)  # 12-bit-ish values
+    arr16 = np.arange(40 * 60, dtype=np.uint16).reshape(40, 60) * 3 + 1000  # 12-bit-ish values
     buf = io.BytesIO()
     Image.fromarray(arr16).save(buf, format="PNG")
     out = imaging.decode(buf.getvalue())
@@ -145,7 +145,12 @@ def test_load_batch_turns_errors_into_rows(tmp_path):
 
 
 def test_every_real_sample_decodes(oct_sample, glaucoma_sample, odir_sample):
-    files = [p for root in (oct_sample, glaucoma_sample, odir_sample) for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg")]
+    files = [
+        p
+        for root in (oct_sample, glaucoma_sample, odir_sample)
+        for p in root.rglob("*")
+        if p.suffix.lower() in (".jpg", ".jpeg")
+    ]
     assert len(files) == 101 + 144 + 280
     for path in files:
         image = imaging.decode(path.read_bytes())

@@ -19,9 +19,15 @@ from eyeray.tasks import TASKS, get_task
 
 @pytest.mark.parametrize(
     "task, backbone, size",
-    [("oct", "vgg16", 32), ("glaucoma", "xception", 71), ("glaucoma", "inception_resnet_v2", 75),
-     ("odir", "vgg16", 32), ("glaucoma", "small_cnn", 32), ("glaucoma", "xception+small_cnn", 71)],
-)  # fmt: skip
+    [
+        ("oct", "vgg16", 32),
+        ("glaucoma", "xception", 71),
+        ("glaucoma", "inception_resnet_v2", 75),
+        ("odir", "vgg16", 32),
+        ("glaucoma", "small_cnn", 32),
+        ("glaucoma", "xception+small_cnn", 71),
+    ],
+)
 def test_every_backbone_builds_with_the_task_head(task, backbone, size):
     spec = get_task(task)
     model = build_model(spec, backbone, weights="none", image_size=size)
@@ -54,7 +60,9 @@ def test_unknown_backbone_and_too_small_input_are_clear_errors():
 
 
 def trainable_counts(model):
-    return {name: sum(1 for layer in base.layers if layer.trainable and layer.weights) for name, base in backbones_of(model)}
+    return {
+        name: sum(1 for layer in base.layers if layer.trainable and layer.weights) for name, base in backbones_of(model)
+    }
 
 
 def test_two_phase_schedule_freezes_then_unfreezes_the_top_without_batchnorm():

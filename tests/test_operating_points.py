@@ -44,7 +44,12 @@ def test_glaucoma_threshold_gives_95_percent_specificity_on_its_validation_data(
     spec = get_task("glaucoma")
     y, p = glaucoma_case(400, seed=0)
     op = json.loads(json.dumps(op_.choose(spec, y, p)))  # as stored in the manifest
-    assert (op["rule"], op["target"], op["score"], op["chosen_on"]) == ("referral_specificity", 0.95, "P(RG)", "validation")
+    assert (op["rule"], op["target"], op["score"], op["chosen_on"]) == (
+        "referral_specificity",
+        0.95,
+        "P(RG)",
+        "validation",
+    )
     rg = y[:, 1] == 1
     refer = op_.referral(op, p)
     specificity, sensitivity = (~refer[~rg]).mean(), refer[rg].mean()
@@ -102,7 +107,9 @@ def test_user_overrides_replace_thresholds_and_drop_the_validation_figures():
     op = op_.choose(get_task("glaucoma"), y, p)
     assert op_.referral(op, p, thresholds=0.0).all() and not op_.referral(op, p, thresholds=1.01).any()
     overridden = op_.with_override(op, 0.7)
-    assert overridden["threshold"] == 0.7 and overridden["chosen_on"] == "user override" and "achieved" not in overridden
+    assert (
+        overridden["threshold"] == 0.7 and overridden["chosen_on"] == "user override" and "achieved" not in overridden
+    )
     with pytest.raises(ValueError, match="one threshold"):
         op_.with_override(op, [0.1, 0.2])
     multi = op_.choose(get_task("odir"), *odir_case(200, seed=4))
@@ -118,8 +125,14 @@ def test_decide_calibrates_then_applies_the_operating_point_or_falls_back_for_ol
     y, p = glaucoma_case(300, seed=5)
     params = calibration.fit(y, p, multi_label=False)
     calibrated = calibration.apply(params, p)
-    manifest = {"classes": list(spec.classes), "multi_label": False, "referral_classes": ["RG"], "thresholds": [0.5, 0.5],
-                "calibration": params, "operating_point": op_.choose(spec, y, calibrated)}  # fmt: skip
+    manifest = {
+        "classes": list(spec.classes),
+        "multi_label": False,
+        "referral_classes": ["RG"],
+        "thresholds": [0.5, 0.5],
+        "calibration": params,
+        "operating_point": op_.choose(spec, y, calibrated),
+    }
     d = decide(manifest, p)
     np.testing.assert_array_equal(d.probabilities, calibrated)
     assert d.referral.tolist() == op_.referral(manifest["operating_point"], calibrated).tolist()
@@ -181,8 +194,13 @@ def test_threshold_overrides_as_typed_on_the_command_line_or_in_a_query():
 def test_answer_carries_confidence_review_and_the_operating_point_used():
     spec = get_task("oct")
     y, p = oct_case(300, seed=9)
-    manifest = {"classes": list(spec.classes), "multi_label": False, "thresholds": [0.5] * 4,
-                "calibration": calibration.fit(y, p, False), "operating_point": op_.choose(spec, y, p)}  # fmt: skip
+    manifest = {
+        "classes": list(spec.classes),
+        "multi_label": False,
+        "thresholds": [0.5] * 4,
+        "calibration": calibration.fit(y, p, False),
+        "operating_point": op_.choose(spec, y, p),
+    }
     decision = decide(manifest, p[:5], review_below=0.99)
     answer = decision.answer(0, spec.classes)
     assert answer["confidence"] == pytest.approx(max(answer["probabilities"].values()))
@@ -219,7 +237,12 @@ def test_one_rule_from_probabilities_to_labels_on_every_route():
     np.testing.assert_array_equal(decisions(spec, p), [[c in want[0] for c in spec.classes]])
     # single-label without an operating point: argmax, referral when the decided class is a referral class
     oct_spec = get_task("oct")
-    m = {"classes": list(oct_spec.classes), "multi_label": False, "thresholds": [0.5] * 4, "referral_classes": ["CNV", "DME"]}
+    m = {
+        "classes": list(oct_spec.classes),
+        "multi_label": False,
+        "thresholds": [0.5] * 4,
+        "referral_classes": ["CNV", "DME"],
+    }
     d = decide(m, np.array([[0.1, 0.5, 0.2, 0.2], [0.1, 0.1, 0.1, 0.7]]))
     assert d.labels == [["DME"], ["NORMAL"]] and d.referral.tolist() == [True, False] and d.operating_point is None
     with pytest.raises(ValueError, match="no operating point"):

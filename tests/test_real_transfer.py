@@ -24,8 +24,17 @@ pytestmark = pytest.mark.cluster
 
 def test_head_learns_on_real_oct_with_pretrained_vgg16(ray_cluster, oct_train, real_vgg16_weights, tmp_path):
     spec = get_task("oct")
-    cfg = TrainConfig(task="oct", data=str(oct_train), output=str(tmp_path / "run"), backbone="vgg16",
-                      weights=real_vgg16_weights, image_size=64, epochs=4, fine_tune_epochs=0, batch_size=32)  # fmt: skip
+    cfg = TrainConfig(
+        task="oct",
+        data=str(oct_train),
+        output=str(tmp_path / "run"),
+        backbone="vgg16",
+        weights=real_vgg16_weights,
+        image_size=64,
+        epochs=4,
+        fine_tune_epochs=0,
+        batch_size=32,
+    )
     result = run(cfg)
     history = result.history
     chance = 1.0 / spec.num_classes

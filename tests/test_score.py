@@ -17,7 +17,7 @@ from bundles import make_bundle
 from corpus import gradient, write_bad_corpus
 from PIL import Image
 
-from eyeray import storage
+from eyeray import faults, storage
 from eyeray.cli import add_score_arguments, score_config
 from eyeray.data import imaging
 from eyeray.data.files import list_inputs as list_archive
@@ -52,8 +52,11 @@ def write_pngs(root: Path, n: int) -> None:
 
 def test_predictor_adds_columns_without_ray(oct_bundle):
     predictor = BundlePredictor([oct_bundle])
-    batch = {"path": np.array(["a", "b"], dtype=object), "image": np.zeros((2, 32, 32, 3), np.uint8),
-             "error": np.array(["", "corrupt image"], dtype=object)}  # fmt: skip
+    batch = {
+        "path": np.array(["a", "b"], dtype=object),
+        "image": np.zeros((2, 32, 32, 3), np.uint8),
+        "error": np.array(["", "corrupt image"], dtype=object),
+    }
     out = predictor(batch)
     assert "image" not in out and "model_probabilities" not in out
     assert out["label"][0] in OCT_CLASSES and out["label"][1] == ""
@@ -103,8 +106,9 @@ def test_real_samples_and_bad_file_corpus_give_one_row_per_file(ray_cluster, oct
     assert third["scored_this_run"] == 1 and len(read_rows(output)) == len(files) + 1
 
 
-def test_fundus_samples_score_without_error_and_odir_rows_carry_label_lists(ray_cluster, glaucoma_sample,
-                                                                             odir_sample, tmp_path):  # fmt: skip
+def test_fundus_samples_score_without_error_and_odir_rows_carry_label_lists(
+    ray_cluster, glaucoma_sample, odir_sample, tmp_path
+):
     for task, sample in (("glaucoma", glaucoma_sample), ("odir", odir_sample / "images")):
         model = make_bundle(tmp_path / task, task, decision=True)
         output = str(tmp_path / f"{task}-scored")
@@ -143,8 +147,9 @@ def test_ensemble_of_two_sizes_carries_each_models_probabilities(ray_cluster, oc
         votes = []
         for b in loaded:  # each member saw its own input size, from the same decode; calibrated by its manifest
             decision = b.decide(b.predict(imaging.preprocess(image, b.image_size)[None]))
-            np.testing.assert_allclose(list(row["model_probabilities"][b.version].values()),
-                                       decision.probabilities[0], atol=1e-5)  # fmt: skip
+            np.testing.assert_allclose(
+                list(row["model_probabilities"][b.version].values()), decision.probabilities[0], atol=1e-5
+            )
             votes.append(decision.labels[0][0])
         shares = row["probabilities"]
         assert all(shares[c] == pytest.approx(votes.count(c) / 2) for c in OCT_CLASSES)
@@ -180,7 +185,12 @@ def test_rows_carry_calibrated_decisions_a_review_queue_and_overlays(ray_cluster
             original.thumbnail((1024, 1024))
             assert Image.open(output / overlay).size == original.size  # the whole scan, its aspect ratio kept
     error = next(r for r in rows if r["status"] == "error")
-    assert (error["referral"], error["confidence"], error["needs_review"], error["explanations"]) == (None, None, None, [])
+    assert (error["referral"], error["confidence"], error["needs_review"], error["explanations"]) == (
+        None,
+        None,
+        None,
+        [],
+    )
     decision = json.loads(ok[0]["decision"])
     assert decision["operating_point"]["rule"] == "referral_sensitivity" and decision["calibration"] == ["temperature"]
     flagged = [r for r in ok if r["needs_review"]]
@@ -195,8 +205,11 @@ def test_rows_carry_calibrated_decisions_a_review_queue_and_overlays(ray_cluster
 
     # Everyone referred at a user threshold of 0: a new scoring version, referred rows explained.
     overridden = tmp_path / "override"
-    again = run(ScoreConfig(bundles=[oct_bundle], input=str(archive), output=str(overridden), thresholds="0",
-                            explain="referred"))  # fmt: skip
+    again = run(
+        ScoreConfig(
+            bundles=[oct_bundle], input=str(archive), output=str(overridden), thresholds="0", explain="referred"
+        )
+    )
     assert again["bundle_version"] not in (summary["bundle_version"], loaded.version)
     rows = [r for r in read_rows(str(overridden)) if r["status"] == "ok"]
     assert all(r["referral"] and r["label"] in ("CNV", "DME") for r in rows)
@@ -232,8 +245,21 @@ def test_archive_and_results_on_s3(ray_cluster, oct_bundle, glaucoma_sample):
 def test_driver_killed_mid_run_then_rerun_scores_each_file_exactly_once(ray_cluster, oct_bundle, tmp_path):
     archive, output = tmp_path / "archive", tmp_path / "scored"
     write_pngs(archive, 800)
-    cmd = [sys.executable, str(REPO / "jobs" / "score_archive.py"), "--bundle", oct_bundle, "--input", str(archive),
-           "--output", str(output), "--batch-size", "8", "--rows-per-shard", "16", "--no-report"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "score_archive.py"),
+        "--bundle",
+        oct_bundle,
+        "--input",
+        str(archive),
+        "--output",
+        str(output),
+        "--batch-size",
+        "8",
+        "--rows-per-shard",
+        "16",
+        "--no-report",
+    ]
     proc = subprocess.Popen(cmd, env=ray_cluster["env"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not list(output.glob("part-*.parquet")):
@@ -260,11 +286,15 @@ def test_driver_killed_mid_run_then_rerun_scores_each_file_exactly_once(ray_clus
     assert not list(output.glob(".tmp-*"))  # the killed run's partial shards were cleared
 
 
-def test_predictor_actor_crash_is_retried_by_ray(ray_cluster, oct_bundle, tmp_path):
+def test_predictor_actor_crash_is_retried_by_ray(ray_cluster, oct_bundle, tmp_path, monkeypatch):
     write_pngs(tmp_path / "archive", 120)
     output = tmp_path / "scored"
-    summary = run(ScoreConfig(bundles=[oct_bundle], input=str(tmp_path / "archive"), output=str(output),
-                              batch_size=8, rows_per_shard=16, fault_after_batches=3))  # fmt: skip
+    monkeypatch.setenv(faults.AFTER_BATCHES_ENV, "3")  # one predictor actor dies once after 3 batches
+    summary = run(
+        ScoreConfig(
+            bundles=[oct_bundle], input=str(tmp_path / "archive"), output=str(output), batch_size=8, rows_per_shard=16
+        )
+    )
     assert (output / ".fault-injected").exists()  # the actor did die
     paths = [r["path"] for r in read_rows(str(output))]
     assert len(paths) == len(set(paths)) == 120 and summary["errors"] == 0
@@ -288,8 +318,26 @@ def test_cli_takes_repeated_bundles_and_refuses_bad_values():
     import argparse
 
     parser = add_score_arguments(argparse.ArgumentParser())
-    cfg = score_config(parser.parse_args(["--bundle", "a", "--bundle", "s3://m/b", "--input", "i", "--output", "o",
-                                          "--ensemble", "vote", "--gpus-per-actor", "1", "--actors", "8"]))  # fmt: skip
+    cfg = score_config(
+        parser.parse_args(
+            [
+                "--bundle",
+                "a",
+                "--bundle",
+                "s3://m/b",
+                "--input",
+                "i",
+                "--output",
+                "o",
+                "--ensemble",
+                "vote",
+                "--gpus-per-actor",
+                "1",
+                "--actors",
+                "8",
+            ]
+        )
+    )
     assert (cfg.bundles, cfg.ensemble, cfg.gpus_per_actor, cfg.actors) == (["a", "s3://m/b"], "vote", 1.0, 8)
     with pytest.raises(SystemExit):
         parser.parse_args(["--bundle", "a", "--input", "i", "--output", "o", "--ensemble", "median"])
@@ -314,8 +362,9 @@ def test_demo_trains_scores_and_serves(ray_cluster, tmp_path):
     from eyeray import demo
     from eyeray.train import TrainConfig
 
-    out = demo.run(TrainConfig(task="glaucoma", output=str(tmp_path / "run"), epochs=1, image_size=32),
-                   serve_port=free_port())  # fmt: skip
+    out = demo.run(
+        TrainConfig(task="glaucoma", output=str(tmp_path / "run"), epochs=1, image_size=32), serve_port=free_port()
+    )
     summary = out["score"]
     assert summary["files_seen"] == 2 * 10 + len(demo.BROKEN_FILES)
     assert summary["errors"] == len(demo.BROKEN_FILES) and summary["scored"] == 20

@@ -41,7 +41,9 @@ TOKEN = "s3cret-token"
 def bundles(tmp_path_factory) -> dict[str, str]:
     """A tiny untrained bundle per task (small_cnn at 32 px) with a fitted calibration and operating
     point: seconds to make, real Keras models, the calibrated decision path."""
-    return {task: make_bundle(tmp_path_factory.mktemp(task), task, decision=True) for task in ("oct", "glaucoma", "odir")}
+    return {
+        task: make_bundle(tmp_path_factory.mktemp(task), task, decision=True) for task in ("oct", "glaucoma", "odir")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +57,15 @@ def url(ray_cluster, bundles, tmp_path_factory):
     token.write_text(TOKEN + "\n")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = ServeArgs(bundles=list(bundles.values()), gpus_per_replica=0.5, max_body_bytes=2**20,
-                     batch_wait_timeout_s=0.05, autoscaling={"min_replicas": 1, "max_replicas": 1},
-                     ingress_env={"EYERAY_API_TOKEN_FILE": str(token)}, **FAST)  # fmt: skip
+    args = ServeArgs(
+        bundles=list(bundles.values()),
+        gpus_per_replica=0.5,
+        max_body_bytes=2**20,
+        batch_wait_timeout_s=0.05,
+        autoscaling={"min_replicas": 1, "max_replicas": 1},
+        ingress_env={"EYERAY_API_TOKEN_FILE": str(token)},
+        **FAST,
+    )
     serve.run(build_app(args), name=APP, route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
@@ -114,8 +122,12 @@ def assert_same(answer: dict, row: dict, name: str) -> None:
     labels = row["label"] if isinstance(row["label"], list) else [row["label"]]
     assert answer["labels"] == labels, name
     classes = list(row["probabilities"])
-    np.testing.assert_allclose([answer["probabilities"][c] for c in classes],
-                               [row["probabilities"][c] for c in classes], atol=1e-5, err_msg=name)  # fmt: skip
+    np.testing.assert_allclose(
+        [answer["probabilities"][c] for c in classes],
+        [row["probabilities"][c] for c in classes],
+        atol=1e-5,
+        err_msg=name,
+    )
     assert (answer["referral"], answer["needs_review"]) == (row["referral"], row["needs_review"]), name
     assert answer["confidence"] == pytest.approx(row["confidence"], abs=1e-5), name
     assert answer["operating_point"] == json.loads(row["decision"])["operating_point"], name
@@ -137,11 +149,16 @@ def test_answers_equal_batch_scoring(url, bundles, oct_sample, odir_sample, tmp_
 
     with api_client() as client, ThreadPoolExecutor(8) as pool:
         # Half as multipart uploads, half as raw bodies: both are the same bytes to decode.
-        answers = list(pool.map(lambda i: predict(client, url, cases[i][0], cases[i][1].read_bytes(), raw=i % 2 == 1),
-                                range(len(cases))))  # fmt: skip
+        answers = list(
+            pool.map(
+                lambda i: predict(client, url, cases[i][0], cases[i][1].read_bytes(), raw=i % 2 == 1), range(len(cases))
+            )
+        )
     assert [r.status_code for r in answers] == [200] * len(cases), [r.text for r in answers if r.status_code != 200]
-    expected = {"oct": batch_scores(bundles["oct"], archive, tmp_path / "oct-scores"),
-                "odir": batch_scores(bundles["odir"], odir, tmp_path / "odir-scores")}  # fmt: skip
+    expected = {
+        "oct": batch_scores(bundles["oct"], archive, tmp_path / "oct-scores"),
+        "odir": batch_scores(bundles["odir"], odir, tmp_path / "odir-scores"),
+    }
     for (task, path), response in zip(cases, answers):
         answer = response.json()
         assert answer["task"] == task
@@ -160,8 +177,9 @@ def test_tasks_routed_models_listed_and_docs(url, bundles, glaucoma_sample):
     with api_client() as client:
         assert client.get(f"{url}/healthz").json() == {"status": "ok", "tasks": ["glaucoma", "oct", "odir"]}
         models = {m["task"]: m["manifest"] for m in client.get(f"{url}/v1/models").json()["models"]}
-        assert {t: m["version"] for t, m in models.items()} == {t: bundle.read_manifest(u)["version"]
-                                                               for t, u in bundles.items()}  # fmt: skip
+        assert {t: m["version"] for t, m in models.items()} == {
+            t: bundle.read_manifest(u)["version"] for t, u in bundles.items()
+        }
         assert models["oct"]["classes"] == ["CNV", "DME", "DRUSEN", "NORMAL"]
         image = next((glaucoma_sample / "RG").iterdir()).read_bytes()
         answer = predict(client, url, "glaucoma", image).json()
@@ -188,18 +206,27 @@ def test_explain_returns_the_prediction_and_an_overlay_at_the_uploads_size(url, 
         overlay = Image.open(io.BytesIO(base64.b64decode(answer["overlay_png"])))
         assert overlay.format == "PNG" and overlay.size == Image.open(scan).size
 
-        chosen = client.post(f"{url}/v1/oct/explain", params={"class": "NORMAL", "thresholds": "0"},
-                             files={"file": ("scan", scan.read_bytes())}).json()  # fmt: skip
+        chosen = client.post(
+            f"{url}/v1/oct/explain",
+            params={"class": "NORMAL", "thresholds": "0"},
+            files={"file": ("scan", scan.read_bytes())},
+        ).json()
         assert chosen["explained_class"] == "NORMAL" and chosen["referral"] is True
-        assert chosen["operating_point"] == {**predicted["operating_point"], "threshold": 0.0, "chosen_on": "user override"}
+        assert chosen["operating_point"] == {
+            **predicted["operating_point"],
+            "threshold": 0.0,
+            "chosen_on": "user override",
+        }
         everyone = predict(client, url, "oct", scan.read_bytes(), params={"thresholds": "0"}).json()
         assert everyone["referral"] is True and everyone["label"] in ("CNV", "DME")
         rejected = {
             "unknown class": client.post(f"{url}/v1/oct/explain", params={"class": "RG"}, files={"file": ("s", b"x")}),
-            "two thresholds for one rule": predict(client, url, "oct", scan.read_bytes(), params={"thresholds": "0.1,0.2"}),
+            "two thresholds for one rule": predict(
+                client, url, "oct", scan.read_bytes(), params={"thresholds": "0.1,0.2"}
+            ),
             "unknown label": predict(client, url, "odir", scan.read_bytes(), params={"thresholds": "Z=0.3"}),
             "not a number": predict(client, url, "glaucoma", scan.read_bytes(), params={"thresholds": "high"}),
-        }  # fmt: skip
+        }
         for name, r in rejected.items():
             assert r.status_code == 422 and r.json()["detail"], (name, r.text)
         labels = predict(client, url, "odir", scan.read_bytes(), params={"thresholds": "D=0,G=1"}).json()
@@ -240,8 +267,11 @@ def test_bad_requests_get_4xx_with_a_reason_and_the_service_stays_up(url, oct_sa
                 pytest.fail(f"{name}: {exc!r}")
             assert response.status_code == status, (name, response.status_code, response.text)
             assert isinstance(response.json()["detail"], str) and response.json()["detail"], name
-        for method, path, status in (("POST", "/v1/retina/predict", 404), ("GET", "/v1/oct/predict", 405),
-                                     ("POST", "/v1/ODIR/predict", 404)):  # fmt: skip
+        for method, path, status in (
+            ("POST", "/v1/retina/predict", 404),
+            ("GET", "/v1/oct/predict", 405),
+            ("POST", "/v1/ODIR/predict", 404),
+        ):
             response = client.request(method, f"{url}{path}", content=sample)
             assert response.status_code == status and response.json()["detail"], (path, response.text)
         assert "retina" in client.post(f"{url}/v1/retina/predict", content=sample).json()["detail"]
@@ -288,8 +318,13 @@ def test_metrics_reach_prometheus(url, odir_sample):
         assert predict(client, url, "odir", image).status_code == 200
         assert predict(client, url, "odir", b"not an image").status_code == 422
     port = ray.nodes()[0]["MetricsExportPort"]
-    wanted = ("eyeray_serve_requests", 'status="422"', "eyeray_serve_request_seconds", "eyeray_serve_batch_size",
-              'task="odir"')  # fmt: skip
+    wanted = (
+        "eyeray_serve_requests",
+        'status="422"',
+        "eyeray_serve_request_seconds",
+        "eyeray_serve_batch_size",
+        'task="odir"',
+    )
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -317,8 +352,13 @@ def test_token_from_env_or_file(tmp_path, monkeypatch):
 def test_bearer_token_required_when_configured(url, oct_sample):
     image = next((oct_sample / "NORMAL").iterdir()).read_bytes()
     with httpx.Client(timeout=60) as anonymous:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                        {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"}):  # fmt: skip
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": TOKEN},
+            {"Authorization": f"Basic {TOKEN}"},
+            {"Authorization": f"Bearer {TOKEN}x"},
+        ):
             response = predict(anonymous, url, "oct", image, headers=headers)
             assert response.status_code == 401 and response.json()["detail"], headers
             assert response.headers["www-authenticate"] == "Bearer"
@@ -349,8 +389,15 @@ def test_autoscaling_out_and_in_and_a_killed_replica_is_replaced(url, bundles, o
     from ray import serve
     from ray.util.state import list_actors
 
-    autoscaling = {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
-                   "downscale_delay_s": 1, "metrics_interval_s": 0.5, "look_back_period_s": 1}  # fmt: skip
+    autoscaling = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "target_ongoing_requests": 1,
+        "upscale_delay_s": 0,
+        "downscale_delay_s": 1,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 1,
+    }
     args = ServeArgs(bundles=[bundles["oct"]], autoscaling=autoscaling, max_batch_size=1, **FAST)
     serve.run(build_app(args), name="eyeray-scale", route_prefix="/scale")
     base, image = f"{url}/scale", next((oct_sample / "DRUSEN").iterdir()).read_bytes()
@@ -414,11 +461,20 @@ def test_shipped_serve_config_deploys_with_serve_run(url, bundles, ray_cluster, 
     app["route_prefix"] = "/config"
     path = tmp_path / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
-    subprocess.run(["serve", "run", "--non-blocking", str(path)], check=True, env=ray_cluster["env"], cwd=ROOT,
-                   capture_output=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        ["serve", "run", "--non-blocking", str(path)],
+        check=True,
+        env=ray_cluster["env"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
     try:
-        wait_until(lambda: getattr(serve.status().applications.get("eyeray"), "status", "") == "RUNNING", 120,
-                   f"the config app did not start: {serve.status().applications.get('eyeray')}")  # fmt: skip
+        wait_until(
+            lambda: getattr(serve.status().applications.get("eyeray"), "status", "") == "RUNNING",
+            120,
+            f"the config app did not start: {serve.status().applications.get('eyeray')}",
+        )
         image = next((oct_sample / "CNV").iterdir()).read_bytes()
         with httpx.Client(timeout=60) as client:
             for task in ("oct", "glaucoma", "odir"):

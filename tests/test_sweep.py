@@ -89,15 +89,30 @@ def test_sweep_stops_a_bad_trial_early_resumes_after_interruption_and_exports_th
     the best bundle and the ensemble of the top 2 are checked on the finished sweep."""
     output = tmp_path / "sweep"
     space = write_space(tmp_path, SPACE)
-    args = ["--task", "oct", "--output", str(output), "--trials", "1", "--epochs", str(EPOCHS),
-            "--grace-period", "2", "--space", space, "--ensemble-top", "2"]  # fmt: skip
+    args = [
+        "--task",
+        "oct",
+        "--output",
+        str(output),
+        "--trials",
+        "1",
+        "--epochs",
+        str(EPOCHS),
+        "--grace-period",
+        "2",
+        "--space",
+        space,
+        "--ensemble-top",
+        "2",
+    ]
     first = _interrupt_after_first_trial([sys.executable, "jobs/sweep.py", *args], ray_cluster["env"], output / "tune")
     manifest = output / "trials" / first / "bundle" / "manifest.json"
     before = (manifest.stat().st_mtime_ns, json.loads(manifest.read_text())["version"])
     assert not (output / "leaderboard.csv").exists()
 
-    cfg = SweepConfig(task="oct", output=str(output), trials=1, epochs=EPOCHS, grace_period=2, space=space,
-                      ensemble_top=2)  # fmt: skip
+    cfg = SweepConfig(
+        task="oct", output=str(output), trials=1, epochs=EPOCHS, grace_period=2, space=space, ensemble_top=2
+    )
     with pytest.raises(FileExistsError, match="--resume"):
         run(cfg)
     result = run(dataclasses.replace(cfg, resume=True))
@@ -195,18 +210,40 @@ def test_a_trial_that_can_never_fit_the_cluster_is_refused():
 def test_job_script_and_eyeray_sweep_parse_the_same_flags_into_one_config():
     from eyeray.cli import add_sweep_arguments, sweep_config
 
-    argv = ["--task", "glaucoma", "--data", "s3://bucket/airogs", "--trials", "48", "--gpus-per-trial", "1",
-            "--time-budget", "90m", "--space", "space.yaml", "--ensemble-top", "3", "--resume"]  # fmt: skip
+    argv = [
+        "--task",
+        "glaucoma",
+        "--data",
+        "s3://bucket/airogs",
+        "--trials",
+        "48",
+        "--gpus-per-trial",
+        "1",
+        "--time-budget",
+        "90m",
+        "--space",
+        "space.yaml",
+        "--ensemble-top",
+        "3",
+        "--resume",
+    ]
     cfg = sweep_config(add_sweep_arguments(argparse.ArgumentParser()).parse_args(argv))
-    assert cfg == SweepConfig(task="glaucoma", data="s3://bucket/airogs", trials=48, gpus_per_trial=1,
-                              time_budget=5400.0, space="space.yaml", ensemble_top=3, resume=True)  # fmt: skip
+    assert cfg == SweepConfig(
+        task="glaucoma",
+        data="s3://bucket/airogs",
+        trials=48,
+        gpus_per_trial=1,
+        time_budget=5400.0,
+        space="space.yaml",
+        ensemble_top=3,
+        resume=True,
+    )
     resolved = cfg.resolved()
     assert (resolved.weights, resolved.epochs, resolved.fine_tune_epochs) == ("imagenet", 10, 10)
     demo = SweepConfig(task="oct").resolved()
     assert (demo.weights, demo.epochs, demo.fine_tune_epochs) == ("none", 8, 0)
     with pytest.raises(ValueError, match="--ensemble-top K needs K >= 2"):
         SweepConfig(ensemble_top=1).resolved()
-
 
 
 def test_asha_rung_records_survive_a_restart_of_the_scheduler(tmp_path):

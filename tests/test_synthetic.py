@@ -36,10 +36,13 @@ def _patient(spec, name: str) -> str:
 # layouts
 
 
-@pytest.mark.parametrize("task, per_patient, name", [
-    ("oct", (1, 3), r"^(CNV|DME|DRUSEN|NORMAL)-\d{6,7}-[123]\.jpeg$"),
-    ("glaucoma", (1, 2), r"^\d+_(left|right)\.jpg$"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "task, per_patient, name",
+    [
+        ("oct", (1, 3), r"^(CNV|DME|DRUSEN|NORMAL)-\d{6,7}-[123]\.jpeg$"),
+        ("glaucoma", (1, 2), r"^\d+_(left|right)\.jpg$"),
+    ],
+)
 def test_class_folders_hold_named_images_of_whole_patients(task, per_patient, name, tmp_path):
     spec = get_task(task)
     root = synthetic.make_dataset(spec, tmp_path, images_per_class=11, image_size=32)

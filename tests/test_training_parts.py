@@ -57,12 +57,39 @@ def test_demo_defaults_apply_without_data_and_flags_override():
 
 def test_job_flags_parse_into_the_config():
     args = get_train_parser("oct").parse_args(
-        ["--data", "s3://b/k", "--output", "s3://b/r", "--backbone", "vgg16", "--weights", "None", "--image-size", "96",
-         "--epochs", "2", "--batch-size", "8", "--learning-rate", "0.01", "--workers", "4", "--use-gpu", "--resume"]
-    )  # fmt: skip
+        [
+            "--data",
+            "s3://b/k",
+            "--output",
+            "s3://b/r",
+            "--backbone",
+            "vgg16",
+            "--weights",
+            "None",
+            "--image-size",
+            "96",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--learning-rate",
+            "0.01",
+            "--workers",
+            "4",
+            "--use-gpu",
+            "--resume",
+        ]
+    )
     cfg = train_config(args, "oct")
     assert (cfg.task, cfg.data, cfg.output, cfg.weights, cfg.image_size, cfg.workers, cfg.use_gpu, cfg.resume) == (
-        "oct", "s3://b/k", "s3://b/r", "none", 96, 4, True, True
+        "oct",
+        "s3://b/k",
+        "s3://b/r",
+        "none",
+        96,
+        4,
+        True,
+        True,
     )
     assert cfg.learning_rate == 0.01 and cfg.batch_size == 8 and cfg.epochs == 2
 

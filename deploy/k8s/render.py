@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{RAYSERVICE.relative_to(REPO)} is up to date with {SERVE_CONFIG.relative_to(REPO)}")
         return 0
     if args.check:
-        print(f"{RAYSERVICE.relative_to(REPO)} differs from {SERVE_CONFIG.relative_to(REPO)}: "
-              "run python deploy/k8s/render.py", file=sys.stderr)  # fmt: skip
+        print(
+            f"{RAYSERVICE.relative_to(REPO)} differs from {SERVE_CONFIG.relative_to(REPO)}: "
+            "run python deploy/k8s/render.py",
+            file=sys.stderr,
+        )
         return 1
     RAYSERVICE.write_text(wanted)
     print(f"wrote serveConfigV2 of {RAYSERVICE.relative_to(REPO)} from {SERVE_CONFIG.relative_to(REPO)}")

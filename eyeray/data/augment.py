@@ -23,8 +23,13 @@ def scaled(spec: AugmentSpec, strength: float) -> AugmentSpec:
         return spec
     if strength <= 0:
         return AugmentSpec(hflip=False, vflip=False, rotation_deg=0.0, zoom=0.0, brightness=0.0, contrast=0.0)
-    return replace(spec, rotation_deg=spec.rotation_deg * strength, zoom=min(spec.zoom * strength, 0.9),
-                   brightness=spec.brightness * strength, contrast=min(spec.contrast * strength, 0.9))  # fmt: skip
+    return replace(
+        spec,
+        rotation_deg=spec.rotation_deg * strength,
+        zoom=min(spec.zoom * strength, 0.9),
+        brightness=spec.brightness * strength,
+        contrast=min(spec.contrast * strength, 0.9),
+    )
 
 
 def augment_image(image: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) -> np.ndarray:

@@ -137,8 +137,9 @@ def preprocess(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
 
-def load_record(record: dict[str, Any], size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                extra_sizes: tuple[int, ...] = ()) -> dict[str, Any]:  # fmt: skip
+def load_record(
+    record: dict[str, Any], size: int, max_pixels: int = DEFAULT_MAX_PIXELS, extra_sizes: tuple[int, ...] = ()
+) -> dict[str, Any]:
     """Read, decode and preprocess one record's file; errors become `error`, never exceptions.
 
     Uses `record["bytes"]` when present (uploads, `read_binary_files`), else reads `record["path"]`.
@@ -170,8 +171,9 @@ def _failed(out: dict[str, Any], size: int, extra_sizes: tuple[int, ...], reason
     return out
 
 
-def load_batch(batch: dict[str, np.ndarray], size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-               extra_sizes: tuple[int, ...] = ()) -> dict[str, np.ndarray]:  # fmt: skip
+def load_batch(
+    batch: dict[str, np.ndarray], size: int, max_pixels: int = DEFAULT_MAX_PIXELS, extra_sizes: tuple[int, ...] = ()
+) -> dict[str, np.ndarray]:
     """`load_record` over a Ray Data batch (dict of columns) -> dict of columns."""
     n = len(next(iter(batch.values())))
     rows = [load_record({k: v[i] for k, v in batch.items()}, size, max_pixels, extra_sizes) for i in range(n)]

@@ -246,9 +246,19 @@ def _fundus_scene(rng: np.random.Generator, size: int, eye: str) -> _FundusScene
     macula = centre + np.array([-side * radius * rng.uniform(0.0, 0.12), radius * rng.uniform(-0.02, 0.1)])
     base = np.array([0.82, 0.36, 0.14]) * rng.uniform(0.85, 1.1) + rng.normal(0, 0.03, 3)
     return _FundusScene(
-        rng, size, side, centre, radius, disc, size * rng.uniform(0.085, 0.1), macula, base,
-        cup_ratio=rng.uniform(0.15, 0.35), tessellation=rng.uniform(0, 0.2), pallor=rng.uniform(0, 0.1),
-    )  # fmt: skip
+        rng,
+        size,
+        side,
+        centre,
+        radius,
+        disc,
+        size * rng.uniform(0.085, 0.1),
+        macula,
+        base,
+        cup_ratio=rng.uniform(0.15, 0.35),
+        tessellation=rng.uniform(0, 0.2),
+        pallor=rng.uniform(0, 0.1),
+    )
 
 
 def _fundus_normal(scene: _FundusScene) -> None:
@@ -489,9 +499,14 @@ KEYWORDS: dict[str, tuple[str, ...]] = {
     "O": ("macular epiretinal membrane", "laser spot", "chorioretinal atrophy", "vitreous degeneration"),
 }
 ODIR_COLUMNS = [  # before the label columns, which are spec.classes
-    "ID", "Patient Age", "Patient Sex", "Left-Fundus", "Right-Fundus",
-    "Left-Diagnostic Keywords", "Right-Diagnostic Keywords",
-]  # fmt: skip
+    "ID",
+    "Patient Age",
+    "Patient Sex",
+    "Left-Fundus",
+    "Right-Fundus",
+    "Left-Diagnostic Keywords",
+    "Right-Diagnostic Keywords",
+]
 KEYWORD_SEPARATOR = "，"  # ODIR-5K joins several keywords with a full-width comma
 
 

@@ -114,8 +114,13 @@ def fit(y_true, probs, multi_label: bool, labels: Sequence[str] | None = None) -
     else:
         params = _fit_platt_per_label(y, p, labels or [str(k) for k in range(y.shape[1])])
     after = apply(params, p)
-    return {**params, "fitted_on": "validation", "n": len(y),
-            "nll_before": nll(y, p, multi_label), "nll_after": nll(y, after, multi_label)}  # fmt: skip
+    return {
+        **params,
+        "fitted_on": "validation",
+        "n": len(y),
+        "nll_before": nll(y, p, multi_label),
+        "nll_after": nll(y, after, multi_label),
+    }
 
 
 def _fit_platt_per_label(y: np.ndarray, p: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:

@@ -73,9 +73,16 @@ def decide(manifest: dict[str, Any], probs, thresholds=None, review_below: float
     chosen, multi = manifest.get("operating_point"), bool(manifest["multi_label"])
     if chosen is None and thresholds is not None:
         raise ValueError("this bundle has no operating point, so it has no thresholds to override")
-    op = with_override(chosen, thresholds) if chosen is not None else fixed_point(
-        manifest["classes"], multi, manifest.get("referral_classes") or (), manifest["thresholds"] if multi else None
-    )  # fmt: skip
+    op = (
+        with_override(chosen, thresholds)
+        if chosen is not None
+        else fixed_point(
+            manifest["classes"],
+            multi,
+            manifest.get("referral_classes") or (),
+            manifest["thresholds"] if multi else None,
+        )
+    )
     labels = [[c for c, hit in zip(manifest["classes"], row) if hit] for row in decisions(op, calibrated)]
     return Decision(calibrated, labels, referral(op, calibrated), op if chosen else None, multi, review_below)
 

@@ -24,8 +24,13 @@ from eyeray.decision.decide import (
 METHODS = ("mean", "vote")
 
 
-def combine(manifests: list[dict[str, Any]], probabilities: list[np.ndarray], method: str = "mean",
-            thresholds=None, review_below: float = DEFAULT_REVIEW_BELOW) -> Decision:  # fmt: skip
+def combine(
+    manifests: list[dict[str, Any]],
+    probabilities: list[np.ndarray],
+    method: str = "mean",
+    thresholds=None,
+    review_below: float = DEFAULT_REVIEW_BELOW,
+) -> Decision:
     """Per-model probabilities (each n x classes, as the models output them) -> one Decision,
     through `eyeray.decision.decide` (one member, or the averaged ensemble) or its members' votes.
 
@@ -44,9 +49,12 @@ def combine(manifests: list[dict[str, Any]], probabilities: list[np.ndarray], me
     calibrated = [calibration.apply(m.get("calibration"), p) for m, p in zip(manifests, probabilities)]
     mean = np.mean(calibrated, axis=0).astype(np.float32)
     if method == "mean":
-        merged = {**first, "calibration": calibration.IDENTITY,
-                  "thresholds": np.mean([m["thresholds"] for m in manifests], axis=0).tolist(),
-                  "operating_point": operating_points.mean_operating_point(manifests)}  # fmt: skip
+        merged = {
+            **first,
+            "calibration": calibration.IDENTITY,
+            "thresholds": np.mean([m["thresholds"] for m in manifests], axis=0).tolist(),
+            "operating_point": operating_points.mean_operating_point(manifests),
+        }
         return decide(merged, mean, thresholds, review_below)
     classes = list(first["classes"])
     members = [decide(m, p, thresholds) for m, p in zip(manifests, probabilities)]

@@ -116,10 +116,15 @@ def choose(spec: TaskSpec, y_true, probs, rule: str | None = None) -> dict[str, 
     if parsed is None:
         return None
     target = parsed.target if parsed.target is not None else DEFAULT_TARGETS.get(parsed.name)
-    op = {"rule": parsed.name, **({"target": target} if target is not None else {}),
-          **RULES[parsed.name](spec, y_true, probs, target),
-          "classes": list(spec.classes), "applies_to": APPLIES_TO, "chosen_on": "validation",
-          "n": len(np.asarray(y_true))}  # fmt: skip
+    op = {
+        "rule": parsed.name,
+        **({"target": target} if target is not None else {}),
+        **RULES[parsed.name](spec, y_true, probs, target),
+        "classes": list(spec.classes),
+        "applies_to": APPLIES_TO,
+        "chosen_on": "validation",
+        "n": len(np.asarray(y_true)),
+    }
     op["achieved"] = achieved(op, y_true, probs)
     return op
 
@@ -132,20 +137,31 @@ def _per_label(op: dict[str, Any]) -> bool:
     return "thresholds" in op
 
 
-def fixed_point(classes: Sequence[str], multi_label: bool, referral_classes: Sequence[str] = (),
-                thresholds: float | Sequence[float] | None = None) -> dict[str, Any]:  # fmt: skip
+def fixed_point(
+    classes: Sequence[str],
+    multi_label: bool,
+    referral_classes: Sequence[str] = (),
+    thresholds: float | Sequence[float] | None = None,
+) -> dict[str, Any]:
     """The point of a model without a chosen one: argmax (single-label), or per label
     `p >= thresholds` (0.5 unless given); referral when a decided label is a referral class."""
     classes = list(classes)
     referral_columns = [classes.index(c) for c in referral_classes]
     if not multi_label:
         if thresholds is not None:
-            raise ValueError("a single-label model decides by argmax: thresholds do not apply without an operating point")
+            raise ValueError(
+                "a single-label model decides by argmax: thresholds do not apply without an operating point"
+            )
         return {"rule": "argmax", "classes": classes, "referral_columns": referral_columns}
-    values = np.broadcast_to(np.asarray(DEFAULT_LABEL_THRESHOLD if thresholds is None else thresholds, np.float64),
-                             (len(classes),))  # fmt: skip
-    return {"rule": "fixed", "labels": classes, "thresholds": [float(t) for t in values],
-            "referral_columns": referral_columns}  # fmt: skip
+    values = np.broadcast_to(
+        np.asarray(DEFAULT_LABEL_THRESHOLD if thresholds is None else thresholds, np.float64), (len(classes),)
+    )
+    return {
+        "rule": "fixed",
+        "labels": classes,
+        "thresholds": [float(t) for t in values],
+        "referral_columns": referral_columns,
+    }
 
 
 def with_override(op: dict[str, Any], thresholds: float | Sequence[float] | dict[str, float] | None) -> dict[str, Any]:
@@ -217,8 +233,13 @@ def achieved(op: dict[str, Any], y_true, probs) -> dict[str, Any]:
     y = np.asarray(y_true).astype(bool)
     if not _per_label(op):
         truth, refer = y[:, op["score_columns"]].any(axis=1), referral(op, probs)
-        return {"sensitivity": _rate(refer, truth), "specificity": _rate(~refer, ~truth),
-                "referred": int(refer.sum()), "referable": int(truth.sum()), "n": len(y)}  # fmt: skip
+        return {
+            "sensitivity": _rate(refer, truth),
+            "specificity": _rate(~refer, ~truth),
+            "referred": int(refer.sum()),
+            "referable": int(truth.sum()),
+            "n": len(y),
+        }
     d = decisions(op, probs)
     default = (np.asarray(probs, np.float64) >= DEFAULT_LABEL_THRESHOLD).astype(int)
     with warnings.catch_warnings():
@@ -226,9 +247,13 @@ def achieved(op: dict[str, Any], y_true, probs) -> dict[str, Any]:
         precision, recall, f1, _ = precision_recall_fscore_support(y, d, zero_division=0)
         f1_default = precision_recall_fscore_support(y, default, zero_division=0)[2]
     labels = op["labels"]
-    return {"f1": _by_label(labels, f1), "precision": _by_label(labels, precision),
-            "recall": _by_label(labels, recall), f"f1_at_{DEFAULT_LABEL_THRESHOLD}": _by_label(labels, f1_default),
-            "n": len(y)}  # fmt: skip
+    return {
+        "f1": _by_label(labels, f1),
+        "precision": _by_label(labels, precision),
+        "recall": _by_label(labels, recall),
+        f"f1_at_{DEFAULT_LABEL_THRESHOLD}": _by_label(labels, f1_default),
+        "n": len(y),
+    }
 
 
 def _by_label(labels: Sequence[str], values) -> dict[str, float]:

@@ -156,8 +156,13 @@ def plot_roc(spec: TaskSpec, y_true, probs, path: str | Path) -> None:
         label = "Refer: " + " or ".join(spec.referral_classes)
         _roc_line(ax, *referral_case(spec, y, p), label, color="black", linestyle="--", linewidth=2.2)
     ax.plot([0, 1], [0, 1], color="lightgrey", linestyle=":", label="chance (AUC 0.500)")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal",
-           xlabel="False positive rate (1 \u2212 specificity)", ylabel="True positive rate (sensitivity)")
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+        xlabel="False positive rate (1 \u2212 specificity)",
+        ylabel="True positive rate (sensitivity)",
+    )
     ax.set_title(f"ROC curves, each class vs the rest (n={len(y)})\n{spec.title}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=9)
@@ -194,8 +199,9 @@ def plot_samples(samples: dict[str, list[np.ndarray]], path: str | Path) -> None
     save_figure(fig, path)
 
 
-def plot_reliability(y_true, before, after, multi_label: bool, path: str | Path,
-                     title: str = "", bins: int = ECE_BINS) -> None:  # fmt: skip
+def plot_reliability(
+    y_true, before, after, multi_label: bool, path: str | Path, title: str = "", bins: int = ECE_BINS
+) -> None:
     """Reliability diagram, model output vs calibrated, with the cases per bin underneath."""
     fig = Figure(figsize=(6.4, 8.0), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})

@@ -7,8 +7,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,8 +53,9 @@ def _ordered_samples(spec: TaskSpec, samples: dict[str, list]) -> dict[str, list
     return {name: samples[name] for name in names if len(samples[name])}
 
 
-def _write_local(spec: TaskSpec, out: Path, *, y_true, probs, history, samples, extra, thresholds, sections,
-                 extra_plots) -> dict:  # fmt: skip
+def _write_local(
+    spec: TaskSpec, out: Path, *, y_true, probs, history, samples, extra, thresholds, sections, extra_plots
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     metrics = compute_metrics(spec, y_true, probs, thresholds)
     plot_confusion(spec, y_true, probs, out / CONFUSION_PNG, thresholds)
@@ -100,8 +102,16 @@ def write_report(
     `extra_plots`: file name -> a function that draws that PNG at the path it is given). It is
     written last, so a reader that sees it sees the whole report. Returns that dict.
     """
-    kwargs = dict(y_true=y_true, probs=probs, history=history, samples=samples, extra=extra,
-                  thresholds=thresholds, sections=sections, extra_plots=extra_plots)
+    kwargs = dict(
+        y_true=y_true,
+        probs=probs,
+        history=history,
+        samples=samples,
+        extra=extra,
+        thresholds=thresholds,
+        sections=sections,
+        extra_plots=extra_plots,
+    )
     if not storage.is_remote(str(out_dir)):
         return _write_local(spec, Path(str(out_dir).removeprefix("file://")), **kwargs)
     with tempfile.TemporaryDirectory(prefix="eyeray-report-") as tmp:

@@ -8,8 +8,8 @@ normalisations differ (VGG16 "caffe" vs Xception "tf").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import keras
 
@@ -58,9 +58,7 @@ def _small_cnn(input_shape: tuple[int, int, int], weights: str | None) -> keras.
 BACKBONES: dict[str, Backbone] = {
     "vgg16": Backbone(_application("VGG16"), "vgg16", 32, fine_tune_layers=4),  # block5
     "xception": Backbone(_application("Xception"), "xception", 71, fine_tune_layers=30),  # blocks 13-14
-    "inception_resnet_v2": Backbone(
-        _application("InceptionResNetV2"), "inception_resnet_v2", 75, fine_tune_layers=40
-    ),
+    "inception_resnet_v2": Backbone(_application("InceptionResNetV2"), "inception_resnet_v2", 75, fine_tune_layers=40),
     "mobilenet_v2": Backbone(_application("MobileNetV2"), "mobilenet_v2", 32, fine_tune_layers=30),
     "small_cnn": Backbone(_small_cnn, "unit", 16, fine_tune_layers=0),
 }
@@ -153,7 +151,9 @@ def build_model(
         raise ValueError("--weights PATH loads one backbone; ensembles take imagenet or none")
     too_small = [n for n in names if size < BACKBONES[n].min_size]
     if too_small:
-        raise ValueError(f"image size {size} is below the minimum of {too_small[0]} ({BACKBONES[too_small[0]].min_size})")
+        raise ValueError(
+            f"image size {size} is below the minimum of {too_small[0]} ({BACKBONES[too_small[0]].min_size})"
+        )
 
     inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
     features = []
@@ -178,8 +178,9 @@ def build_model(
     x = keras.layers.Dropout(dropout)(x)
     # Small initial logits: the head starts at near-uniform outputs (first loss ~ ln(classes)).
     small = keras.initializers.VarianceScaling(0.01, mode="fan_avg", distribution="uniform")
-    outputs = keras.layers.Dense(spec.num_classes, activation=spec.activation, dtype="float32", kernel_initializer=small,
-                                 name="predictions")(x)  # fmt: skip
+    outputs = keras.layers.Dense(
+        spec.num_classes, activation=spec.activation, dtype="float32", kernel_initializer=small, name="predictions"
+    )(x)
     model = keras.Model(inputs, outputs, name=f"{spec.name}_{'_'.join(names)}")
     return model
 

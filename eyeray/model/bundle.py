@@ -28,9 +28,20 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.keras"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = (
-    "format_version", "version", "task", "classes", "multi_label", "backbone", "input",
-    "preprocessing", "thresholds", "model_file", "model_sha256", "created_at", "libraries",
-)  # fmt: skip
+    "format_version",
+    "version",
+    "task",
+    "classes",
+    "multi_label",
+    "backbone",
+    "input",
+    "preprocessing",
+    "thresholds",
+    "model_file",
+    "model_sha256",
+    "created_at",
+    "libraries",
+)
 INTENDED_USE = (
     "Research use only. Not a medical device; outputs are not a diagnosis and must be reviewed "
     "by a qualified clinician."
@@ -49,10 +60,19 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def make_manifest(spec: TaskSpec, model, *, backbone: str, image_size: int, weights: str | None,
-                  metrics: dict | None = None, training: dict | None = None,
-                  thresholds: list[float] | None = None, calibration: dict | None = None,
-                  operating_point: dict | None = None) -> dict[str, Any]:  # fmt: skip
+def make_manifest(
+    spec: TaskSpec,
+    model,
+    *,
+    backbone: str,
+    image_size: int,
+    weights: str | None,
+    metrics: dict | None = None,
+    training: dict | None = None,
+    thresholds: list[float] | None = None,
+    calibration: dict | None = None,
+    operating_point: dict | None = None,
+) -> dict[str, Any]:
     """Everything a consumer needs besides the weights; `version` and the hash are added on save.
 
     `calibration` (eyeray.decision.calibration.fit) and `operating_point` (eyeray.decision.operating_points.choose)
@@ -80,8 +100,12 @@ def make_manifest(spec: TaskSpec, model, *, backbone: str, image_size: int, weig
             "value_range": [0, 255],
             "channels": ["red", "green", "blue"],
         },
-        "output": {"shape": [spec.num_classes], "dtype": "float32", "value_range": [0, 1],
-                   "meaning": "per-class probability" + (" (independent labels)" if spec.multi_label else " (sums to 1)")},
+        "output": {
+            "shape": [spec.num_classes],
+            "dtype": "float32",
+            "value_range": [0, 1],
+            "meaning": "per-class probability" + (" (independent labels)" if spec.multi_label else " (sums to 1)"),
+        },
         "preprocessing": {
             "decode": "eyeray.data.imaging.decode: JPEG/PNG/TIFF/BMP/DICOM -> RGB uint8; greyscale replicated, >8-bit min-max scaled",
             "resize": f"eyeray.data.imaging.preprocess: bilinear to {image_size}x{image_size}, aspect ratio not kept",
@@ -122,7 +146,7 @@ def save(model, manifest: dict[str, Any], uri: str) -> dict[str, Any]:
             "model_file": MODEL_FILE,
             "model_sha256": digest,
             "version": digest[:12],
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
         (tmp_path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
         storage.publish_dir(tmp_path, uri, commit_file=MANIFEST)
@@ -223,7 +247,11 @@ def check_compatible(manifests: list[dict[str, Any]]) -> None:
         raise BundleError("no bundle given")
     first = manifests[0]
     for m in manifests[1:]:
-        if (m["task"], list(m["classes"]), m["multi_label"]) != (first["task"], list(first["classes"]), first["multi_label"]):
+        if (m["task"], list(m["classes"]), m["multi_label"]) != (
+            first["task"],
+            list(first["classes"]),
+            first["multi_label"],
+        ):
             raise BundleError(
                 f"bundles of different tasks or classes cannot be combined: {first['task']} {first['classes']} "
                 f"(bundle {first['version']}) vs {m['task']} {m['classes']} (bundle {m['version']})"

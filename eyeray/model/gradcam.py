@@ -41,8 +41,12 @@ from eyeray.model.overlay import (  # noqa: F401  (public here too)
     resize_map,
 )
 
-POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
-           keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)  # fmt: skip
+POOLING = (
+    keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling2D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalMaxPooling2D,
+)
 
 
 @dataclass(frozen=True)
@@ -140,8 +144,9 @@ class GradCam:
         maps = [features[s.name] for s in self.sources]
         return keras.Model(clone.inputs[0], [maps, score, clone.outputs[0]], name=f"{self.model.name}_gradcam")
 
-    def __call__(self, images_uint8: np.ndarray, class_index: int | Sequence[int] | None = None,
-                 branch: int | str | None = None) -> Explanation:  # fmt: skip
+    def __call__(
+        self, images_uint8: np.ndarray, class_index: int | Sequence[int] | None = None, branch: int | str | None = None
+    ) -> Explanation:
         """(n, size, size, 3) uint8 -> one heatmap per image for `class_index` (default: the top class).
 
         `branch` (index or backbone layer name) explains one branch of an ensemble; None sums them.
@@ -201,8 +206,12 @@ def _combine(cams: list[np.ndarray]) -> np.ndarray:
 _CACHE: weakref.WeakKeyDictionary[keras.Model, GradCam] = weakref.WeakKeyDictionary()
 
 
-def gradcam(model: keras.Model, images_uint8: np.ndarray, class_index: int | Sequence[int] | None = None,
-            branch: int | str | None = None) -> np.ndarray:  # fmt: skip
+def gradcam(
+    model: keras.Model,
+    images_uint8: np.ndarray,
+    class_index: int | Sequence[int] | None = None,
+    branch: int | str | None = None,
+) -> np.ndarray:
     """Heatmaps (n, h, w) in [0, 1] at the feature-map resolution; the Grad-CAM model is cached per model."""
     if model not in _CACHE:
         _CACHE[model] = GradCam(model)
@@ -220,8 +229,9 @@ def overlay_path(image_uri: str, output: str | None) -> str:
     return storage.join(output or folder or ".", f"{stem}.gradcam.png")
 
 
-def explain_decision(loaded, cam: GradCam, model_input: np.ndarray, class_name: str | None = None,
-                     thresholds=None, tta: bool = False):  # fmt: skip
+def explain_decision(
+    loaded, cam: GradCam, model_input: np.ndarray, class_name: str | None = None, thresholds=None, tta: bool = False
+):
     """One preprocessed image (size, size, 3) -> (Decision, explained class index, heatmap).
 
     The decision is `Bundle.decide`'s (calibrated, at the operating point), as in scoring and
@@ -236,8 +246,14 @@ def explain_decision(loaded, cam: GradCam, model_input: np.ndarray, class_name: 
     return decision, k, cam(batch, class_index=k).heatmaps[0]
 
 
-def explain_image(loaded, cam: GradCam, original: np.ndarray, class_name: str | None = None,
-                  alpha: float = DEFAULT_ALPHA, thresholds=None) -> tuple[dict[str, Any], bytes]:  # fmt: skip
+def explain_image(
+    loaded,
+    cam: GradCam,
+    original: np.ndarray,
+    class_name: str | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    thresholds=None,
+) -> tuple[dict[str, Any], bytes]:
     """One decoded image (RGB uint8, any size) -> (the answer as a JSON-ready dict, overlay PNG at
     the image's own size). `loaded` is an `eyeray.model.bundle.Bundle`, `cam` its GradCam, built once."""
     model_input = imaging.preprocess(original, loaded.image_size)
@@ -253,8 +269,15 @@ EXPLANATIONS_DIR = "explanations"
 OVERLAY_MAX_SIDE = 1024  # scoring overlays are for review on screen, not full-resolution copies
 
 
-def explain_rows(cams: Sequence[GradCam], images: Sequence[np.ndarray], paths: Sequence[str],
-                 pairs: list[tuple[int, int]], classes: Sequence[str], output: str, key: str) -> dict[int, list[str]]:  # fmt: skip
+def explain_rows(
+    cams: Sequence[GradCam],
+    images: Sequence[np.ndarray],
+    paths: Sequence[str],
+    pairs: list[tuple[int, int]],
+    classes: Sequence[str],
+    output: str,
+    key: str,
+) -> dict[int, list[str]]:
     """Grad-CAM overlays for (row, class) pairs of a scored batch, written under
     OUTPUT/explanations/KEY/; returns row -> overlay paths relative to OUTPUT.
 
@@ -284,8 +307,14 @@ def explain_rows(cams: Sequence[GradCam], images: Sequence[np.ndarray], paths: S
     return out
 
 
-def explain_files(bundle_uri: str, images: Sequence[str], output: str | None = None, class_name: str | None = None,
-                  alpha: float = DEFAULT_ALPHA, thresholds=None) -> list[dict[str, Any]]:  # fmt: skip
+def explain_files(
+    bundle_uri: str,
+    images: Sequence[str],
+    output: str | None = None,
+    class_name: str | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    thresholds=None,
+) -> list[dict[str, Any]]:
     """Grad-CAM overlays for image files (local or s3://), one row per file; a bad file is a row
     with `error`, not an exception. Decode and resize are `eyeray.data.imaging`'s, as everywhere."""
     from eyeray.model import bundle as bundles

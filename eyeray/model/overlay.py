@@ -23,8 +23,9 @@ def resize_map(heatmap: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(image.resize((width, height), Image.BILINEAR), np.float32)
 
 
-def overlay(image_rgb: np.ndarray, heatmap: np.ndarray, alpha: float = DEFAULT_ALPHA,
-            colormap: str = DEFAULT_COLORMAP) -> np.ndarray:  # fmt: skip
+def overlay(
+    image_rgb: np.ndarray, heatmap: np.ndarray, alpha: float = DEFAULT_ALPHA, colormap: str = DEFAULT_COLORMAP
+) -> np.ndarray:
     """The heatmap, resized to the image's own size, coloured and blended over it: RGB uint8, same size.
 
     Each pixel's blend weight is `alpha * heat`, so regions that did not drive the class keep the
@@ -47,7 +48,8 @@ def png_bytes(image_rgb: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def overlay_png(image_rgb: np.ndarray, heatmap: np.ndarray, alpha: float = DEFAULT_ALPHA,
-                colormap: str = DEFAULT_COLORMAP) -> bytes:  # fmt: skip
+def overlay_png(
+    image_rgb: np.ndarray, heatmap: np.ndarray, alpha: float = DEFAULT_ALPHA, colormap: str = DEFAULT_COLORMAP
+) -> bytes:
     """`overlay` encoded as PNG (for files, Parquet-side folders and base64 in the API)."""
     return png_bytes(overlay(image_rgb, heatmap, alpha, colormap))

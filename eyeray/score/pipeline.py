@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,14 +34,24 @@ from eyeray.score import shards
 from eyeray.score.explain_plan import ExplainPlan
 from eyeray.score.predictor import BundlePredictor
 
+log = logging.getLogger(__name__)
+
 SUMMARY_FILE = "summary.json"
 DECODE_CPUS = 1  # per decode task: decoding one JPEG or DICOM is single-threaded
 # TensorFlow, Keras and the Ray worker itself. Measured: a VGG16 actor peaked at 1.0 GiB on CPU
 # (Ray Data's memory issue detector); with 4x the weights on top, Ray's detector stays quiet.
 ACTOR_RUNTIME_BYTES = 5 << 28  # 1.25 GiB
 REPORT_COLUMNS = ["path", "status", "error", "label", "referral", "confidence", "needs_review", "explanations"]
-SUMMARY_PRINTED = ("files_seen", "scored", "errors", "errors_by_reason", "predictions", "referred", "needs_review",
-                   "wall_seconds")  # fmt: skip
+SUMMARY_PRINTED = (
+    "files_seen",
+    "scored",
+    "errors",
+    "errors_by_reason",
+    "predictions",
+    "referred",
+    "needs_review",
+    "wall_seconds",
+)
 
 
 @dataclass
@@ -80,9 +91,12 @@ class ScoreConfig:
     @property
     def decision_options(self) -> dict[str, Any]:
         """The non-default options that change the rows (and so the scoring version)."""
-        options = {"thresholds": operating_points.parse_thresholds(self.thresholds), "tta": self.tta or None,
-                   "review_below": None if self.review_below == DEFAULT_REVIEW_BELOW else self.review_below}
-        return {k: v for k, v in options.items() if v is not None}  # fmt: skip
+        options = {
+            "thresholds": operating_points.parse_thresholds(self.thresholds),
+            "tta": self.tta or None,
+            "review_below": None if self.review_below == DEFAULT_REVIEW_BELOW else self.review_below,
+        }
+        return {k: v for k, v in options.items() if v is not None}
 
 
 def version_key(manifests: list[dict[str, Any]], method: str, options: dict[str, Any] | None = None) -> str:
@@ -116,8 +130,10 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     found = pa.array(list_inputs(cfg.input), pa.string())
     done = shards.committed(cfg.output, key, ["path"]).column("path")
     todo = found.filter(pc.invert(pc.is_in(found, value_set=done.combine_chunks())))
-    print(f"[eyeray] {len(found)} files in {cfg.input}; {len(found) - len(todo)} already scored "
-          f"(version {key}); scoring {len(todo)}")  # fmt: skip
+    log.info(
+        f"{len(found)} files in {cfg.input}; {len(found) - len(todo)} already scored "
+        f"(version {key}); scoring {len(todo)}"
+    )
     written = 0
     if len(todo):
         if not ray.is_initialized():
@@ -125,16 +141,18 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
         check_resources(cfg)
         written = sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests).iter_rows())
     rows = shards.committed(cfg.output, key, REPORT_COLUMNS)  # read once: the summary and the report
-    summary = summarize(rows, manifests, key, files_seen=len(found), scored_now=written,
-                        seconds=time.perf_counter() - start)  # fmt: skip
-    summary["bundles"] = [{"uri": uri, "version": m["version"], "backbone": m["backbone"]}
-                          for uri, m in zip(cfg.bundles, manifests)]  # fmt: skip
+    summary = summarize(
+        rows, manifests, key, files_seen=len(found), scored_now=written, seconds=time.perf_counter() - start
+    )
+    summary["bundles"] = [
+        {"uri": uri, "version": m["version"], "backbone": m["backbone"]} for uri, m in zip(cfg.bundles, manifests)
+    ]
     summary["ensemble"] = cfg.ensemble if len(manifests) > 1 else None
     summary["decision"] = decision
     fs.pipe(f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
     if cfg.report:
         score_report.write(cfg.output, summary, rows)
-    print("[eyeray] summary: " + json.dumps({k: summary[k] for k in SUMMARY_PRINTED}))
+    log.info("summary: " + json.dumps({k: summary[k] for k in SUMMARY_PRINTED}))
     return summary
 
 
@@ -144,18 +162,44 @@ def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.dat
     sizes = sorted({int(m["input"]["shape"][0]) for m in manifests})
     block = cfg.batch_size * cfg.block_batches
     ds = ray.data.from_arrow([pa.table({"path": todo.slice(i, block)}) for i in range(0, len(todo), block)])
-    ds = ds.map_batches(imaging.load_batch, fn_kwargs={"size": sizes[0], "extra_sizes": tuple(sizes[1:])},
-                        batch_size=cfg.batch_size, num_cpus=DECODE_CPUS)  # fmt: skip
-    predictor_args = {"bundle_uris": cfg.bundles, "method": cfg.ensemble, "primary_size": sizes[0],
-                      "thresholds": operating_points.parse_thresholds(cfg.thresholds), "tta": cfg.tta,
-                      "review_below": cfg.review_below, "explain": cfg.explain, "output": cfg.output, "key": key,
-                      "fault_after_batches": faults.from_env(faults.AFTER_BATCHES_ENV)}  # fmt: skip
-    ds = ds.map_batches(BundlePredictor, fn_constructor_kwargs=predictor_args, batch_size=cfg.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=cfg.actors), num_gpus=cfg.gpus_per_actor,
-                        num_cpus=cfg.cpus_per_actor, memory=cfg.memory_per_actor or actor_memory(cfg.bundles))  # fmt: skip
-    ds = ds.map_batches(shards.write_shard, batch_size=cfg.rows_per_shard,
-                        fn_kwargs={"output": cfg.output, "manifest": manifests[0], "key": key, "members": members,
-                                   "decision": json.dumps(check_decision(cfg, manifests), sort_keys=True)})  # fmt: skip
+    ds = ds.map_batches(
+        imaging.load_batch,
+        fn_kwargs={"size": sizes[0], "extra_sizes": tuple(sizes[1:])},
+        batch_size=cfg.batch_size,
+        num_cpus=DECODE_CPUS,
+    )
+    predictor_args = {
+        "bundle_uris": cfg.bundles,
+        "method": cfg.ensemble,
+        "primary_size": sizes[0],
+        "thresholds": operating_points.parse_thresholds(cfg.thresholds),
+        "tta": cfg.tta,
+        "review_below": cfg.review_below,
+        "explain": cfg.explain,
+        "output": cfg.output,
+        "key": key,
+        "fault_after_batches": faults.from_env(faults.AFTER_BATCHES_ENV),
+    }
+    ds = ds.map_batches(
+        BundlePredictor,
+        fn_constructor_kwargs=predictor_args,
+        batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_gpus=cfg.gpus_per_actor,
+        num_cpus=cfg.cpus_per_actor,
+        memory=cfg.memory_per_actor or actor_memory(cfg.bundles),
+    )
+    ds = ds.map_batches(
+        shards.write_shard,
+        batch_size=cfg.rows_per_shard,
+        fn_kwargs={
+            "output": cfg.output,
+            "manifest": manifests[0],
+            "key": key,
+            "members": members,
+            "decision": json.dumps(check_decision(cfg, manifests), sort_keys=True),
+        },
+    )
     return ds
 
 
@@ -164,8 +208,12 @@ def check_decision(cfg: ScoreConfig, manifests: list[dict[str, Any]]) -> dict[st
     as the rows and the summary record it. A threshold override the bundles cannot take (wrong
     count, unknown label, no operating point) fails here, before any file is read."""
     classes = len(manifests[0]["classes"])
-    dry = combine(manifests, [np.full((1, classes), 1 / classes, np.float32)] * len(manifests), cfg.ensemble,
-                          operating_points.parse_thresholds(cfg.thresholds))  # fmt: skip
+    dry = combine(
+        manifests,
+        [np.full((1, classes), 1 / classes, np.float32)] * len(manifests),
+        cfg.ensemble,
+        operating_points.parse_thresholds(cfg.thresholds),
+    )
     return {
         "calibration": [m.get("calibration", {}).get("method", "none") for m in manifests],
         "operating_point": operating_points.summary(dry.operating_point),
@@ -189,8 +237,10 @@ def check_resources(cfg: ScoreConfig) -> None:
         )
     busy = {k: v for k, v in need.items() if v > free.get(k, 0) + 1e-9}
     if busy:
-        print(f"[eyeray] waiting for resources held by other work: need {busy}, free now "
-              f"{ {k: round(free.get(k, 0), 2) for k in busy} }")  # fmt: skip
+        log.info(
+            f"waiting for resources held by other work: need {busy}, free now "
+            f"{ {k: round(free.get(k, 0), 2) for k in busy} }"
+        )
 
 
 def actor_memory(bundle_uris: list[str]) -> int:
@@ -207,8 +257,9 @@ def actor_memory(bundle_uris: list[str]) -> int:
     return ACTOR_RUNTIME_BYTES + 4 * weights
 
 
-def summarize(table: pa.Table, manifests: list[dict[str, Any]], key: str, *, files_seen: int, scored_now: int,
-              seconds: float) -> dict[str, Any]:  # fmt: skip
+def summarize(
+    table: pa.Table, manifests: list[dict[str, Any]], key: str, *, files_seen: int, scored_now: int, seconds: float
+) -> dict[str, Any]:
     """Counts over every committed row of this scoring version (all runs, not just this one)."""
     ok = pc.equal(table.column("status"), "ok") if table.num_rows else pa.array([], pa.bool_())
     errors = _counts(table.column("error").filter(pc.invert(ok))) if table.num_rows else {}
@@ -216,8 +267,12 @@ def summarize(table: pa.Table, manifests: list[dict[str, Any]], key: str, *, fil
     if manifests[0]["multi_label"] and len(labels):
         labels = pc.list_flatten(labels)
     predicted = _counts(labels)
-    flagged = {name: int(pc.sum(table.column(name).filter(ok)).as_py() or 0) if table.num_rows and name in table.column_names
-               else 0 for name in ("referral", "needs_review")}  # fmt: skip
+    flagged = {
+        name: int(pc.sum(table.column(name).filter(ok)).as_py() or 0)
+        if table.num_rows and name in table.column_names
+        else 0
+        for name in ("referral", "needs_review")
+    }
     return {
         "task": manifests[0]["task"],
         "bundle_version": key,

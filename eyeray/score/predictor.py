@@ -26,10 +26,19 @@ class BundlePredictor:
     results combine (`eyeray.decision.ensemble`); per-model calibrated probabilities stay in the rows.
     Grad-CAM models are built once per actor, on the first row that needs one."""
 
-    def __init__(self, bundle_uris: list[str], method: str = "mean", primary_size: int | None = None,
-                 thresholds=None, tta: bool = False, review_below: float = DEFAULT_REVIEW_BELOW,
-                 explain: str = "none", output: str | None = None, key: str = "",
-                 fault_after_batches: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        bundle_uris: list[str],
+        method: str = "mean",
+        primary_size: int | None = None,
+        thresholds=None,
+        tta: bool = False,
+        review_below: float = DEFAULT_REVIEW_BELOW,
+        explain: str = "none",
+        output: str | None = None,
+        key: str = "",
+        fault_after_batches: int | None = None,
+    ):
         from eyeray.model import bundle
 
         self.bundles = [bundle.load(uri) for uri in bundle_uris]
@@ -58,12 +67,17 @@ class BundlePredictor:
         out["confidence"] = _spread(ok, sure, np.nan, np.float32)
         out["needs_review"] = _spread(ok, review, False, bool)
         explained = self._explain(batch, ok, images, decision, review)
-        out["explanations"] = _spread(ok, [shards.LABEL_SEPARATOR.join(explained.get(i, [])) for i in range(len(sure))],
-                                      "", object)  # fmt: skip
+        out["explanations"] = _spread(
+            ok, [shards.LABEL_SEPARATOR.join(explained.get(i, [])) for i in range(len(sure))], "", object
+        )
         if len(self.bundles) > 1:
             members = [calibration.apply(m.get("calibration"), p) for m, p in zip(self.manifests, per_model)]
-            out["model_probabilities"] = _spread(ok, np.stack(members, axis=1) if len(sure) else
-                                                 np.zeros((0, len(self.bundles), len(classes))), np.nan, np.float32)  # fmt: skip
+            out["model_probabilities"] = _spread(
+                ok,
+                np.stack(members, axis=1) if len(sure) else np.zeros((0, len(self.bundles), len(classes))),
+                np.nan,
+                np.float32,
+            )
         self.batches += 1
         return out
 

@@ -63,8 +63,16 @@ def _write_csv(uri: str, queue: list[dict[str, Any]]) -> None:
     writer = csv.writer(buf)
     writer.writerow(["rank", "path", "confidence", "labels", "referral", "overlays"])
     for rank, row in enumerate(queue, 1):
-        writer.writerow([rank, row["path"], f"{row['confidence']:.4f}", _labels(row["label"]),
-                         "" if row["referral"] is None else row["referral"], " ".join(row["explanations"] or [])])  # fmt: skip
+        writer.writerow(
+            [
+                rank,
+                row["path"],
+                f"{row['confidence']:.4f}",
+                _labels(row["label"]),
+                "" if row["referral"] is None else row["referral"],
+                " ".join(row["explanations"] or []),
+            ]
+        )
     fs, path = storage.filesystem(uri)
     fs.pipe(path, buf.getvalue().encode())
 
@@ -73,8 +81,9 @@ def _labels(label) -> str:
     return ", ".join(label) if isinstance(label, list) else (label or "")
 
 
-def render(summary: dict[str, Any], rows: pa.Table, queue: list[dict[str, Any]] | None = None,
-           output: str | None = None) -> str:  # fmt: skip
+def render(
+    summary: dict[str, Any], rows: pa.Table, queue: list[dict[str, Any]] | None = None, output: str | None = None
+) -> str:
     e = html.escape
     models = ", ".join(f"{b['backbone']} {b['version']}" for b in summary.get("bundles", []))
     ensemble = f" ({summary['ensemble']} ensemble)" if summary.get("ensemble") else ""
@@ -107,16 +116,21 @@ def _decision(summary: dict[str, Any]) -> str:
     if op is None:
         point = "no operating point in the bundle: argmax, or 0.5 per label"
     elif "threshold" in op:
-        point = (f"{html.escape(op['rule'])}: refer when {html.escape(op.get('score', ''))} &ge; {op['threshold']:.4f} "
-                 f"(target {op.get('target')}, {html.escape(op.get('chosen_on', ''))})")  # fmt: skip
+        point = (
+            f"{html.escape(op['rule'])}: refer when {html.escape(op.get('score', ''))} &ge; {op['threshold']:.4f} "
+            f"(target {op.get('target')}, {html.escape(op.get('chosen_on', ''))})"
+        )
     else:
         point = f"{html.escape(op['rule'])} ({html.escape(op.get('chosen_on', ''))}): " + html.escape(
-            json.dumps(op.get("thresholds") or op.get("members")))
+            json.dumps(op.get("thresholds") or op.get("members"))
+        )
     referred = summary.get("referred")
     refer = "" if referred is None else f" <b>{referred}</b> of {summary['scored']} scored images are referred."
-    return (f"<h2>Decision</h2><p>Probabilities are calibrated ({html.escape(', '.join(d.get('calibration', [])))}). "
-            f"Operating point: {point}.{refer} Test-time augmentation: {'on' if d.get('tta') else 'off'}. "
-            f"Cases with a calibrated confidence below {d.get('review_below')} need review.</p>")  # fmt: skip
+    return (
+        f"<h2>Decision</h2><p>Probabilities are calibrated ({html.escape(', '.join(d.get('calibration', [])))}). "
+        f"Operating point: {point}.{refer} Test-time augmentation: {'on' if d.get('tta') else 'off'}. "
+        f"Cases with a calibrated confidence below {d.get('review_below')} need review.</p>"
+    )
 
 
 def _review(queue: list[dict[str, Any]], output: str | None) -> str:
@@ -124,16 +138,22 @@ def _review(queue: list[dict[str, Any]], output: str | None) -> str:
         return "<p>No case is below the review level.</p>"
     figures = []
     for row in queue[:REVIEW_SHOWN]:
-        caption = (f"{html.escape(row['path'].rsplit('/', 1)[-1])}<br>{html.escape(_labels(row['label']))} · "
-                   f"confidence {row['confidence']:.2f}" + (" · <b>refer</b>" if row["referral"] else ""))  # fmt: skip
+        caption = (
+            f"{html.escape(row['path'].rsplit('/', 1)[-1])}<br>{html.escape(_labels(row['label']))} · "
+            f"confidence {row['confidence']:.2f}" + (" · <b>refer</b>" if row["referral"] else "")
+        )
         overlays = row["explanations"] or []
         if overlays and output is not None:
             figures.append(_figure(storage.join(output, overlays[0]), caption, size=240, fmt="PNG"))
         else:
             figures.append(_figure(row["path"], caption + "<br><span class='note'>no overlay (--explain)</span>"))
-    more = f"<p class='note'>{len(queue) - REVIEW_SHOWN} more in {REVIEW_FILE}.</p>" if len(queue) > REVIEW_SHOWN else ""
-    return (f"<p class='note'>Least confident first, with the Grad-CAM overlay of the decided class; the full list "
-            f"is {REVIEW_FILE}.</p><div class='review'>{''.join(figures)}</div>{more}")  # fmt: skip
+    more = (
+        f"<p class='note'>{len(queue) - REVIEW_SHOWN} more in {REVIEW_FILE}.</p>" if len(queue) > REVIEW_SHOWN else ""
+    )
+    return (
+        f"<p class='note'>Least confident first, with the Grad-CAM overlay of the decided class; the full list "
+        f"is {REVIEW_FILE}.</p><div class='review'>{''.join(figures)}</div>{more}"
+    )
 
 
 def _distribution(predictions: dict[str, int]) -> str:
@@ -152,10 +172,14 @@ def _distribution(predictions: dict[str, int]) -> str:
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     total = sum(counts) or 1
-    table = "".join(f"<tr><td>{html.escape(c)}</td><td class='num'>{n}</td><td class='num'>{100 * n / total:.1f} %</td></tr>"
-                    for c, n in predictions.items())  # fmt: skip
-    return (f"<img alt='class distribution' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
-            f"<table><tr><th>class</th><th>images</th><th>share</th></tr>{table}</table>")  # fmt: skip
+    table = "".join(
+        f"<tr><td>{html.escape(c)}</td><td class='num'>{n}</td><td class='num'>{100 * n / total:.1f} %</td></tr>"
+        for c, n in predictions.items()
+    )
+    return (
+        f"<img alt='class distribution' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+        f"<table><tr><th>class</th><th>images</th><th>share</th></tr>{table}</table>"
+    )
 
 
 def _errors(summary: dict[str, Any], rows: pa.Table) -> str:
@@ -205,8 +229,10 @@ def _figure(path: str, caption: str | None = None, size: int = THUMBNAIL, fmt: s
     buf = io.BytesIO()
     image.save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
     mime = "image/jpeg" if fmt == "JPEG" else "image/png"
-    return (f"<figure><img alt='{html.escape(name)}' src='data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}'>"
-            f"<figcaption>{caption}</figcaption></figure>")  # fmt: skip
+    return (
+        f"<figure><img alt='{html.escape(name)}' src='data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}'>"
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
 
 
 def _is(rows: pa.Table, status: str):

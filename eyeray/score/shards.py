@@ -33,8 +33,9 @@ def _split(values) -> pa.Array:
     return pa.array([str(x).split(LABEL_SEPARATOR) if x else [] for x in values], pa.list_(pa.string()))
 
 
-def shard_table(batch: dict[str, np.ndarray], manifest: dict[str, Any], key: str,
-                members: list[str], decision: str = "{}") -> pa.Table:  # fmt: skip
+def shard_table(
+    batch: dict[str, np.ndarray], manifest: dict[str, Any], key: str, members: list[str], decision: str = "{}"
+) -> pa.Table:
     """Prediction columns -> the documented schema: `probabilities` is a class -> (calibrated)
     float struct; `referral` is null when the task has no referral rule; `explanations` lists
     overlay PNGs relative to the output; `decision` (JSON, the same for every row of a run) says
@@ -57,25 +58,35 @@ def shard_table(batch: dict[str, np.ndarray], manifest: dict[str, Any], key: str
         "bundle_version": pa.array([key] * n, pa.string()),
         "width": pa.array(np.asarray(batch["width"], np.int64)),
         "height": pa.array(np.asarray(batch["height"], np.int64)),
-        "referral": pa.array(np.asarray(batch["referral"], np.float32) > 0.5, pa.bool_(),
-                             mask=~ok | np.isnan(np.asarray(batch["referral"], np.float32))),
+        "referral": pa.array(
+            np.asarray(batch["referral"], np.float32) > 0.5,
+            pa.bool_(),
+            mask=~ok | np.isnan(np.asarray(batch["referral"], np.float32)),
+        ),
         "confidence": pa.array(np.asarray(batch["confidence"], np.float32), pa.float32(), mask=~ok),
         "needs_review": pa.array(np.asarray(batch["needs_review"], bool), pa.bool_(), mask=~ok),
         "explanations": _split(batch["explanations"]),
         "decision": pa.array([decision] * n, pa.string()),
-        "scored_at": pa.array([_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")] * n, pa.string()),
+        "scored_at": pa.array([_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")] * n, pa.string()),
     }
     if len(members) > 1:
         per_model = np.asarray(batch["model_probabilities"]).reshape(n, len(members), len(classes))
         columns["model_probabilities"] = pa.StructArray.from_arrays(
-            [_probability_struct(per_model[:, i], classes, ok) for i in range(len(members))], names=members,
+            [_probability_struct(per_model[:, i], classes, ok) for i in range(len(members))],
+            names=members,
             mask=pa.array(~ok),
         )
     return pa.table(columns)
 
 
-def write_shard(batch: dict[str, np.ndarray], output: str, manifest: dict[str, Any], key: str,
-                members: list[str], decision: str = "{}") -> dict[str, np.ndarray]:  # fmt: skip
+def write_shard(
+    batch: dict[str, np.ndarray],
+    output: str,
+    manifest: dict[str, Any],
+    key: str,
+    members: list[str],
+    decision: str = "{}",
+) -> dict[str, np.ndarray]:
     """Ray Data stage: write one batch as a shard (temporary hidden name, then rename = commit)."""
     table = shard_table(batch, manifest, key, members, decision)
     digest = hashlib.sha1("\n".join(sorted(table.column("path").to_pylist())).encode()).hexdigest()[:16]

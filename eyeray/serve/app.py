@@ -47,7 +47,9 @@ from eyeray.decision import operating_points
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW, decide
 from eyeray.model.overlay import overlay_png
 
-logger = logging.getLogger("ray.serve")
+log = logging.getLogger(__name__)
+
+logger = logging.getLogger("ray.serve")  # inside replicas: Serve writes it to the replica logs
 
 API_APP = "eyeray"  # the application's name in `serve status` and the config file
 INGRESS = "api"  # the ingress deployment's name (model deployments are named after their task)
@@ -88,8 +90,9 @@ class ServeArgs(BaseModel):
         default_factory=dict, description="task -> operating-point override (as `?thresholds=`); requests may override"
     )
     tta: bool = Field(False, description="test-time augmentation: mean over the image and its mirror (2x model time)")
-    review_below: float = Field(DEFAULT_REVIEW_BELOW, ge=0, le=1,
-                                description="calibrated confidence below which an answer says needs_review")  # fmt: skip
+    review_below: float = Field(
+        DEFAULT_REVIEW_BELOW, ge=0, le=1, description="calibrated confidence below which an answer says needs_review"
+    )
 
 
 class Prediction(BaseModel):
@@ -121,8 +124,7 @@ class Problem(BaseModel):
 class TaskModel:
     """One bundle, loaded once per replica; concurrent requests become one model call."""
 
-    def __init__(self, bundle_uri: str, version: str, tta: bool = False,
-                 review_below: float = DEFAULT_REVIEW_BELOW):  # fmt: skip
+    def __init__(self, bundle_uri: str, version: str, tta: bool = False, review_below: float = DEFAULT_REVIEW_BELOW):
         import threading
 
         import tensorflow as tf
@@ -134,15 +136,19 @@ class TaskModel:
             tf.config.experimental.set_memory_growth(gpu, True)
         self.bundle = bundle.load(bundle_uri)
         if self.bundle.version != version:
-            raise bundle.BundleError(f"{bundle_uri} changed since the application was built "
-                                     f"({version} -> {self.bundle.version}): redeploy it")  # fmt: skip
+            raise bundle.BundleError(
+                f"{bundle_uri} changed since the application was built "
+                f"({version} -> {self.bundle.version}): redeploy it"
+            )
         bundle.verify(self.bundle)  # also the warm-up: the first request does not pay for tracing
         self.task, self.tta, self.review_below = self.bundle.manifest["task"], tta, review_below
         self._cam, self._cam_lock = None, threading.Lock()
-        self.batch_sizes = metrics.Histogram("eyeray_serve_batch_size", "Requests per model call.",
-                                             boundaries=BATCH_BOUNDARIES, tag_keys=("task",))  # fmt: skip
-        self.model_seconds = metrics.Histogram("eyeray_serve_model_seconds", "Seconds per model call.",
-                                               boundaries=LATENCY_BOUNDARIES, tag_keys=("task",))  # fmt: skip
+        self.batch_sizes = metrics.Histogram(
+            "eyeray_serve_batch_size", "Requests per model call.", boundaries=BATCH_BOUNDARIES, tag_keys=("task",)
+        )
+        self.model_seconds = metrics.Histogram(
+            "eyeray_serve_model_seconds", "Seconds per model call.", boundaries=LATENCY_BOUNDARIES, tag_keys=("task",)
+        )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         self.predict.set_max_batch_size(int(config.get("max_batch_size", MAX_BATCH_SIZE)))
@@ -166,7 +172,9 @@ class TaskModel:
                 answers[i] = self._answer(decision, j, len(requests))
         return answers
 
-    async def explain(self, image: np.ndarray, class_name: str | None, thresholds: Any) -> tuple[dict[str, Any], np.ndarray]:
+    async def explain(
+        self, image: np.ndarray, class_name: str | None, thresholds: Any
+    ) -> tuple[dict[str, Any], np.ndarray]:
         """The answer for one image plus the Grad-CAM heatmap (feature-map resolution) of its class."""
         return await asyncio.to_thread(self._explain, image, class_name, thresholds)
 
@@ -201,14 +209,19 @@ UPLOAD_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            MULTIPART: {"schema": {"type": "object", "required": ["file"],
-                                   "properties": {"file": {"type": "string", "format": "binary"}}}},
+            MULTIPART: {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
             "application/dicom": {"schema": {"type": "string", "format": "binary"}},
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     }
-}  # fmt: skip
+}
 
 
 def read_token() -> str | None:
@@ -242,8 +255,11 @@ def check_thresholds(manifest: dict[str, Any], text: str | None) -> Any:
     return thresholds
 
 
-THRESHOLDS_QUERY = Query(None, description="override the bundle's operating point: 0.3 (referral rules), "
-                         "0.3,0.4,... (one per label) or LABEL=0.3,LABEL=0.2")  # fmt: skip
+THRESHOLDS_QUERY = Query(
+    None,
+    description="override the bundle's operating point: 0.3 (referral rules), "
+    "0.3,0.4,... (one per label) or LABEL=0.3,LABEL=0.2",
+)
 
 
 class _InMemoryParser(MultiPartParser):
@@ -257,8 +273,14 @@ class _InMemoryParser(MultiPartParser):
 class Api:
     """Routes, auth, body limits, decode + preprocess; scoring is awaited from the task's model."""
 
-    def __init__(self, models: dict[str, Any], manifests: dict[str, dict], max_body_bytes: int, max_pixels: int,
-                 thresholds: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        models: dict[str, Any],
+        manifests: dict[str, dict],
+        max_body_bytes: int,
+        max_pixels: int,
+        thresholds: dict[str, str] | None = None,
+    ):
         from ray.util import metrics
 
         self.models, self.manifests, self.default_thresholds = models, manifests, dict(thresholds or {})
@@ -266,10 +288,15 @@ class Api:
         self.token = read_token()
         if self.token is None:
             logger.warning(f"eyeray API without authentication: set {TOKEN_ENV} or {TOKEN_FILE_ENV} to require one")
-        self.requests = metrics.Counter("eyeray_serve_requests", "Prediction requests by outcome.",
-                                        tag_keys=("task", "status", "label"))  # fmt: skip
-        self.latency = metrics.Histogram("eyeray_serve_request_seconds", "Seconds per prediction request.",
-                                         boundaries=LATENCY_BOUNDARIES, tag_keys=("task", "status"))  # fmt: skip
+        self.requests = metrics.Counter(
+            "eyeray_serve_requests", "Prediction requests by outcome.", tag_keys=("task", "status", "label")
+        )
+        self.latency = metrics.Histogram(
+            "eyeray_serve_request_seconds",
+            "Seconds per prediction request.",
+            boundaries=LATENCY_BOUNDARIES,
+            tag_keys=("task", "status"),
+        )
 
     @app.get("/healthz")
     def healthz(self) -> dict[str, Any]:
@@ -285,15 +312,21 @@ class Api:
         return await self._answer(task, request, thresholds)
 
     @app.post("/v1/{task}/explain", response_model=Explanation, responses=REJECTIONS, openapi_extra=UPLOAD_BODY)
-    async def explain(self, task: str, request: Request, thresholds: str | None = THRESHOLDS_QUERY,
-                      class_name: str | None = Query(None, alias="class", description="class to explain "
-                                                     "(default: the decided class the model is most sure of)"),
-                      alpha: float = Query(0.5, ge=0, le=1, description="heatmap opacity where the heat is highest"),
-                      ) -> dict[str, Any]:  # fmt: skip
+    async def explain(
+        self,
+        task: str,
+        request: Request,
+        thresholds: str | None = THRESHOLDS_QUERY,
+        class_name: str | None = Query(
+            None, alias="class", description="class to explain (default: the decided class the model is most sure of)"
+        ),
+        alpha: float = Query(0.5, ge=0, le=1, description="heatmap opacity where the heat is highest"),
+    ) -> dict[str, Any]:
         return await self._answer(task, request, thresholds, explain=(class_name, alpha))
 
-    async def _answer(self, task: str, request: Request, thresholds_text: str | None,
-                      explain: tuple[str | None, float] | None = None) -> dict[str, Any]:  # fmt: skip
+    async def _answer(
+        self, task: str, request: Request, thresholds_text: str | None, explain: tuple[str | None, float] | None = None
+    ) -> dict[str, Any]:
         """Auth, checks, decode + preprocess here; the model call (or Grad-CAM) in the task's replicas."""
         start, status, label = time.perf_counter(), 500, "-"
         try:
@@ -303,7 +336,9 @@ class Api:
             manifest = self.manifests[task]
             thresholds = self._thresholds(task, thresholds_text)
             if explain and explain[0] is not None and explain[0] not in manifest["classes"]:
-                raise HTTPException(422, f"class {explain[0]!r} is not a class of {task}: {', '.join(manifest['classes'])}")
+                raise HTTPException(
+                    422, f"class {explain[0]!r} is not a class of {task}: {', '.join(manifest['classes'])}"
+                )
             data = await self._read_image(request)
             size = int(manifest["input"]["shape"][0])
             try:
@@ -349,9 +384,12 @@ class Api:
         """The upload's bytes: a multipart `file` field or the raw body, never more than the limit."""
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype and ctype != MULTIPART and ctype not in RAW_TYPES and not ctype.startswith("image/"):
-            raise HTTPException(415, f"unsupported content type {ctype!r}: send multipart/form-data with a "
-                                "'file' field, or the image as the body (image/*, application/dicom, "
-                                "application/octet-stream)")  # fmt: skip
+            raise HTTPException(
+                415,
+                f"unsupported content type {ctype!r}: send multipart/form-data with a "
+                "'file' field, or the image as the body (image/*, application/dicom, "
+                "application/octet-stream)",
+            )
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             raise self._too_large() if length.isdigit() else HTTPException(400, "invalid Content-Length")
@@ -426,8 +464,9 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
     )
 
 
-def start(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, name: str = API_APP,
-          route_prefix: str = "/") -> str:  # fmt: skip
+def start(
+    args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, name: str = API_APP, route_prefix: str = "/"
+) -> str:
     """Deploy the application on the current Ray cluster (or a new local one); returns its URL."""
     import ray
 
@@ -455,15 +494,16 @@ def run(args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     env = {k: os.environ[k] for k in (TOKEN_ENV, TOKEN_FILE_ENV) if os.environ.get(k)}
     # Replicas do not share this shell's working directory: local bundle paths become absolute.
     bundles = [uri if storage.is_remote(uri) else str(Path(uri).resolve()) for uri in args.bundles]
-    url = start(args.model_copy(update={"bundles": bundles, "ingress_env": {**env, **args.ingress_env}}),
-                host=host, port=port)  # fmt: skip
-    print(f"[eyeray] serving at {url} (OpenAPI docs: {url}/docs); Ctrl-C or SIGTERM stops")
+    url = start(
+        args.model_copy(update={"bundles": bundles, "ingress_env": {**env, **args.ingress_env}}), host=host, port=port
+    )
+    log.info(f"serving at {url} (OpenAPI docs: {url}/docs); Ctrl-C or SIGTERM stops")
     signal.signal(signal.SIGTERM, _interrupt)  # a background `eyeray serve` ignores SIGINT
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("[eyeray] stopping")
+        log.info("stopping")
     finally:
         stop()
 
@@ -489,8 +529,12 @@ def demo(bundle_uri: str, images: list[Path], port: int = 8000, route_prefix: st
     answers = []
     try:
         for path in images:
-            req = urllib.request.Request(f"{url}/v1/{task}/predict", data=Path(path).read_bytes(), method="POST",
-                                         headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+            req = urllib.request.Request(
+                f"{url}/v1/{task}/predict",
+                data=Path(path).read_bytes(),
+                method="POST",
+                headers={"Content-Type": "application/octet-stream"},
+            )
             try:
                 with urllib.request.urlopen(req, timeout=60) as resp:
                     status, body = resp.status, json.load(resp)
@@ -498,7 +542,7 @@ def demo(bundle_uri: str, images: list[Path], port: int = 8000, route_prefix: st
                 status, body = exc.code, json.load(exc)
             answers.append({"file": Path(path).name, "status": status, **body})
             shown = body.get("labels", body.get("detail"))
-            print(f"[eyeray serve] POST {Path(path).name} -> {status} {shown}")
+            log.info(f"POST {Path(path).name} -> {status} {shown}")
     finally:
         stop("eyeray-demo")
     return answers

@@ -14,6 +14,7 @@ through `Tuner.restore`: finished trials keep their results and are not run agai
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import os
 from dataclasses import dataclass, field, replace
@@ -26,6 +27,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from eyeray import storage
 from eyeray.sweep import results, search_space
 from eyeray.tasks import TaskSpec, get_task
+
+log = logging.getLogger(__name__)
 
 TUNE_DIR = "tune"  # Tune's experiment folder inside OUTPUT
 # eyeray.sweep.scheduler: ASHA's rungs, for a resume. Not inside TUNE_DIR: Tune mirrors that folder
@@ -70,7 +73,7 @@ class SweepConfig:
     def total_epochs(self) -> int:
         return int(self.epochs or 0) + int(self.fine_tune_epochs or 0)
 
-    def resolved(self) -> "SweepConfig":
+    def resolved(self) -> SweepConfig:
         demo = self.is_demo
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg = replace(
@@ -90,12 +93,14 @@ class SweepConfig:
             (self.total_epochs < 1, "a trial needs at least one epoch"),
             (not 1 <= self.grace_period, f"--grace-period must be at least 1, not {self.grace_period}"),
             (self.reduction_factor <= 1, f"--reduction-factor must exceed 1, not {self.reduction_factor}"),
-            (self.gpus_per_trial < 0 or self.cpus_per_trial <= 2 * DRIVER_CPUS,
-             f"--gpus-per-trial must be >= 0 and --cpus-per-trial above {2 * DRIVER_CPUS:g}"),
+            (
+                self.gpus_per_trial < 0 or self.cpus_per_trial <= 2 * DRIVER_CPUS,
+                f"--gpus-per-trial must be >= 0 and --cpus-per-trial above {2 * DRIVER_CPUS:g}",
+            ),
             (self.time_budget is not None and self.time_budget <= 0, "--time-budget must be positive"),
             (self.ensemble_top < 0 or self.ensemble_top == 1, "--ensemble-top K needs K >= 2 (or 0: off)"),
             (self.max_concurrent is not None and self.max_concurrent < 1, "--max-concurrent must be at least 1"),
-        ]  # fmt: skip
+        ]
         for bad, message in problems:
             if bad:
                 raise ValueError(message)
@@ -143,11 +148,21 @@ def trial_config(cfg: SweepConfig, params: dict[str, Any], data: str, output: st
     workers = max(1, cfg.gpus_per_trial)
     scratch = "small_cnn" in backbone_names(params["backbone"])  # no ImageNet weights exist for it
     return TrainConfig(
-        task=cfg.task, data=data, output=output, weights="none" if scratch else cfg.weights,
-        epochs=cfg.epochs, fine_tune_epochs=cfg.fine_tune_epochs, workers=workers, use_gpu=cfg.gpus_per_trial > 0,
-        cpus_per_worker=(cfg.cpus_per_trial - DRIVER_CPUS) / workers, resume=fs.exists(f"{path}/{RUN_NAME}"),
-        seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction, **params,
-    )  # fmt: skip
+        task=cfg.task,
+        data=data,
+        output=output,
+        weights="none" if scratch else cfg.weights,
+        epochs=cfg.epochs,
+        fine_tune_epochs=cfg.fine_tune_epochs,
+        workers=workers,
+        use_gpu=cfg.gpus_per_trial > 0,
+        cpus_per_worker=(cfg.cpus_per_trial - DRIVER_CPUS) / workers,
+        resume=fs.exists(f"{path}/{RUN_NAME}"),
+        seed=cfg.seed,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        **params,
+    )
 
 
 def _trial(params: dict[str, Any], sweep: SweepConfig, data: str) -> None:
@@ -209,18 +224,25 @@ def _scheduler(cfg: SweepConfig):
     from eyeray.sweep.scheduler import ResumableASHA
 
     if cfg.grace_period >= cfg.total_epochs:
-        print(f"[eyeray] --grace-period {cfg.grace_period} >= {cfg.total_epochs} epochs: no early stopping")
+        log.info(f"--grace-period {cfg.grace_period} >= {cfg.total_epochs} epochs: no early stopping")
         return None  # Tune's default: every trial runs to the end
     problem = ray.get(_state_api_problem.remote())
     if problem:
-        print("[eyeray] WARNING: early stopping is off: a trial stopped early could not release its resources "
-              f"on this cluster, since Ray's state API is unreachable from workers ({problem}). Start the cluster "
-              "with its dashboard, and with RAY_ADDRESS set when other Ray instances run on the machine.")  # fmt: skip
+        log.info(
+            "WARNING: early stopping is off: a trial stopped early could not release its resources "
+            f"on this cluster, since Ray's state API is unreachable from workers ({problem}). Start the cluster "
+            "with its dashboard, and with RAY_ADDRESS set when other Ray instances run on the machine."
+        )
         return None
     max_t = max(cfg.grace_period, cfg.total_epochs - 1)
-    return ResumableASHA(storage.join(cfg.output, ASHA_STATE), time_attr="epoch", max_t=max_t,
-                         grace_period=cfg.grace_period, reduction_factor=cfg.reduction_factor,
-                         stop_last_trials=False)  # fmt: skip
+    return ResumableASHA(
+        storage.join(cfg.output, ASHA_STATE),
+        time_attr="epoch",
+        max_t=max_t,
+        grace_period=cfg.grace_period,
+        reduction_factor=cfg.reduction_factor,
+        stop_last_trials=False,
+    )
 
 
 def _tuner(cfg: SweepConfig, space: search_space.SearchSpace, data: str) -> tune.Tuner:
@@ -230,27 +252,36 @@ def _tuner(cfg: SweepConfig, space: search_space.SearchSpace, data: str) -> tune
     root, path, fs = _experiment(cfg)
     if tune.Tuner.can_restore(path, storage_filesystem=fs):
         if not cfg.resume:
-            raise FileExistsError(f"{cfg.output} already holds a sweep; pass --resume to continue it, "
-                                  "or choose another --output")  # fmt: skip
-        print(f"[eyeray] resuming the sweep in {cfg.output}: finished trials keep their results; the search "
-              "space and schedule are the ones it started with")  # fmt: skip
+            raise FileExistsError(
+                f"{cfg.output} already holds a sweep; pass --resume to continue it, or choose another --output"
+            )
+        log.info(
+            f"resuming the sweep in {cfg.output}: finished trials keep their results; the search "
+            "space and schedule are the ones it started with"
+        )
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     if cfg.resume:
-        print(f"[eyeray] --resume: no earlier sweep in {cfg.output}; starting a new one")
+        log.info(f"--resume: no earlier sweep in {cfg.output}; starting a new one")
     spec = get_task(cfg.task)
     limit = concurrency(cfg, ray.cluster_resources())
-    print(f"[eyeray] sweep {spec.name}: {cfg.trials} sample(s), up to {limit} at a time, "
-          f"ASHA on {selection_key(spec)}, output {cfg.output}")  # fmt: skip
+    log.info(
+        f"sweep {spec.name}: {cfg.trials} sample(s), up to {limit} at a time, "
+        f"ASHA on {selection_key(spec)}, output {cfg.output}"
+    )
     return tune.Tuner(
         trainable,
         param_space=space.param_space(),
         tune_config=tune.TuneConfig(
-            metric=results.SCORE, mode="max", scheduler=_scheduler(cfg), num_samples=cfg.trials, time_budget_s=cfg.time_budget,
+            metric=results.SCORE,
+            mode="max",
+            scheduler=_scheduler(cfg),
+            num_samples=cfg.trials,
+            time_budget_s=cfg.time_budget,
             search_alg=BasicVariantGenerator(max_concurrent=limit, random_state=cfg.seed),
             trial_dirname_creator=lambda t: t.trial_id,
         ),
         run_config=tune.RunConfig(name=TUNE_DIR, storage_path=root, storage_filesystem=fs),
-    )  # fmt: skip
+    )
 
 
 def _data(cfg: SweepConfig) -> str:
@@ -283,8 +314,10 @@ def run(config: SweepConfig) -> SweepResult:
 
         ensemble = evaluate_top(rows, cfg, spec, data)
     report = sweep_report.write(cfg, spec, rows, histories, space.describe(), ensemble)
-    print(f"[eyeray] leaderboard: {storage.join(cfg.output, sweep_report.LEADERBOARD)}\n[eyeray] report: {report}")
+    log.info("leaderboard: %s", storage.join(cfg.output, sweep_report.LEADERBOARD))
+    log.info("report: %s", report)
     if best:
-        print(f"[eyeray] best bundle: {best}")
-    return SweepResult(output=cfg.output, leaderboard=rows, best=best, report=report, ensemble=ensemble,
-                       histories=histories)  # fmt: skip
+        log.info(f"best bundle: {best}")
+    return SweepResult(
+        output=cfg.output, leaderboard=rows, best=best, report=report, ensemble=ensemble, histories=histories
+    )

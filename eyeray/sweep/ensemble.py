@@ -55,8 +55,11 @@ def evaluate_top(rows: list[dict[str, Any]], cfg, spec: TaskSpec, data: str) -> 
     top = [r for r in rows if r["status"] == "finished"][: cfg.ensemble_top]
     out: dict[str, Any] = {"k": cfg.ensemble_top, "metric": spec.selection_metric}
     if len(top) < 2:
-        return {**out, "members": [{"trial_id": r["trial_id"]} for r in top],
-                "note": f"only {len(top)} trial(s) finished: an ensemble needs 2"}  # fmt: skip
+        return {
+            **out,
+            "members": [{"trial_id": r["trial_id"]} for r in top],
+            "note": f"only {len(top)} trial(s) finished: an ensemble needs 2",
+        }
     records = read_layout(spec, data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction).splits["test"]
     loaded = [bundle.load(r["bundle"]) for r in top]
     outputs = [_probabilities(b, records) for b in loaded]
@@ -65,16 +68,21 @@ def evaluate_top(rows: list[dict[str, Any]], cfg, spec: TaskSpec, data: str) -> 
     probs = [np.stack([p[path] for path in paths]) for p, _ in outputs]
     manifests = [b.manifest for b in loaded]
 
-    members = [{"trial_id": r["trial_id"], **_summary(spec, y, p, m["thresholds"])}
-               for r, p, m in zip(top, probs, manifests)]  # fmt: skip
+    members = [
+        {"trial_id": r["trial_id"], **_summary(spec, y, p, m["thresholds"])} for r, p, m in zip(top, probs, manifests)
+    ]
     mean_scores, _ = combine(manifests, probs, "mean")
     mean_thresholds = np.mean([m["thresholds"] for m in manifests], axis=0).tolist()
     shares, voted = combine(manifests, probs, "vote")
     vote_scores, vote_thresholds = _vote_scores(spec, shares, voted)
     best = members[0][spec.selection_metric]
-    out.update(members=members, n_test=len(paths), best_single=best,
-               mean=_summary(spec, y, mean_scores, mean_thresholds),
-               vote=_summary(spec, y, vote_scores, vote_thresholds))  # fmt: skip
+    out.update(
+        members=members,
+        n_test=len(paths),
+        best_single=best,
+        mean=_summary(spec, y, mean_scores, mean_thresholds),
+        vote=_summary(spec, y, vote_scores, vote_thresholds),
+    )
     for method in ("mean", "vote"):
         value = out[method][spec.selection_metric]
         out[f"{method}_beats_best"] = bool(value is not None and best is not None and value > best)

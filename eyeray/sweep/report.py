@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import html
 import json
+import logging
 import math
 import os
 import tempfile
@@ -25,6 +26,8 @@ from eyeray.evaluation.plots import save_figure, series
 from eyeray.model import bundle
 from eyeray.sweep.results import BEST_DIR, SCORE, UNDEFINED_SCORE, trial_output
 from eyeray.tasks import TaskSpec
+
+log = logging.getLogger(__name__)
 
 LEADERBOARD = "leaderboard.csv"
 REPORT = "report.html"
@@ -47,22 +50,31 @@ def collect(grid, cfg, spec: TaskSpec, params: list[str]) -> tuple[list[dict[str
         manifest = _manifest(uri)
         status = "error" if result.error else "finished" if manifest else "early-stopped" if history else "not run"
         test = (manifest or {}).get("metrics", {}).get(spec.selection_metric)
-        rows.append({
-            "trial_id": trial_id,
-            "status": status,
-            **{p: (result.config or {}).get(p) for p in params},
-            f"best_val_{spec.selection_metric}": None if best is None or best[SCORE] == UNDEFINED_SCORE else best[SCORE],
-            "best_epoch": best["epoch"] if best else None,
-            "val_loss_at_best": best.get("val_loss") if best else None,  # breaks ties of the metric
-            "epochs_run": len(history),
-            "wall_time_s": round(history[-1].get("time_total_s", 0.0), 1) if history else None,
-            f"test_{spec.selection_metric}": test,
-            "bundle": uri if manifest else "",
-            "error": _first_line(result.error),
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "status": status,
+                **{p: (result.config or {}).get(p) for p in params},
+                f"best_val_{spec.selection_metric}": None
+                if best is None or best[SCORE] == UNDEFINED_SCORE
+                else best[SCORE],
+                "best_epoch": best["epoch"] if best else None,
+                "val_loss_at_best": best.get("val_loss") if best else None,  # breaks ties of the metric
+                "epochs_run": len(history),
+                "wall_time_s": round(history[-1].get("time_total_s", 0.0), 1) if history else None,
+                f"test_{spec.selection_metric}": test,
+                "bundle": uri if manifest else "",
+                "error": _first_line(result.error),
+            }
+        )
     key = f"best_val_{spec.selection_metric}"
-    rows.sort(key=lambda r: (r["status"] != "finished", -(r[key] if r[key] is not None else -math.inf),
-                             r["val_loss_at_best"] if r["val_loss_at_best"] is not None else math.inf))
+    rows.sort(
+        key=lambda r: (
+            r["status"] != "finished",
+            -(r[key] if r[key] is not None else -math.inf),
+            r["val_loss_at_best"] if r["val_loss_at_best"] is not None else math.inf,
+        )
+    )
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
     return rows, histories
@@ -102,7 +114,7 @@ def export_best(rows: list[dict[str, Any]], cfg) -> str | None:
     """The winner's bundle, copied as is (same model file, same manifest and version) to OUTPUT/best."""
     top = winner(rows)
     if top is None:
-        print("[eyeray] no trial finished: no best bundle")
+        log.info("no trial finished: no best bundle")
         return None
     target = storage.join(cfg.output, BEST_DIR)
     local, tmp = storage.local_copy(top["bundle"])
@@ -117,8 +129,14 @@ def export_best(rows: list[dict[str, Any]], cfg) -> str | None:
 # --------------------------------------------------------------------------- files
 
 
-def write(cfg, spec: TaskSpec, rows: list[dict[str, Any]], histories: dict[str, list[dict]],
-          space: dict[str, str], ensemble: dict[str, Any] | None) -> str:  # fmt: skip
+def write(
+    cfg,
+    spec: TaskSpec,
+    rows: list[dict[str, Any]],
+    histories: dict[str, list[dict]],
+    space: dict[str, str],
+    ensemble: dict[str, Any] | None,
+) -> str:
     """Write the leaderboard, plots, summary JSON and report.html to OUTPUT; return the report's URI."""
     from dataclasses import asdict
 
@@ -131,10 +149,16 @@ def write(cfg, spec: TaskSpec, rows: list[dict[str, Any]], histories: dict[str, 
         if ensemble and ensemble.get("members") and "mean" in ensemble:
             plot_ensemble(spec, ensemble, out / ENSEMBLE_PNG)
             files.append(ENSEMBLE_PNG)
-        summary = {"config": asdict(cfg), "space": space, "selection_metric": f"val_{spec.selection_metric}",
-                   "winner": top, "best_bundle": storage.join(cfg.output, BEST_DIR) if top else None,
-                   "statuses": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
-                   "leaderboard": rows, "ensemble": ensemble}  # fmt: skip
+        summary = {
+            "config": asdict(cfg),
+            "space": space,
+            "selection_metric": f"val_{spec.selection_metric}",
+            "winner": top,
+            "best_bundle": storage.join(cfg.output, BEST_DIR) if top else None,
+            "statuses": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
+            "leaderboard": rows,
+            "ensemble": ensemble,
+        }
         (out / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
         (out / REPORT).write_text(_html(cfg, spec, rows, space, ensemble, files))
         fs, path = storage.filesystem(cfg.output)
@@ -165,11 +189,23 @@ def plot_curves(spec: TaskSpec, histories: dict[str, list[dict]], rows: list[dic
             continue
         is_top = top is not None and trial_id == top["trial_id"]
         style = "-" if status.get(trial_id) == "finished" else "--"
-        ax.plot(xs, ys, style, marker="o", markersize=3, linewidth=3 if is_top else 1, alpha=1 if is_top else 0.6,
-                color="crimson" if is_top else None, zorder=3 if is_top else 2,
-                label=f"{trial_id} (winner)" if is_top else (trial_id if len(histories) <= 12 else None))  # fmt: skip
-    ax.set(title=f"{spec.title}\nvalidation {spec.selection_metric} per epoch, every trial (dashed: stopped early)",
-           xlabel="Epoch", ylabel=spec.selection_metric)  # fmt: skip
+        ax.plot(
+            xs,
+            ys,
+            style,
+            marker="o",
+            markersize=3,
+            linewidth=3 if is_top else 1,
+            alpha=1 if is_top else 0.6,
+            color="crimson" if is_top else None,
+            zorder=3 if is_top else 2,
+            label=f"{trial_id} (winner)" if is_top else (trial_id if len(histories) <= 12 else None),
+        )
+    ax.set(
+        title=f"{spec.title}\nvalidation {spec.selection_metric} per epoch, every trial (dashed: stopped early)",
+        xlabel="Epoch",
+        ylabel=spec.selection_metric,
+    )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -192,8 +228,10 @@ def plot_ensemble(spec: TaskSpec, ensemble: dict[str, Any], path: Path) -> None:
         ax.axhline(best, color="crimson", linestyle="--", label=f"single best ({names[0]})")
         ax.legend(loc="lower right")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set(title=f"Top {len(ensemble['members'])} trials on the test split ({ensemble['n_test']} images)",
-           ylabel=f"test {metric}")  # fmt: skip
+    ax.set(
+        title=f"Top {len(ensemble['members'])} trials on the test split ({ensemble['n_test']} images)",
+        ylabel=f"test {metric}",
+    )
     save_figure(fig, path)
 
 
@@ -228,38 +266,55 @@ def _ensemble_html(spec: TaskSpec, ensemble: dict[str, Any] | None, files: list[
     verdict = []
     for method in ("mean", "vote"):
         beats = ensemble[f"{method}_beats_best"]
-        verdict.append(f"{'averaged probabilities' if method == 'mean' else 'majority vote'}: "
-                       f"{_fmt(ensemble[method][metric])} {'beats' if beats else 'does not beat'} "
-                       f"the single best model's {_fmt(ensemble['best_single'])}")  # fmt: skip
-    rows = [*ensemble["members"], {"trial_id": "ensemble: mean", **ensemble["mean"]},
-            {"trial_id": "ensemble: vote", **ensemble["vote"]}]  # fmt: skip
+        verdict.append(
+            f"{'averaged probabilities' if method == 'mean' else 'majority vote'}: "
+            f"{_fmt(ensemble[method][metric])} {'beats' if beats else 'does not beat'} "
+            f"the single best model's {_fmt(ensemble['best_single'])}"
+        )
+    rows = [
+        *ensemble["members"],
+        {"trial_id": "ensemble: mean", **ensemble["mean"]},
+        {"trial_id": "ensemble: vote", **ensemble["vote"]},
+    ]
     image = f'<img src="{ENSEMBLE_PNG}" alt="ensemble">' if ENSEMBLE_PNG in files else ""
-    return (f"<h2>Ensemble of the top {len(ensemble['members'])} (test split, {ensemble['n_test']} images)</h2>"
-            f"<p>{'<br>'.join(html.escape(v) for v in verdict)}</p>{image}{_table(rows)}")  # fmt: skip
+    return (
+        f"<h2>Ensemble of the top {len(ensemble['members'])} (test split, {ensemble['n_test']} images)</h2>"
+        f"<p>{'<br>'.join(html.escape(v) for v in verdict)}</p>{image}{_table(rows)}"
+    )
 
 
 def _html(cfg, spec: TaskSpec, rows: list[dict[str, Any]], space: dict[str, str], ensemble, files: list[str]) -> str:
     top = winner(rows)
     counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in STATUSES)
-    best = (f"Winner: <b>{html.escape(top['trial_id'])}</b>, validation {spec.selection_metric} "
-            f"{_fmt(top[f'best_val_{spec.selection_metric}'])}, bundle exported to <code>best/</code>"
-            if top else "No trial finished: no winner.")  # fmt: skip
-    settings = {"task": cfg.task, "data": cfg.data or "synthetic (embedded default)", "trials": cfg.trials,
-                "epochs": f"{cfg.epochs} + {cfg.fine_tune_epochs} fine-tuning", "weights": cfg.weights,
-                "ASHA": f"grace period {cfg.grace_period}, reduction factor {cfg.reduction_factor:g}",
-                "time budget": f"{cfg.time_budget:g} s" if cfg.time_budget else "none"}  # fmt: skip
+    best = (
+        f"Winner: <b>{html.escape(top['trial_id'])}</b>, validation {spec.selection_metric} "
+        f"{_fmt(top[f'best_val_{spec.selection_metric}'])}, bundle exported to <code>best/</code>"
+        if top
+        else "No trial finished: no winner."
+    )
+    settings = {
+        "task": cfg.task,
+        "data": cfg.data or "synthetic (embedded default)",
+        "trials": cfg.trials,
+        "epochs": f"{cfg.epochs} + {cfg.fine_tune_epochs} fine-tuning",
+        "weights": cfg.weights,
+        "ASHA": f"grace period {cfg.grace_period}, reduction factor {cfg.reduction_factor:g}",
+        "time budget": f"{cfg.time_budget:g} s" if cfg.time_budget else "none",
+    }
     space_rows = [{"parameter": k, "values": v} for k, v in space.items()]
     setting_rows = [{"setting": k, "value": v} for k, v in settings.items()]
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px} tr.winner{background:#fde2e2;font-weight:bold}"
-             "img{max-width:100%}")  # fmt: skip
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse;font-size:13px}"
+        "td,th{border:1px solid #ccc;padding:3px 6px} tr.winner{background:#fde2e2;font-weight:bold}"
+        "img{max-width:100%}"
+    )
     return (
         f"<!doctype html><html><head><meta charset=utf-8><title>Sweep: {html.escape(spec.title)}</title>"
         f"<style>{style}</style></head><body><h1>Model selection: {html.escape(spec.title)}</h1>"
         f"<p>{best}</p><p>{len(rows)} trials: {counts}. Ranked by the best validation "
         f"{html.escape(spec.selection_metric)} over epochs (ties: lower validation loss at that epoch); only "
         f"finished trials (trained to the end, tested) can win. A trial's bundle holds its checkpoint with the "
-        f"lowest validation loss, as eyeray train exports it.</p><img src=\"{CURVES_PNG}\" alt=\"curves\">"
+        f'lowest validation loss, as eyeray train exports it.</p><img src="{CURVES_PNG}" alt="curves">'
         f"<h2>Leaderboard</h2>{_table(rows, top['trial_id'] if top else None)}"
         f"{_ensemble_html(spec, ensemble, files)}"
         f"<h2>Search space</h2>{_table(space_rows)}<h2>Settings</h2>{_table(setting_rows)}</body></html>"

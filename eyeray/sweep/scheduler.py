@@ -10,10 +10,13 @@ decision, and reads it back before the first trial is added after a restore.
 from __future__ import annotations
 
 import json
+import logging
 
 from ray.tune.schedulers import ASHAScheduler
 
 from eyeray import storage
+
+log = logging.getLogger(__name__)
 
 
 class ResumableASHA(ASHAScheduler):
@@ -61,4 +64,4 @@ class ResumableASHA(ASHAScheduler):
                 recorded.update(saved)
         self._trial_info.update({t: self._brackets[i] for t, i in state["brackets"].items()})
         self._num_stopped = state["stopped"]
-        print(f"[eyeray] ASHA resumed with the rung records of {sum(map(len, state['rungs'][0]))} trial result(s)")
+        log.info(f"ASHA resumed with the rung records of {sum(map(len, state['rungs'][0]))} trial result(s)")

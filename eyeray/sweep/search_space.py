@@ -39,8 +39,14 @@ KNOBS: dict[str, tuple[type, float, float, bool]] = {
 # Defaults shared by every task (pretrained backbones, real data) ...
 COMMON: dict[str, Any] = {
     # every backbone of eyeray.model.build, and the glaucoma seed's concatenation ensemble
-    "backbone": ["vgg16", "xception", "inception_resnet_v2", "mobilenet_v2", "small_cnn",
-                 "xception+inception_resnet_v2"],  # fmt: skip
+    "backbone": [
+        "vgg16",
+        "xception",
+        "inception_resnet_v2",
+        "mobilenet_v2",
+        "small_cnn",
+        "xception+inception_resnet_v2",
+    ],
     "learning_rate": {"low": 1e-4, "high": 3e-3, "log": True},
     "fine_tune_lr_factor": {"low": 0.003, "high": 0.1, "log": True},
     "fine_tune_layers": [None, 20, 60],
@@ -135,7 +141,9 @@ def read_file(uri: str) -> dict[str, Any]:
     try:
         data = json.loads(text) if Path(uri).suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"search-space file {uri} is not valid {'JSON' if uri.endswith('.json') else 'YAML'}: {exc}") from None
+        raise ValueError(
+            f"search-space file {uri} is not valid {'JSON' if uri.endswith('.json') else 'YAML'}: {exc}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -150,8 +158,9 @@ def load(task: str, demo: bool, path: str | None = None) -> SearchSpace:
         overrides = read_file(path)
         unknown = sorted(set(overrides) - set(KNOBS))
         if unknown:
-            raise ValueError(f"search space {path}: unknown key(s) {', '.join(map(str, unknown))}; "
-                             f"known keys: {', '.join(KNOBS)}")  # fmt: skip
+            raise ValueError(
+                f"search space {path}: unknown key(s) {', '.join(map(str, unknown))}; known keys: {', '.join(KNOBS)}"
+            )
         raw = {**raw, **overrides}
     return parse(raw, source=path or f"the default {task} space")
 
@@ -167,8 +176,10 @@ def _dimension(key: str, spec: Any, source: str) -> Dimension:
     if isinstance(spec, dict):
         extra = sorted(set(spec) - {"grid", "low", "high", "log"})
         if extra:
-            raise ValueError(f"{where}: unknown field(s) {', '.join(map(str, extra))}; write a value, a list "
-                             "(choice), {grid: [...]} or {low: A, high: B, log: true|false}")  # fmt: skip
+            raise ValueError(
+                f"{where}: unknown field(s) {', '.join(map(str, extra))}; write a value, a list "
+                "(choice), {grid: [...]} or {low: A, high: B, log: true|false}"
+            )
         if "grid" in spec:
             if set(spec) != {"grid"}:
                 raise ValueError(f"{where}: grid takes no low/high/log")
@@ -237,5 +248,7 @@ def _check_sizes(space: SearchSpace, source: str) -> None:
     worst = max(need, key=need.get)
     smallest = min(space.image_size.candidates())
     if smallest < need[worst]:
-        raise ValueError(f"{source}: image_size {smallest} is below {worst}'s minimum input size of "
-                         f"{need[worst]} (backbone and image_size are sampled independently)")  # fmt: skip
+        raise ValueError(
+            f"{source}: image_size {smallest} is below {worst}'s minimum input size of "
+            f"{need[worst]} (backbone and image_size are sampled independently)"
+        )

@@ -39,7 +39,7 @@ def restore(model, checkpoint: Checkpoint | None) -> tuple[RunState, list[np.nda
         state.resumed_after.append(state.epoch)
         opt_path = Path(d, OPTIMIZER_FILE)
         optimizer = list(np.load(opt_path).values()) if opt_path.exists() else None
-    print(f"[eyeray] resumed from checkpoint after epoch {state.epoch} ({state.phase})")
+    log.info(f"resumed from checkpoint after epoch {state.epoch} ({state.phase})")
     return state, optimizer
 
 

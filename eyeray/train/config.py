@@ -46,17 +46,31 @@ class TrainConfig:
     def is_demo(self) -> bool:
         return self.data is None
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """Fill unset fields: the demo configuration without data, the task's defaults with it."""
         spec = get_task(self.task)
         demo = spec.demo
         defaults = (
-            dict(backbone=demo.backbone, weights="none", image_size=demo.image_size, epochs=demo.epochs,
-                 fine_tune_epochs=0, batch_size=demo.batch_size, learning_rate=demo.learning_rate)
+            dict(
+                backbone=demo.backbone,
+                weights="none",
+                image_size=demo.image_size,
+                epochs=demo.epochs,
+                fine_tune_epochs=0,
+                batch_size=demo.batch_size,
+                learning_rate=demo.learning_rate,
+            )
             if self.is_demo
-            else dict(backbone=spec.backbone, weights="imagenet", image_size=spec.image_size, epochs=10,
-                      fine_tune_epochs=10, batch_size=32, learning_rate=1e-3)
-        )  # fmt: skip
+            else dict(
+                backbone=spec.backbone,
+                weights="imagenet",
+                image_size=spec.image_size,
+                epochs=10,
+                fine_tune_epochs=10,
+                batch_size=32,
+                learning_rate=1e-3,
+            )
+        )
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         defaults["output"] = os.path.join("runs", f"{spec.name}-{'demo-' if self.is_demo else ''}{stamp}")
         given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -12,8 +12,8 @@ sums, so every worker reports the same, exact numbers.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import keras
 import numpy as np
@@ -123,7 +123,9 @@ class DistributedFitter:
         every worker (Ray Train's default `streaming_split(equal=True)` guarantees it)."""
         totals = np.zeros(3)
         for batch in batches:
-            out = self._train_step(tf.convert_to_tensor(batch["image"]), tf.convert_to_tensor(batch["label"], tf.float32))
+            out = self._train_step(
+                tf.convert_to_tensor(batch["image"]), tf.convert_to_tensor(batch["label"], tf.float32)
+            )
             totals += [float(v) for v in out]
         return _stats(totals)
 
@@ -132,7 +134,9 @@ class DistributedFitter:
         `outputs`, when given, collects this worker's (labels, probabilities) per batch."""
         totals = np.zeros(3)
         for batch in batches:
-            *sums, probs = self._eval_step(tf.convert_to_tensor(batch["image"]), tf.convert_to_tensor(batch["label"], tf.float32))
+            *sums, probs = self._eval_step(
+                tf.convert_to_tensor(batch["image"]), tf.convert_to_tensor(batch["label"], tf.float32)
+            )
             totals += [float(v) for v in sums]
             if outputs is not None:
                 outputs.append((np.asarray(batch["label"], np.float32), probs.numpy()))

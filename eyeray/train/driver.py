@@ -57,11 +57,10 @@ def _check_output(cfg: TrainConfig) -> None:
     previous = fs.exists(f"{path}/{RUN_NAME}")
     if previous and not cfg.resume:
         raise FileExistsError(
-            f"{cfg.output} already holds a training run; pass --resume to continue it, "
-            "or choose another --output"
+            f"{cfg.output} already holds a training run; pass --resume to continue it, or choose another --output"
         )
     if cfg.resume and not previous:
-        print(f"[eyeray] --resume: no earlier run in {cfg.output}; starting a new one")
+        log.info(f"--resume: no earlier run in {cfg.output}; starting a new one")
 
 
 def _prepare_data(spec: TaskSpec, cfg: TrainConfig):
@@ -72,14 +71,14 @@ def _prepare_data(spec: TaskSpec, cfg: TrainConfig):
     if data is None:
         data = synthetic.demo_dataset(spec, cfg.output, cfg.seed)
     layout = read_layout(spec, data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
-    print(layout.summary())
+    log.info(layout.summary())
     decoded = {
         split: decode_split(records, cfg.image_size, seed=cfg.seed if split == "train" else None)
         for split, records in layout.splits.items()
     }
     for split, d in decoded.items():
         for e in d.errors:
-            print(f"[eyeray] skipped undecodable {split} image {e['path']}: {e['error']}")
+            log.warning(f"skipped undecodable {split} image {e['path']}: {e['error']}")
         if d.count == 0:
             raise ValueError(f"no usable images in the {split} split of {data} ({len(d.errors)} failed to decode)")
     return layout, decoded
@@ -123,19 +122,26 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     if not ray.is_initialized():
         ray.init()
     _check_output(cfg)
-    print(f"[eyeray] training {spec.name}: {cfg.backbone} @ {cfg.image_size}px, weights={cfg.weights}, "
-          f"{cfg.workers} worker(s){' with GPUs' if cfg.use_gpu else ''}, output {cfg.output}")  # fmt: skip
+    log.info(
+        f"training {spec.name}: {cfg.backbone} @ {cfg.image_size}px, weights={cfg.weights}, "
+        f"{cfg.workers} worker(s){' with GPUs' if cfg.use_gpu else ''}, output {cfg.output}"
+    )
 
     layout, decoded = _prepare_data(spec, cfg)
     train_labels = np.stack([np.asarray(r["label"]) for r in layout.splits["train"]])
     train_ds = decoded["train"].images.randomize_block_order()
     if cfg.augment:
-        train_ds = train_ds.map_batches(augment_batch, fn_kwargs={"spec": scaled(spec.augment, cfg.augment_strength)}, batch_size=64)
+        train_ds = train_ds.map_batches(
+            augment_batch, fn_kwargs={"spec": scaled(spec.augment, cfg.augment_strength)}, batch_size=64
+        )
 
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"train": asdict(cfg), "class_weights": class_weights(spec, train_labels).tolist(),
-                           "fault_at_epoch": faults.from_env(faults.AT_EPOCH_ENV)},
+        train_loop_config={
+            "train": asdict(cfg),
+            "class_weights": class_weights(spec, train_labels).tolist(),
+            "fault_at_epoch": faults.from_env(faults.AT_EPOCH_ENV),
+        },
         scaling_config=_scaling(cfg),
         run_config=_run_config(cfg, callbacks),
         datasets={"train": train_ds, "validation": decoded["validation"].images},
@@ -152,12 +158,22 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     fitted = _fit_decisions(spec, validation)
     calibration, operating_point, _ = fitted
 
-    training = {"config": asdict(cfg), "epochs": len(history), "best_epoch": _best_epoch(history),
-                "train_images": int(decoded["train"].count)}  # fmt: skip
+    training = {
+        "config": asdict(cfg),
+        "epochs": len(history),
+        "best_epoch": _best_epoch(history),
+        "train_images": int(decoded["train"].count),
+    }
     manifest = bundle.make_manifest(
-        spec, model, backbone=cfg.backbone, image_size=cfg.image_size, weights=cfg.weights,
-        training=training, calibration=calibration, operating_point=operating_point,
-    )  # fmt: skip
+        spec,
+        model,
+        backbone=cfg.backbone,
+        image_size=cfg.image_size,
+        weights=cfg.weights,
+        training=training,
+        calibration=calibration,
+        operating_point=operating_point,
+    )
     data_report = {
         "source": cfg.data or "synthetic (embedded default)",
         "counts": layout.counts(),
@@ -179,18 +195,30 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
         sections["at_operating_point"] = deployed
         plots.update(deployed_plots)
         metrics = write_report(
-            spec, report_uri, y_true=y_true, probs=probs, history=history,
+            spec,
+            report_uri,
+            y_true=y_true,
+            probs=probs,
+            history=history,
             samples=_samples(spec, decoded["train"].images),
-            extra={"config": asdict(cfg), "best_epoch": _best_epoch(history), "resumed_after": resumed, "data": data_report},
-            sections=sections, extra_plots=plots,
-        )  # fmt: skip
+            extra={
+                "config": asdict(cfg),
+                "best_epoch": _best_epoch(history),
+                "resumed_after": resumed,
+                "data": data_report,
+            },
+            sections=sections,
+            extra_plots=plots,
+        )
         headline = {**_headline(metrics), "at_operating_point": _headline(deployed)}
         bundle.publish(staged, bundle_uri, metrics=headline)
-    print(f"[eyeray] bundle: {bundle_uri}\n[eyeray] report: {report_uri}")
-    print("[eyeray] test metrics (argmax of the raw outputs): " + json.dumps(_headline(metrics)))
-    print("[eyeray] test metrics (calibrated, at the operating point, as deployed): " + json.dumps(_headline(deployed)))
-    return TrainResult(output=cfg.output, bundle=bundle_uri, report=report_uri, metrics=metrics, history=history,
-                       resumed_after=resumed)  # fmt: skip
+    log.info("bundle: %s", bundle_uri)
+    log.info("report: %s", report_uri)
+    log.info("test metrics (argmax of the raw outputs): " + json.dumps(_headline(metrics)))
+    log.info("test metrics (calibrated, at the operating point, as deployed): " + json.dumps(_headline(deployed)))
+    return TrainResult(
+        output=cfg.output, bundle=bundle_uri, report=report_uri, metrics=metrics, history=history, resumed_after=resumed
+    )
 
 
 def _fit_decisions(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray]) -> tuple[dict, dict | None, str | None]:
@@ -207,8 +235,12 @@ def _fit_decisions(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray]) ->
         return params, None, f"not chosen: {exc}"
 
 
-def _decision_support(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                      fitted: tuple[dict, dict | None, str | None] | None = None):  # fmt: skip
+def _decision_support(
+    spec: TaskSpec,
+    validation: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    fitted: tuple[dict, dict | None, str | None] | None = None,
+):
     """`_fit_decisions` (or its result, `fitted`), and what calibration and the operating point do
     on the test split (report sections and the reliability diagram)."""
     from eyeray.decision import calibration, operating_points
@@ -217,10 +249,13 @@ def _decision_support(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray],
     params, op, note = fitted or _fit_decisions(spec, validation)
     (y_val, p_val), (y_test, p_test) = validation, test
     val_cal, test_cal = calibration.apply(params, p_val), calibration.apply(params, p_test)
-    sections: dict[str, Any] = {"calibration": {
-        **params, "validation": calibration.summary(y_val, p_val, val_cal, spec.multi_label),
-        "test": calibration.summary(y_test, p_test, test_cal, spec.multi_label),
-    }}  # fmt: skip
+    sections: dict[str, Any] = {
+        "calibration": {
+            **params,
+            "validation": calibration.summary(y_val, p_val, val_cal, spec.multi_label),
+            "test": calibration.summary(y_test, p_test, test_cal, spec.multi_label),
+        }
+    }
     if op is None:
         sections["operating_point"] = {"rule": spec.operating_point, "note": note}
     else:
@@ -248,9 +283,12 @@ def _at_operating_point(spec: TaskSpec, exported, y_true: np.ndarray, raw: np.nd
     metrics["decided_by"] = exported.manifest["decision"]
     if decision.referral is not None:
         refer, truth = decision.referral, y_true[:, [spec.class_index(c) for c in spec.referral_classes]].any(axis=1)
-        metrics.update(referral_sensitivity=float(refer[truth].mean()) if truth.any() else None,
-                       referral_specificity=float((~refer[~truth]).mean()) if (~truth).any() else None,
-                       referred=int(refer.sum()), referable=int(truth.sum()))  # fmt: skip
+        metrics.update(
+            referral_sensitivity=float(refer[truth].mean()) if truth.any() else None,
+            referral_specificity=float((~refer[~truth]).mean()) if (~truth).any() else None,
+            referred=int(refer.sum()),
+            referable=int(truth.sum()),
+        )
 
     def confusion(path: Path) -> None:
         plot_confusion(spec, y_true, decided, path, 0.5 if spec.multi_label else None)

@@ -14,6 +14,7 @@ import ray
 import ray.train
 
 from eyeray import faults
+from eyeray.log import setup as setup_logging
 from eyeray.tasks import TaskSpec, get_task
 from eyeray.train import checkpoint
 from eyeray.train.config import TrainConfig
@@ -37,6 +38,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from eyeray.model.build import build_model, phases, set_phase
     from eyeray.train.distributed import DistributedFitter
 
+    setup_logging()  # a Ray worker process: eyeray's lines reach the driver's console through Ray
     cfg = TrainConfig(**config["train"])
     spec = get_task(cfg.task)
     ctx = ray.train.get_context()
@@ -44,7 +46,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     gpus = len(ray.get_gpu_ids())
     if cfg.use_gpu and not tf.config.list_physical_devices("GPU"):
-        print(f"[eyeray] worker {rank}: Ray assigned {gpus} GPU(s) but TensorFlow sees none; computing on the CPU")
+        log.warning(f"worker {rank}: Ray assigned {gpus} GPU(s) but TensorFlow sees none; computing on the CPU")
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     with strategy.scope():
         model = build_model(spec, cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, dropout=cfg.dropout)
@@ -67,8 +69,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if phase == "head" and state.epoch == 0:  # a resumed run has the statistics in its weights
             scale = fitter.fit_feature_scale(train_batches(train_shard, cfg.batch_size))
             if rank == 0:
-                print(f"[eyeray] head input standardised on {scale['images']} training images "
-                      f"(pooled features: mean {scale['feature_mean']:.3g}, std {scale['feature_std']:.3g})")  # fmt: skip
+                log.info(
+                    f"head input standardised on {scale['images']} training images "
+                    f"(pooled features: mean {scale['feature_mean']:.3g}, std {scale['feature_std']:.3g})"
+                )
         for i in range(n_epochs):
             epoch += 1
             if epoch <= state.epoch:
@@ -80,10 +84,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seconds = time.perf_counter() - start
             outputs: list = []
             val = fitter.evaluate(val_shard.iter_batches(batch_size=cfg.batch_size), outputs)
-            metrics = {"epoch": epoch, "phase": phase, "learning_rate": lr, **train.as_dict(), **val.as_dict("val_"),
-                       **_validation_metrics(spec, fitter, outputs, rank, world),
-                       "train_images": train.examples, "images_per_s": train.examples / max(seconds, 1e-9),
-                       "epoch_seconds": seconds, "workers": world, "gpus_per_worker": gpus}  # fmt: skip
+            metrics = {
+                "epoch": epoch,
+                "phase": phase,
+                "learning_rate": lr,
+                **train.as_dict(),
+                **val.as_dict("val_"),
+                **_validation_metrics(spec, fitter, outputs, rank, world),
+                "train_images": train.examples,
+                "images_per_s": train.examples / max(seconds, 1e-9),
+                "epoch_seconds": seconds,
+                "workers": world,
+                "gpus_per_worker": gpus,
+            }
             state = replace(state, epoch=epoch, phase=phase, history=[*state.history, metrics])
             checkpoint.report(model, fitter, state, metrics, rank)
             if config.get("fault_at_epoch") == epoch and rank == world - 1:  # tests only: eyeray.faults
