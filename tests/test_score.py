@@ -20,11 +20,11 @@ from PIL import Image
 from eyeray import faults, storage
 from eyeray.cli import add_score_arguments, score_config
 from eyeray.data import imaging
-from eyeray.data.files import list_inputs as list_archive
+from eyeray.data.files import list_inputs
 from eyeray.decision import operating_points
 from eyeray.model import bundle
-from eyeray.score import ScoreConfig, pipeline, run
-from eyeray.score.pipeline import version_key
+from eyeray.score import ScoreConfig, overlays, run
+from eyeray.score.pipeline import pipeline, version_key
 from eyeray.score.predictor import BundlePredictor
 from eyeray.tasks import get_task
 
@@ -64,6 +64,35 @@ def test_predictor_adds_columns_without_ray(oct_bundle):
     assert np.isnan(out["probabilities"][1]).all()
 
 
+def test_model_actor_reads_no_file_and_overlays_are_drawn_in_their_own_stage(oct_bundle, oct_sample, tmp_path):
+    """The predictor computes Grad-CAM maps from the decoded batch alone (its paths do not even
+    exist); the overlay stage draws them on the original scans, whole and shrunk to 1024 px."""
+    predictor = BundlePredictor([oct_bundle], explain="top-2")
+    scans = sorted(oct_sample.rglob("*.jpeg"))[:3]
+    images = np.stack([imaging.preprocess(imaging.decode(p.read_bytes()), 32) for p in scans])
+    batch = {
+        "path": np.array(["/nonexistent/a.jpeg", "/nonexistent/b.jpeg", "/nonexistent/c.jpeg"], dtype=object),
+        "image": images,
+        "error": np.array(["", "corrupt image", ""], dtype=object),
+    }
+    out = predictor(batch)
+    assert "explanations" not in out
+    assert [m.shape[0] for m in out[overlays.HEATMAPS]] == [2, 0, 2]
+    assert [len(names.split("|")) if names else 0 for names in out[overlays.EXPLAINED]] == [2, 0, 2]
+    assert all(0 <= m.min() and m.max() <= 1 for m in out[overlays.HEATMAPS][[0, 2]])
+
+    vanished = overlays.draw(dict(out), str(tmp_path / "gone"), "v1")  # files gone since scoring: no overlay
+    assert list(vanished["explanations"]) == ["", "", ""] and overlays.HEATMAPS not in vanished
+    drawn = overlays.draw({**out, "path": np.array([str(p) for p in scans], dtype=object)}, str(tmp_path), "v1")
+    assert overlays.HEATMAPS not in drawn and overlays.EXPLAINED not in drawn and drawn["explanations"][1] == ""
+    for row in (0, 2):
+        files = drawn["explanations"][row].split("|")
+        assert [f.rsplit("-", 1)[1] for f in files] == [f"{c}.png" for c in out[overlays.EXPLAINED][row].split("|")]
+        original = Image.open(scans[row])
+        original.thumbnail((1024, 1024))
+        assert all(Image.open(tmp_path / f).size == original.size for f in files)
+
+
 def test_real_samples_and_bad_file_corpus_give_one_row_per_file(ray_cluster, oct_bundle, oct_sample, tmp_path):
     archive = tmp_path / "archive"
     shutil.copytree(oct_sample, archive / "oct")
@@ -71,7 +100,7 @@ def test_real_samples_and_bad_file_corpus_give_one_row_per_file(ray_cluster, oct
     output = str(tmp_path / "scored")
     cfg = ScoreConfig(bundles=[oct_bundle], input=str(archive), output=output, batch_size=16, rows_per_shard=30)
 
-    files = list_archive(str(archive))
+    files = list_inputs(str(archive))
     inputs = [f"odd/{k}" for k, v in expected.items() if v is not None]
     assert len(files) == 101 + len(inputs) and len(inputs) >= 20
     summary = run(cfg)
@@ -307,7 +336,7 @@ def test_decode_runs_in_its_own_tasks_beside_the_model_actors(ray_cluster, oct_b
 
     write_pngs(tmp_path / "archive", 40)
     cfg = ScoreConfig(bundles=[oct_bundle], input=str(tmp_path / "archive"), output=str(tmp_path / "out"), batch_size=8)
-    ds = pipeline(cfg, pa.array(list_archive(cfg.input)), [bundle.read_manifest(oct_bundle)])
+    ds = pipeline(cfg, pa.array(list_inputs(cfg.input)), [bundle.read_manifest(oct_bundle)])
     assert sum(r["rows"] for r in ds.take_all()) == 40
     stats = ds.stats()
     assert "MapBatches(load_batch)->MapBatches(BundlePredictor)" not in stats
@@ -344,7 +373,7 @@ def test_cli_takes_repeated_bundles_and_refuses_bad_values():
     with pytest.raises(ValueError, match="batch_size"):
         ScoreConfig(bundles=["a"], input="i", output="o", batch_size=0)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        list_archive("/nonexistent/archive")
+        list_inputs("/nonexistent/archive")
 
 
 def test_a_pipeline_the_cluster_can_never_run_is_refused(ray_cluster, oct_bundle, tmp_path):

@@ -21,7 +21,7 @@ import yaml
 from bundles import make_bundle
 from conftest import free_port
 from PIL import Image
-from test_imaging import make_dicom
+from test_imaging import make_dicom, tiff_with_a_page_without_dimensions
 
 from eyeray.data import imaging
 from eyeray.model import bundle
@@ -507,3 +507,47 @@ def test_cli_serve_flags():
         ["--bundle", "a", "--bundle", "s3://b/c", "--port", "8123", "--gpus-per-replica", "1"]
     )
     assert (args.bundles, args.port, args.gpus_per_replica, args.host) == (["a", "s3://b/c"], 8123, 1.0, "127.0.0.1")
+
+
+def test_decode_upload_uses_the_manifests_preprocessing_and_turns_any_failure_into_422(bundles):
+    """The ingress's decode + preprocess (no cluster needed): the bundle's resize size and method,
+    the stricter of the two max_pixels, and every decode failure a 422 with the batch rows' reason."""
+    from fastapi import HTTPException
+
+    from eyeray.serve.app import decode_upload
+
+    manifest = bundle.read_manifest(bundles["oct"])
+    png = encode(Image.fromarray(np.arange(40 * 60, dtype=np.uint8).reshape(40, 60)), "PNG")
+    original, image = decode_upload(png, manifest, imaging.DEFAULT_MAX_PIXELS)
+    np.testing.assert_array_equal(original, imaging.decode(png))
+    np.testing.assert_array_equal(image, imaging.preprocess(original, 32, "bilinear"))
+    nearest = {**manifest, "preprocessing": {**manifest["preprocessing"], "max_pixels": 1000}}
+    nearest["preprocessing"]["resize"] = {**manifest["preprocessing"]["resize"], "method": "nearest"}
+    small = np.random.default_rng(0).integers(0, 256, (30, 30), np.uint8)
+    _, image = decode_upload(encode(Image.fromarray(small), "PNG"), nearest, 10**9)
+    np.testing.assert_array_equal(image, imaging.preprocess(imaging.gray_to_rgb(small), 32, "nearest"))
+    assert not np.array_equal(image, imaging.preprocess(imaging.gray_to_rgb(small), 32, "bilinear"))
+    for limited, service_limit in ((nearest, 10**9), (manifest, 1000)):  # the stricter limit wins
+        with pytest.raises(HTTPException) as info:
+            decode_upload(png, limited, service_limit)
+        assert info.value.status_code == 422 and "limit 1000" in info.value.detail
+    odd = tiff_with_a_page_without_dimensions()
+    with pytest.raises(HTTPException) as info:
+        decode_upload(odd, manifest, imaging.DEFAULT_MAX_PIXELS)
+    assert (info.value.status_code, info.value.detail) == (422, imaging.decode_value(odd)[1])
+
+
+def test_an_upload_whose_decoder_raises_an_unexpected_error_gets_422_not_500(url, oct_sample):
+    """Pillow raises TypeError (not one of its decode errors) on a TIFF page without dimensions:
+    the answer is the 422 and reason batch scoring writes for the same file, on predict and explain."""
+    odd = tiff_with_a_page_without_dimensions()
+    reason = imaging.decode_value(odd)[1]
+    with api_client() as client:
+        for route, raw in (("predict", False), ("predict", True), ("explain", False)):
+            if raw:
+                response = predict(client, url, "oct", odd, raw=True)
+            else:
+                response = client.post(f"{url}/v1/oct/{route}", files={"file": ("odd.tif", odd)})
+            assert (response.status_code, response.json()) == (422, {"detail": reason}), (route, response.text)
+        sample = next((oct_sample / "CNV").iterdir()).read_bytes()
+        assert predict(client, url, "oct", sample).status_code == 200

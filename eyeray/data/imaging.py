@@ -1,8 +1,12 @@
 """The one decode and the one preprocess, shared by training, batch scoring and serving.
 
 `decode` turns file bytes into an RGB uint8 array; `preprocess` resizes it to the model's input
-size. The backbone's own `preprocess_input` (ImageNet mean/scale) is the first layer of every
-model (see `eyeray.model.build.BackbonePreprocess`), so pipelines ship compact uint8 pixels and a
+size with the bundle manifest's resize method (`RESIZE_METHODS`). `decode_value` is the one place a
+decode failure becomes a reason instead of an exception: batch rows (`load_record`) and served
+uploads (a 422) get the same text.
+
+The backbone's own `preprocess_input` (ImageNet mean/scale) is the first layer of every model
+(see `eyeray.model.build.BackbonePreprocess`), so pipelines ship compact uint8 pixels and a
 bundle cannot be fed pixels normalised the wrong way.
 
 Records are MONAI-style dicts (`path`, `image`, `label`, `error`, ...): functions copy them, fill
@@ -23,6 +27,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # crafted "decompression bomb" file asks the decoder to allocate.
 DEFAULT_MAX_PIXELS = 64_000_000
 DICOM_MAGIC_OFFSET = 128
+# Resize methods a manifest may name (`preprocessing.resize.method`) -> PIL resample filters.
+RESIZE_METHODS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+DEFAULT_RESIZE = "bilinear"  # what training uses, as the seeds did
 
 
 class DecodeError(ValueError):
@@ -130,37 +144,63 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     return gray_to_rgb(arr)
 
 
-def preprocess(image: np.ndarray, size: int) -> np.ndarray:
-    """RGB uint8 -> size x size x 3 uint8 (bilinear, aspect ratio not kept, as the seeds did)."""
+def decode_value(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str]:
+    """`decode`, with every failure as a value: (image, "") or (None, reason).
+
+    The reason is a `DecodeError`'s message, or for any other exception (a decoder bug on one odd
+    file, e.g. Pillow's TypeError on a TIFF page without dimensions) its type and message. Batch
+    rows and served uploads (422) both show this text."""
+    try:
+        return decode(data, max_pixels), ""
+    except DecodeError as exc:
+        return None, str(exc)
+    except Exception as exc:  # a decoder bug on one odd file must not fail its batch or its request
+        return None, f"undecodable file: {type(exc).__name__}: {exc}"
+
+
+def read_value(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str]:
+    """Read (local or s3://) and decode one file, every failure as a value, as `decode_value`:
+    a missing, unreadable or undecodable file is (None, reason)."""
+    from eyeray import storage
+
+    try:
+        data = storage.read_bytes(uri)
+    except Exception as exc:  # missing file, permission, network
+        return None, f"unreadable file: {type(exc).__name__}: {exc}"
+    return decode_value(data, max_pixels)
+
+
+def preprocess(image: np.ndarray, size: int, method: str = DEFAULT_RESIZE) -> np.ndarray:
+    """RGB uint8 -> size x size x 3 uint8 (aspect ratio not kept, as the seeds did).
+
+    `method`: a key of `RESIZE_METHODS`, the bundle manifest's `preprocessing.resize.method`."""
+    if method not in RESIZE_METHODS:
+        raise ValueError(f"unknown resize method {method!r}; one of {', '.join(RESIZE_METHODS)}")
     if image.shape[:2] == (size, size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    return np.asarray(Image.fromarray(image).resize((size, size), RESIZE_METHODS[method]))
 
 
 def load_record(
-    record: dict[str, Any], size: int, max_pixels: int = DEFAULT_MAX_PIXELS, extra_sizes: tuple[int, ...] = ()
+    record: dict[str, Any],
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    extra_sizes: tuple[int, ...] = (),
+    method: str = DEFAULT_RESIZE,
 ) -> dict[str, Any]:
     """Read, decode and preprocess one record's file; errors become `error`, never exceptions.
 
     Uses `record["bytes"]` when present (uploads, `read_binary_files`), else reads `record["path"]`.
     `extra_sizes` adds `image_<size>` columns from the same decode (ensembles of models whose
-    input sizes differ decode each file once).
+    input sizes differ decode each file once); every size is resized with `method`.
     """
-    from eyeray import storage
-
     out = dict(record)
-    out.pop("bytes", None)
-    try:
-        data = record["bytes"] if record.get("bytes") is not None else storage.read_bytes(record["path"])
-        image = decode(data, max_pixels)
-    except DecodeError as exc:
-        return _failed(out, size, extra_sizes, str(exc))
-    except (OSError, ValueError) as exc:  # missing file, permission, network
-        return _failed(out, size, extra_sizes, f"unreadable file: {type(exc).__name__}: {exc}")
-    except Exception as exc:  # a decoder bug on one odd file must not fail its whole block
-        return _failed(out, size, extra_sizes, f"undecodable file: {type(exc).__name__}: {exc}")
-    out.update(image=preprocess(image, size), height=image.shape[0], width=image.shape[1], error="")
-    out.update({f"image_{s}": preprocess(image, s) for s in extra_sizes})
+    data = out.pop("bytes", None)
+    image, reason = decode_value(data, max_pixels) if data is not None else read_value(record["path"], max_pixels)
+    if image is None:
+        return _failed(out, size, extra_sizes, reason)
+    out.update(image=preprocess(image, size, method), height=image.shape[0], width=image.shape[1], error="")
+    out.update({f"image_{s}": preprocess(image, s, method) for s in extra_sizes})
     return out
 
 
@@ -172,11 +212,15 @@ def _failed(out: dict[str, Any], size: int, extra_sizes: tuple[int, ...], reason
 
 
 def load_batch(
-    batch: dict[str, np.ndarray], size: int, max_pixels: int = DEFAULT_MAX_PIXELS, extra_sizes: tuple[int, ...] = ()
+    batch: dict[str, np.ndarray],
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    extra_sizes: tuple[int, ...] = (),
+    method: str = DEFAULT_RESIZE,
 ) -> dict[str, np.ndarray]:
     """`load_record` over a Ray Data batch (dict of columns) -> dict of columns."""
     n = len(next(iter(batch.values())))
-    rows = [load_record({k: v[i] for k, v in batch.items()}, size, max_pixels, extra_sizes) for i in range(n)]
+    rows = [load_record({k: v[i] for k, v in batch.items()}, size, max_pixels, extra_sizes, method) for i in range(n)]
     return {key: _column([row[key] for row in rows]) for key in rows[0]} if rows else dict(batch)
 
 

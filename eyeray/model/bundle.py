@@ -4,7 +4,8 @@ A bundle is a directory with `model.keras` and `manifest.json` (modelled on MONA
 metadata). Scoring and serving load nothing else: the manifest says which classes the outputs
 are, which input the model takes, how to decode and preprocess, and which thresholds apply.
 The manifest is written last and names the model file's hash, so a directory without a
-manifest, or whose model does not match it, is not a bundle.
+manifest, or whose model does not match it, is not a bundle. Its schema (`eyeray.model.manifest`)
+is checked when it is written and on every read.
 """
 
 from __future__ import annotations
@@ -21,27 +22,14 @@ from typing import Any
 import numpy as np
 
 from eyeray import __version__, storage
-from eyeray.data import imaging
+from eyeray.decision.decide import DEFAULT_REVIEW_BELOW, decide
+from eyeray.model import manifest as schema
 from eyeray.tasks import TaskSpec, get_task
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.keras"
-FORMAT_VERSION = 1
-REQUIRED_KEYS = (
-    "format_version",
-    "version",
-    "task",
-    "classes",
-    "multi_label",
-    "backbone",
-    "input",
-    "preprocessing",
-    "thresholds",
-    "model_file",
-    "model_sha256",
-    "created_at",
-    "libraries",
-)
+FORMAT_VERSION = schema.FORMAT_VERSION
+REQUIRED_KEYS = schema.REQUIRED_KEYS
 INTENDED_USE = (
     "Research use only. Not a medical device; outputs are not a diagnosis and must be reviewed "
     "by a qualified clinician."
@@ -106,12 +94,7 @@ def make_manifest(
             "value_range": [0, 1],
             "meaning": "per-class probability" + (" (independent labels)" if spec.multi_label else " (sums to 1)"),
         },
-        "preprocessing": {
-            "decode": "eyeray.data.imaging.decode: JPEG/PNG/TIFF/BMP/DICOM -> RGB uint8; greyscale replicated, >8-bit min-max scaled",
-            "resize": f"eyeray.data.imaging.preprocess: bilinear to {image_size}x{image_size}, aspect ratio not kept",
-            "normalise": "inside the model: eyeray.model.build.BackbonePreprocess (the backbone's keras.applications preprocess_input)",
-            "max_pixels": imaging.DEFAULT_MAX_PIXELS,
-        },
+        "preprocessing": schema.preprocessing(image_size, backbone=backbone),  # what training applies
         "thresholds": thresholds if thresholds is not None else [0.5] * spec.num_classes,
         "decision": _decision_text(spec, operating_point),
         "calibration": calibration or {"method": "none"},
@@ -148,7 +131,10 @@ def save(model, manifest: dict[str, Any], uri: str) -> dict[str, Any]:
             "version": digest[:12],
             "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
-        (tmp_path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default))
+        text = json.dumps(manifest, indent=2, default=_json_default)
+        manifest = json.loads(text)  # what readers will see
+        _check(manifest, f"{uri}/{MANIFEST}")
+        (tmp_path / MANIFEST).write_text(text)
         storage.publish_dir(tmp_path, uri, commit_file=MANIFEST)
     return manifest
 
@@ -158,8 +144,10 @@ def publish(local_dir: str | Path, uri: str, **manifest_updates: Any) -> dict[st
     manifest first: training scores the exported bundle before it knows the metrics to record.
     The model file, and so the version, stay as saved."""
     path = Path(local_dir, MANIFEST)
-    manifest = {**json.loads(path.read_text()), **manifest_updates}
-    path.write_text(json.dumps(manifest, indent=2, default=_json_default))
+    text = json.dumps({**json.loads(path.read_text()), **manifest_updates}, indent=2, default=_json_default)
+    manifest = json.loads(text)
+    _check(manifest, str(path))
+    path.write_text(text)
     storage.publish_dir(local_dir, uri, commit_file=MANIFEST)
     return manifest
 
@@ -173,16 +161,27 @@ def _json_default(value: Any) -> Any:
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
+    """The bundle's manifest, checked against the schema and in the current layout (a format-1
+    manifest's prose preprocessing as the structured defaults it described); a BundleError names
+    the file and each bad field (`.../manifest.json: input.shape: Input should be a valid tuple`)."""
     fs, path = storage.filesystem(uri)
     manifest_path = f"{path}/{MANIFEST}"
     if not fs.exists(manifest_path):
         raise BundleError(f"{uri} is not a model bundle: no {MANIFEST} (training not finished, or wrong path)")
     with fs.open(manifest_path, "r") as f:
-        manifest = json.load(f)
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f"{uri}/{MANIFEST} lacks {', '.join(missing)}")
-    return manifest
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise BundleError(f"{uri}/{MANIFEST}: not JSON: {exc}") from None
+    return _check(raw, f"{uri}/{MANIFEST}")
+
+
+def _check(manifest: Any, where: str) -> dict[str, Any]:
+    """`eyeray.model.manifest.validate`, its problems as a BundleError naming the file and the fields."""
+    try:
+        return schema.validate(manifest)
+    except ValueError as exc:
+        raise BundleError(f"{where}: {exc}") from None
 
 
 @dataclass
@@ -206,6 +205,16 @@ class Bundle:
         return int(self.manifest["input"]["shape"][0])
 
     @property
+    def resize_method(self) -> str:
+        """How images are resized to `image_size`: `eyeray.data.imaging.preprocess(image, size, method)`."""
+        return self.manifest["preprocessing"]["resize"]["method"]
+
+    @property
+    def max_pixels(self) -> int:
+        """The decoded-size limit the bundle was made with (`eyeray.data.imaging.decode`)."""
+        return int(self.manifest["preprocessing"]["max_pixels"])
+
+    @property
     def version(self) -> str:
         return self.manifest["version"]
 
@@ -223,22 +232,10 @@ class Bundle:
         chunks = [self.model.predict_on_batch(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
         return np.concatenate([np.asarray(c, np.float32) for c in chunks])
 
-    def decide(self, probabilities: np.ndarray, thresholds=None):
-        """Calibrated probabilities, labels, referral at the bundle's operating point (or `thresholds`):
-        `eyeray.decision.decide.decide`, the one rule for scoring, serving and explaining."""
-        from eyeray.decision.decide import decide
-
-        return decide(self.manifest, probabilities, thresholds)
-
-
-def decide(manifest: dict[str, Any], probabilities: np.ndarray) -> list[list[str]]:
-    """Probabilities (n, classes) -> labels per row, by the manifest's classes and thresholds."""
-    classes = manifest["classes"]
-    probs = np.asarray(probabilities, np.float32).reshape(-1, len(classes))
-    if manifest["multi_label"]:
-        thresholds = np.asarray(manifest["thresholds"], np.float32)
-        return [[c for c, hit in zip(classes, row >= thresholds) if hit] for row in probs]
-    return [[classes[int(i)]] for i in np.argmax(probs, axis=1)]
+    def decide(self, probabilities: np.ndarray, thresholds=None, review_below: float = DEFAULT_REVIEW_BELOW):
+        """Calibrated probabilities, labels, referral, confidence and review flag at the bundle's
+        operating point (or `thresholds`): `eyeray.decision.decide.decide`, as on every route."""
+        return decide(self.manifest, probabilities, thresholds, review_below)
 
 
 def check_compatible(manifests: list[dict[str, Any]]) -> None:

@@ -28,11 +28,10 @@ from typing import Any
 
 import keras
 import numpy as np
-from PIL import Image
 
 from eyeray import storage
 from eyeray.data import imaging
-from eyeray.decision.decide import explained_class
+from eyeray.decision.decide import DEFAULT_REVIEW_BELOW, explained_class
 from eyeray.model.overlay import (  # noqa: F401  (public here too)
     DEFAULT_ALPHA,
     overlay,
@@ -230,7 +229,13 @@ def overlay_path(image_uri: str, output: str | None) -> str:
 
 
 def explain_decision(
-    loaded, cam: GradCam, model_input: np.ndarray, class_name: str | None = None, thresholds=None, tta: bool = False
+    loaded,
+    cam: GradCam,
+    model_input: np.ndarray,
+    class_name: str | None = None,
+    thresholds=None,
+    tta: bool = False,
+    review_below: float = DEFAULT_REVIEW_BELOW,
 ):
     """One preprocessed image (size, size, 3) -> (Decision, explained class index, heatmap).
 
@@ -241,7 +246,7 @@ def explain_decision(
     if class_name is not None and class_name not in classes:
         raise ValueError(f"class {class_name!r} is not a class of this bundle ({', '.join(classes)})")
     batch = np.asarray(model_input)[None]
-    decision = loaded.decide(loaded.predict(batch, tta=tta), thresholds)
+    decision = loaded.decide(loaded.predict(batch, tta=tta), thresholds, review_below)
     k = classes.index(class_name) if class_name else explained_class(decision, 0, classes)
     return decision, k, cam(batch, class_index=k).heatmaps[0]
 
@@ -256,55 +261,24 @@ def explain_image(
 ) -> tuple[dict[str, Any], bytes]:
     """One decoded image (RGB uint8, any size) -> (the answer as a JSON-ready dict, overlay PNG at
     the image's own size). `loaded` is an `eyeray.model.bundle.Bundle`, `cam` its GradCam, built once."""
-    model_input = imaging.preprocess(original, loaded.image_size)
+    model_input = imaging.preprocess(original, loaded.image_size, loaded.resize_method)
     decision, k, heatmap = explain_decision(loaded, cam, model_input, class_name, thresholds)
     row = {"explained_class": loaded.classes[k], **decision.answer(0, loaded.classes)}
     return row, overlay_png(original, heatmap, alpha)
 
 
 # ---------------------------------------------------------------------------------------------
-# Batch scoring: which rows get overlays, written next to the Parquet output
-
-EXPLANATIONS_DIR = "explanations"
-OVERLAY_MAX_SIDE = 1024  # scoring overlays are for review on screen, not full-resolution copies
+# Batch scoring: heatmaps of the explained rows (drawn on the originals by eyeray.score.overlays)
 
 
-def explain_rows(
-    cams: Sequence[GradCam],
-    images: Sequence[np.ndarray],
-    paths: Sequence[str],
-    pairs: list[tuple[int, int]],
-    classes: Sequence[str],
-    output: str,
-    key: str,
-) -> dict[int, list[str]]:
-    """Grad-CAM overlays for (row, class) pairs of a scored batch, written under
-    OUTPUT/explanations/KEY/; returns row -> overlay paths relative to OUTPUT.
-
-    `images[j]` is the batch at model j's input size. With several models (an ensemble) the
-    heatmap is the mean of the members' maps, each scaled to [0, 1]. The overlay
-    is drawn on the original file (read again: only the explained rows), shrunk to at most
-    OVERLAY_MAX_SIDE, so a clinician sees the whole scan rather than the model's square input.
-    Names hash the path and class: a retried batch overwrites its own files.
-    """
-    import hashlib
-
-    if not pairs:
-        return {}
-    rows = np.array([i for i, _ in pairs])
-    wanted = np.array([k for _, k in pairs], np.int32)
+def ensemble_heatmaps(cams: Sequence[GradCam], images: Sequence[np.ndarray], rows, class_index) -> np.ndarray:
+    """Heatmaps (len(rows), h, w) in [0, 1] of `class_index[i]` for image `rows[i]`; `images[j]` is
+    the batch at model j's input size. With several models (an ensemble) the map is the mean of the
+    members' maps, each scaled to [0, 1], on the finest member's grid."""
+    rows, wanted = np.asarray(rows, int), np.asarray(class_index, np.int32)
     maps = [cam(x[rows], class_index=wanted).heatmaps for cam, x in zip(cams, images)]
     h, w = max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)
-    heat = np.mean([np.stack([resize_map(x, h, w) for x in m]) for m in maps], axis=0)
-    out: dict[int, list[str]] = {}
-    for (i, k), heatmap in zip(pairs, heat):
-        original = Image.fromarray(imaging.decode(storage.read_bytes(paths[i])))
-        original.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
-        digest = hashlib.sha1(paths[i].encode()).hexdigest()[:16]
-        relative = f"{EXPLANATIONS_DIR}/{key}/{digest}-{classes[k]}.png"
-        _write(storage.join(output, relative), overlay_png(np.asarray(original), heatmap))
-        out.setdefault(i, []).append(relative)
-    return out
+    return np.mean([np.stack([resize_map(x, h, w) for x in m]) for m in maps], axis=0).astype(np.float32)
 
 
 def explain_files(
@@ -323,19 +297,12 @@ def explain_files(
     cam = GradCam(loaded.model)
     rows = []
     for uri in images:
-        try:
-            original = imaging.decode(storage.read_bytes(uri))
-        except (imaging.DecodeError, OSError, ValueError) as exc:
-            rows.append({"path": uri, "error": str(exc)})
+        original, reason = imaging.read_value(uri, loaded.max_pixels)
+        if original is None:
+            rows.append({"path": uri, "error": reason})
             continue
         row, png = explain_image(loaded, cam, original, class_name, alpha, thresholds)
         target = overlay_path(uri, output)
-        _write(target, png)
+        storage.write_bytes(target, png)
         rows.append({"path": uri, "overlay": target, **row, "error": ""})
     return rows
-
-
-def _write(uri: str, data: bytes) -> None:
-    fs, path = storage.filesystem(uri)
-    fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-    fs.pipe(path, data)

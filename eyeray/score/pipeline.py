@@ -3,10 +3,11 @@
 Pipeline: list files -> read + decode + resize (CPU tasks, `eyeray.data.imaging`, the functions
 training used) -> predict (`BundlePredictor` actors: one or more bundles loaded once per actor,
 `num_gpus` when asked; calibrated probabilities, the operating point's labels and referral, a
-confidence and `needs_review`, Grad-CAM overlays of the rows `--explain` selects) -> write shards
-(`eyeray.score.shards`: committed by rename). The stages stream,
-so the model is fed while files are still being read. A re-run lists what committed shards hold
-for the same scoring version and scores only the rest: killed and re-run, every file ends up once.
+confidence and `needs_review`, Grad-CAM heatmaps of the rows `--explain` selects) -> draw the
+overlays on the originals (CPU tasks, `eyeray.score.overlays`) -> write shards (`eyeray.score.shards`:
+committed by rename). The stages stream, so the model is fed while files are still being read.
+A re-run lists what committed shards hold for the same scoring version and scores only the rest:
+killed and re-run, every file ends up once.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from eyeray.decision import operating_points
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
 from eyeray.decision.ensemble import METHODS, combine
 from eyeray.model.bundle import check_compatible
-from eyeray.score import shards
+from eyeray.score import overlays, shards
 from eyeray.score.explain_plan import ExplainPlan
 from eyeray.score.predictor import BundlePredictor
 
@@ -56,22 +57,55 @@ SUMMARY_PRINTED = (
 
 @dataclass
 class ScoreConfig:
-    bundles: list[str]
-    input: str
-    output: str
-    ensemble: str = "mean"  # how several bundles combine: "mean" or "vote"
-    actors: int = 1
-    gpus_per_actor: float = 0.0
-    batch_size: int = 32
-    rows_per_shard: int = 1000
-    report: bool = True  # write OUTPUT/report.html
-    cpus_per_actor: float = 1.0
-    memory_per_actor: int | None = None  # bytes Ray reserves per model actor; None: estimated from the bundles
-    thresholds: str | None = None  # operating-point override, as typed: "0.3", "0.3,0.4", "D=0.3,G=0.2"
-    tta: bool = False  # mean over the image and its mirror
-    review_below: float = DEFAULT_REVIEW_BELOW  # calibrated confidence -> needs_review
-    explain: str = "review"  # rows that get Grad-CAM overlays: eyeray.score.explain_plan.ExplainPlan
-    block_batches: int = field(default=4, repr=False)  # files per read task, in batches
+    """Every knob of a scoring run; the user settings are the flags of `eyeray score` (eyeray.config_cli)."""
+
+    bundles: list[str] = field(
+        metadata={
+            "flag": "--bundle",
+            "metavar": "DIR_OR_S3_URI",
+            "help": "model bundle folder or s3:// URI (from training); repeat for an ensemble of one task",
+        }
+    )
+    input: str = field(metadata={"help": "archive to score: local folder or s3://bucket/prefix (recursive)"})
+    output: str = field(metadata={"help": "results folder or s3:// URI (Parquet shards, summary.json, report.html)"})
+    ensemble: str = field(
+        default="mean",
+        metadata={"choices": METHODS, "help": "with several bundles: average the probabilities, or majority vote"},
+    )
+    actors: int = field(default=1, metadata={"help": "model actors (each loads the bundles once)"})
+    gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor"})
+    batch_size: int = field(default=32, metadata={"help": "images per model call"})
+    rows_per_shard: int = field(
+        default=1000, metadata={"help": "rows per Parquet shard (the unit of commit and resume)"}
+    )
+    report: bool = field(default=True, metadata={"help": "skip OUTPUT/report.html"})
+    cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs Ray reserves per model actor"})
+    # bytes Ray reserves per model actor; None: estimated from the bundles
+    memory_per_actor: int | None = field(default=None, metadata={"cli": False})
+    thresholds: str | None = field(  # as typed: "0.3", "0.3,0.4", "D=0.3,G=0.2"
+        default=None,
+        metadata={
+            "metavar": "T",
+            "help": "override the bundle's operating point: 0.3 (referral rules), 0.3,0.4,... (one per label) "
+            "or LABEL=0.3,LABEL=0.2 (default: the thresholds chosen on validation data)",
+        },
+    )
+    tta: bool = field(
+        default=False,
+        metadata={"help": "test-time augmentation: mean over the image and its mirror (2x model time)"},
+    )
+    review_below: float = field(
+        default=DEFAULT_REVIEW_BELOW,
+        metadata={"help": "calibrated confidence below which a case is marked needs_review"},
+    )
+    explain: str = field(  # eyeray.score.explain_plan.ExplainPlan
+        default="review",
+        metadata={
+            "help": "rows that get Grad-CAM overlays (PNG under OUTPUT/explanations/, named in the rows): "
+            "none, review, referred, top-K (every row, its K most probable classes), or a comma list"
+        },
+    )
+    block_batches: int = field(default=4, repr=False, metadata={"cli": False})  # files per read task, in batches
 
     def __post_init__(self):
         operating_points.parse_thresholds(self.thresholds)  # a typo fails here, not in an actor
@@ -122,6 +156,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     start = time.perf_counter()
     manifests = [bundle.read_manifest(uri) for uri in cfg.bundles]
     check_compatible(manifests)
+    decode_options(manifests)  # bundles that resize differently fail here, before any file is read
     decision = check_decision(cfg, manifests)
     key = version_key(manifests, cfg.ensemble, cfg.decision_options)
     fs, root = storage.filesystem(cfg.output)
@@ -156,15 +191,34 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     return summary
 
 
+def decode_options(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    """`imaging.load_batch` arguments from the bundles' manifests (`preprocessing`): each input size
+    once (the smallest first), their resize method and the strictest `max_pixels`. One decode
+    serves every bundle, so bundles that resize differently are scored separately."""
+    resizes = [m["preprocessing"]["resize"] for m in manifests]
+    methods = {r["method"] for r in resizes}
+    if len(methods) > 1:
+        named = ", ".join(f"{m['version']}: {r['method']}" for m, r in zip(manifests, resizes))
+        raise ValueError(f"bundles resize differently ({named}): score them one at a time")
+    sizes = sorted({int(r["size"][0]) for r in resizes})
+    return {
+        "size": sizes[0],
+        "extra_sizes": tuple(sizes[1:]),
+        "method": methods.pop(),
+        "max_pixels": min(int(m["preprocessing"]["max_pixels"]) for m in manifests),
+    }
+
+
 def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.data.Dataset:
     """The Ray Data pipeline over the files to score: one row (file name, rows) per committed shard."""
     key, members = version_key(manifests, cfg.ensemble, cfg.decision_options), [m["version"] for m in manifests]
-    sizes = sorted({int(m["input"]["shape"][0]) for m in manifests})
+    loading = decode_options(manifests)
+    sizes = [loading["size"], *loading["extra_sizes"]]
     block = cfg.batch_size * cfg.block_batches
     ds = ray.data.from_arrow([pa.table({"path": todo.slice(i, block)}) for i in range(0, len(todo), block)])
     ds = ds.map_batches(
         imaging.load_batch,
-        fn_kwargs={"size": sizes[0], "extra_sizes": tuple(sizes[1:])},
+        fn_kwargs=loading,
         batch_size=cfg.batch_size,
         num_cpus=DECODE_CPUS,
     )
@@ -177,7 +231,6 @@ def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.dat
         "review_below": cfg.review_below,
         "explain": cfg.explain,
         "output": cfg.output,
-        "key": key,
         "fault_after_batches": faults.from_env(faults.AFTER_BATCHES_ENV),
     }
     ds = ds.map_batches(
@@ -189,6 +242,12 @@ def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.dat
         num_cpus=cfg.cpus_per_actor,
         memory=cfg.memory_per_actor or actor_memory(cfg.bundles),
     )
+    if ExplainPlan.parse(cfg.explain).active:  # CPU tasks draw the actors' heatmaps on the originals
+        ds = ds.map_batches(
+            overlays.draw,
+            fn_kwargs={"output": cfg.output, "key": key, "max_pixels": loading["max_pixels"]},
+            batch_size=cfg.batch_size,
+        )
     ds = ds.map_batches(
         shards.write_shard,
         batch_size=cfg.rows_per_shard,

@@ -10,7 +10,7 @@ from eyeray import faults
 from eyeray.decision import calibration, ensemble
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
 from eyeray.model.bundle import check_compatible
-from eyeray.score import shards
+from eyeray.score import overlays, shards
 from eyeray.score.explain_plan import ExplainPlan
 
 
@@ -36,7 +36,6 @@ class BundlePredictor:
         review_below: float = DEFAULT_REVIEW_BELOW,
         explain: str = "none",
         output: str | None = None,
-        key: str = "",
         fault_after_batches: int | None = None,
     ):
         from eyeray.model import bundle
@@ -45,9 +44,7 @@ class BundlePredictor:
         self.manifests = [b.manifest for b in self.bundles]
         check_compatible(self.manifests)
         self.method, self.thresholds, self.tta, self.review_below = method, thresholds, tta, review_below
-        self.plan, self.output, self.key, self._cams = ExplainPlan.parse(explain), output, key, None
-        if self.plan.active and output is None:
-            raise ValueError("explaining rows needs the output folder")
+        self.plan, self.output, self._cams = ExplainPlan.parse(explain), output, None
         self.primary = primary_size or min(b.image_size for b in self.bundles)
         self.fault_after, self.batches = fault_after_batches, 0  # eyeray.faults: tests only
 
@@ -66,10 +63,12 @@ class BundlePredictor:
         out["referral"] = _spread(ok, np.asarray(refer, np.float32), np.nan, np.float32)
         out["confidence"] = _spread(ok, sure, np.nan, np.float32)
         out["needs_review"] = _spread(ok, review, False, bool)
-        explained = self._explain(batch, ok, images, decision, review)
-        out["explanations"] = _spread(
-            ok, [shards.LABEL_SEPARATOR.join(explained.get(i, [])) for i in range(len(sure))], "", object
-        )
+        if self.plan.active:
+            maps, names = self._heatmaps(images, decision, review)
+            out[overlays.HEATMAPS] = overlays.heatmap_column(_spread_list(ok, maps, np.zeros((0, 1, 1), np.float16)))
+            out[overlays.EXPLAINED] = _spread(ok, names, "", object)
+        else:
+            out["explanations"] = np.full(len(ok), "", dtype=object)
         if len(self.bundles) > 1:
             members = [calibration.apply(m.get("calibration"), p) for m, p in zip(self.manifests, per_model)]
             out["model_probabilities"] = _spread(
@@ -81,22 +80,37 @@ class BundlePredictor:
         self.batches += 1
         return out
 
-    def _explain(self, batch, ok, images, decision, review) -> dict[int, list[str]]:
-        """Overlays of the rows the plan selects (indices among the decoded rows)."""
-        from eyeray.model.gradcam import GradCam, explain_rows
+    def _heatmaps(self, images, decision, review) -> tuple[list[np.ndarray], list[str]]:
+        """Per decoded row: the Grad-CAM maps (k, h, w) of the classes the plan selects, and those
+        classes' names; the overlay stage (`eyeray.score.overlays`) draws them on the originals."""
+        from eyeray.model.gradcam import GradCam, ensemble_heatmaps
 
-        pairs = self.plan.pairs(decision, review, self.bundles[0].classes) if self.plan.active else []
+        classes, n = self.bundles[0].classes, len(decision.labels)
+        pairs = self.plan.pairs(decision, review, classes)
+        maps, names = [np.zeros((0, 1, 1), np.float32)] * n, [""] * n
         if not pairs:
-            return {}
+            return maps, names
         if self._cams is None:
             self._cams = [GradCam(b.model) for b in self.bundles]
-        paths = [str(p) for p in np.asarray(batch["path"])[ok]]
-        return explain_rows(self._cams, images, paths, pairs, self.bundles[0].classes, self.output, self.key)
+        heat = ensemble_heatmaps(self._cams, images, [i for i, _ in pairs], [k for _, k in pairs])
+        for i in sorted({i for i, _ in pairs}):
+            mine = [j for j, (row, _) in enumerate(pairs) if row == i]
+            maps[i] = heat[mine]
+            names[i] = shards.LABEL_SEPARATOR.join(classes[pairs[j][1]] for j in mine)
+        return maps, names
 
     def _maybe_inject_fault(self) -> None:
         """Tests only (eyeray.faults): the first actor to reach `fault_after_batches` dies hard, once per output."""
         if self.fault_after is not None and self.batches == self.fault_after:
             faults.kill_once(self.output, f"killed a scoring actor after {self.batches} batches")
+
+
+def _spread_list(ok: np.ndarray, values: list, fill) -> list:
+    """Like `_spread`, for per-row objects of different shapes."""
+    out, found = [fill] * len(ok), iter(values)
+    for i in np.flatnonzero(ok):
+        out[i] = next(found)
+    return out
 
 
 def _spread(ok: np.ndarray, values, fill, dtype) -> np.ndarray:

@@ -5,14 +5,14 @@ How the rows were decided (calibration, operating point, any override), the revi
 ones; all of them in review_queue.csv), the class distribution (bar chart), the errors grouped by
 reason with example paths, and a few thumbnails per predicted class (read back through the same
 decoder). Images are inlined as data URIs, so the page can be mailed or attached to a ticket; it
-holds no full-size pixels.
+holds no full-size pixels. The page itself is eyeray/templates/score_report.html; this module
+prepares the values it prints.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 from collections import defaultdict
@@ -20,10 +20,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from markupsafe import Markup
 from PIL import Image
 
 from eyeray import storage
 from eyeray.data import imaging
+from eyeray.evaluation import pages
 
 REPORT_FILE = "report.html"
 REVIEW_FILE = "review_queue.csv"
@@ -31,11 +33,6 @@ REVIEW_SHOWN = 60  # the least confident cases shown with overlays; all of them 
 EXAMPLES_PER_CLASS = 4
 ERROR_EXAMPLES = 5
 THUMBNAIL = 160
-
-STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#f3f3f3}.num{text-align:right}figure{display:inline-block;margin:4px;text-align:center;font-size:11px;max-width:170px;word-break:break-all}
-.note{color:#666;font-size:90%}.review figure{max-width:250px}.review img{max-width:240px}"""
 
 
 def write(output: str, summary: dict[str, Any], rows: pa.Table) -> str:
@@ -84,32 +81,29 @@ def _labels(label) -> str:
 def render(
     summary: dict[str, Any], rows: pa.Table, queue: list[dict[str, Any]] | None = None, output: str | None = None
 ) -> str:
-    e = html.escape
+    """The page as a string: values are prepared here, eyeray/templates/score_report.html prints them."""
+    queue = queue or []
     models = ", ".join(f"{b['backbone']} {b['version']}" for b in summary.get("bundles", []))
-    ensemble = f" ({summary['ensemble']} ensemble)" if summary.get("ensemble") else ""
-    parts = [
-        f"<!doctype html><meta charset='utf-8'><title>eyeray scoring: {e(summary['task'])}</title><style>{STYLE}</style>",
-        f"<h1>Scoring report: {e(summary['task'])}</h1>",
-        f"<p>Model{ensemble}: {e(models) or e(summary['bundle_version'])}. "
-        f"{summary['files_seen']} files seen, {summary['scored']} scored, {summary['errors']} errors; "
-        f"{summary['scored_this_run']} scored in this run ({summary['wall_seconds']} s, "
-        f"{summary['images_per_s_this_run']} images/s).</p>",
-        "<p class='note'>Research use only: predictions are not a diagnosis and must be reviewed by a "
-        "qualified clinician.</p>",
-        _decision(summary),
-        f"<h2>Review queue ({len(queue or [])})</h2>",
-        _review(queue or [], output),
-        "<h2>Predicted classes</h2>",
-        _distribution(summary["predictions"]),
-        "<h2>Errors</h2>",
-        _errors(summary, rows),
-        "<h2>Examples per predicted class</h2>",
-        _examples(rows, list(summary["predictions"])),
-    ]
-    return "\n".join(parts)
+    return pages.render(
+        "score_report.html",
+        task=summary["task"],
+        ensemble=summary.get("ensemble"),
+        models=models or summary["bundle_version"],
+        run=summary,
+        decision=_decision(summary),
+        review={
+            "total": len(queue),
+            "figures": _review(queue, output),
+            "more": max(0, len(queue) - REVIEW_SHOWN),
+            "file": REVIEW_FILE,
+        },
+        distribution=_distribution(summary["predictions"]),
+        errors=_errors(summary, rows),
+        examples=_examples(rows, list(summary["predictions"])),
+    )
 
 
-def _decision(summary: dict[str, Any]) -> str:
+def _decision(summary: dict[str, Any]) -> dict[str, Any]:
     """How probabilities became answers, in words a reader can check against the bundle."""
     d = summary.get("decision") or {}
     op = d.get("operating_point")
@@ -117,46 +111,41 @@ def _decision(summary: dict[str, Any]) -> str:
         point = "no operating point in the bundle: argmax, or 0.5 per label"
     elif "threshold" in op:
         point = (
-            f"{html.escape(op['rule'])}: refer when {html.escape(op.get('score', ''))} &ge; {op['threshold']:.4f} "
-            f"(target {op.get('target')}, {html.escape(op.get('chosen_on', ''))})"
+            f"{op['rule']}: refer when {op.get('score', '')} ≥ {op['threshold']:.4f} "
+            f"(target {op.get('target')}, {op.get('chosen_on', '')})"
         )
     else:
-        point = f"{html.escape(op['rule'])} ({html.escape(op.get('chosen_on', ''))}): " + html.escape(
-            json.dumps(op.get("thresholds") or op.get("members"))
-        )
-    referred = summary.get("referred")
-    refer = "" if referred is None else f" <b>{referred}</b> of {summary['scored']} scored images are referred."
-    return (
-        f"<h2>Decision</h2><p>Probabilities are calibrated ({html.escape(', '.join(d.get('calibration', [])))}). "
-        f"Operating point: {point}.{refer} Test-time augmentation: {'on' if d.get('tta') else 'off'}. "
-        f"Cases with a calibrated confidence below {d.get('review_below')} need review.</p>"
-    )
+        point = f"{op['rule']} ({op.get('chosen_on', '')}): " + json.dumps(op.get("thresholds") or op.get("members"))
+    return {
+        "calibration": ", ".join(d.get("calibration", [])),
+        "point": point,
+        "referred": summary.get("referred"),
+        "tta": "on" if d.get("tta") else "off",
+        "review_below": d.get("review_below"),
+    }
 
 
-def _review(queue: list[dict[str, Any]], output: str | None) -> str:
-    if not queue:
-        return "<p>No case is below the review level.</p>"
+def _review(queue: list[dict[str, Any]], output: str | None) -> list[dict[str, Any]]:
+    """The least confident cases, each with its Grad-CAM overlay (or the scan itself when there is none)."""
     figures = []
     for row in queue[:REVIEW_SHOWN]:
-        caption = (
-            f"{html.escape(row['path'].rsplit('/', 1)[-1])}<br>{html.escape(_labels(row['label']))} · "
-            f"confidence {row['confidence']:.2f}" + (" · <b>refer</b>" if row["referral"] else "")
-        )
+        caption = {
+            "name": _name(row["path"]),
+            "detail": f"{_labels(row['label'])} · confidence {row['confidence']:.2f}",
+            "refer": bool(row["referral"]),
+        }
         overlays = row["explanations"] or []
         if overlays and output is not None:
-            figures.append(_figure(storage.join(output, overlays[0]), caption, size=240, fmt="PNG"))
+            figures.append(
+                {**_thumbnail(storage.join(output, overlays[0]), size=240, fmt="PNG"), **caption, "note": None}
+            )
         else:
-            figures.append(_figure(row["path"], caption + "<br><span class='note'>no overlay (--explain)</span>"))
-    more = (
-        f"<p class='note'>{len(queue) - REVIEW_SHOWN} more in {REVIEW_FILE}.</p>" if len(queue) > REVIEW_SHOWN else ""
-    )
-    return (
-        f"<p class='note'>Least confident first, with the Grad-CAM overlay of the decided class; the full list "
-        f"is {REVIEW_FILE}.</p><div class='review'>{''.join(figures)}</div>{more}"
-    )
+            figures.append({**_thumbnail(row["path"]), **caption, "note": "no overlay (--explain)"})
+    return figures
 
 
-def _distribution(predictions: dict[str, int]) -> str:
+def _distribution(predictions: dict[str, int]) -> dict[str, Any]:
+    """A bar chart of the predicted classes (inlined PNG) and the same counts as a table."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,19 +161,16 @@ def _distribution(predictions: dict[str, int]) -> str:
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     total = sum(counts) or 1
-    table = "".join(
-        f"<tr><td>{html.escape(c)}</td><td class='num'>{n}</td><td class='num'>{100 * n / total:.1f} %</td></tr>"
-        for c, n in predictions.items()
-    )
-    return (
-        f"<img alt='class distribution' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
-        f"<table><tr><th>class</th><th>images</th><th>share</th></tr>{table}</table>"
-    )
+    return {
+        "chart": _data_uri(buf.getvalue(), "image/png"),
+        "rows": [{"label": c, "count": n, "share": f"{100 * n / total:.1f} %"} for c, n in predictions.items()],
+    }
 
 
-def _errors(summary: dict[str, Any], rows: pa.Table) -> str:
+def _errors(summary: dict[str, Any], rows: pa.Table) -> list[dict[str, Any]]:
+    """One row per error reason, most frequent first, with a few of the files that failed that way."""
     if not summary["errors"]:
-        return "<p>No file failed.</p>"
+        return []
     examples: dict[str, list[str]] = defaultdict(list)
     wanted = {reason: min(count, ERROR_EXAMPLES) for reason, count in summary["errors_by_reason"].items()}
     for batch in rows.filter(_is(rows, "error")).select(["path", "error"]).to_batches(max_chunksize=4096):
@@ -193,15 +179,14 @@ def _errors(summary: dict[str, Any], rows: pa.Table) -> str:
                 examples[row["error"]].append(row["path"])
         if all(len(examples[reason]) >= n for reason, n in wanted.items()):
             break
-    body = "".join(
-        f"<tr><td>{html.escape(reason)}</td><td class='num'>{count}</td>"
-        f"<td>{'<br>'.join(html.escape(p) for p in examples[reason])}</td></tr>"
+    return [
+        {"reason": reason, "count": count, "examples": examples[reason]}
         for reason, count in summary["errors_by_reason"].items()
-    )
-    return f"<table><tr><th>reason</th><th>files</th><th>examples</th></tr>{body}</table>"
+    ]
 
 
-def _examples(rows: pa.Table, classes: list[str]) -> str:
+def _examples(rows: pa.Table, classes: list[str]) -> list[dict[str, Any]]:
+    """A few thumbnails per predicted class, read back through the same decoder as scoring."""
     picked: dict[str, list[str]] = {c: [] for c in classes}
     for batch in rows.filter(_is(rows, "ok")).select(["path", "label"]).to_batches(max_chunksize=4096):
         for row in batch.to_pylist():  # batch by batch: an archive of millions is never one Python list
@@ -211,28 +196,33 @@ def _examples(rows: pa.Table, classes: list[str]) -> str:
                     picked[label].append(row["path"])
         if all(len(p) >= EXAMPLES_PER_CLASS for p in picked.values()):
             break
-    sections = []
-    for label, paths in picked.items():
-        figures = "".join(_figure(p) for p in paths) or "<p class='note'>none predicted</p>"
-        sections.append(f"<h3>{html.escape(label)}</h3>{figures}")
-    return "\n".join(sections)
+    caption = {"detail": None, "refer": False, "note": None}
+    return [
+        {"label": label, "figures": [{**_thumbnail(p), "name": _name(p), **caption} for p in paths]}
+        for label, paths in picked.items()
+    ]
 
 
-def _figure(path: str, caption: str | None = None, size: int = THUMBNAIL, fmt: str = "JPEG") -> str:
-    name = path.rsplit("/", 1)[-1]
-    caption = caption if caption is not None else html.escape(name)
-    try:
-        image = Image.fromarray(imaging.decode(storage.read_bytes(path)))
-    except (OSError, ValueError) as exc:  # moved or changed since it was scored
-        return f"<figure>unavailable: {html.escape(str(exc))}<figcaption>{caption}</figcaption></figure>"
+def _thumbnail(path: str, size: int = THUMBNAIL, fmt: str = "JPEG") -> dict[str, Any]:
+    """A small inlined copy of the image at `path`, or why it could not be read again."""
+    figure = {"alt": _name(path), "src": None, "unavailable": None}
+    original, reason = imaging.read_value(path)
+    if original is None:  # moved or changed since it was scored
+        return {**figure, "unavailable": reason}
+    image = Image.fromarray(original)
     image.thumbnail((size, size))
     buf = io.BytesIO()
     image.save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
-    mime = "image/jpeg" if fmt == "JPEG" else "image/png"
-    return (
-        f"<figure><img alt='{html.escape(name)}' src='data:{mime};base64,{base64.b64encode(buf.getvalue()).decode()}'>"
-        f"<figcaption>{caption}</figcaption></figure>"
-    )
+    return {**figure, "src": _data_uri(buf.getvalue(), "image/jpeg" if fmt == "JPEG" else "image/png")}
+
+
+def _data_uri(data: bytes, mime: str) -> Markup:
+    """Image bytes we encoded ourselves: the one kind of value the templates print unescaped."""
+    return Markup(f"data:{mime};base64,{base64.b64encode(data).decode()}")
+
+
+def _name(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
 
 
 def _is(rows: pa.Table, status: str):

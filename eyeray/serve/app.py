@@ -73,7 +73,12 @@ class ServeArgs(BaseModel):
 
     bundles: list[str] = Field(min_length=1, description="bundle folders or s3:// URIs, at most one per task")
     max_body_bytes: int = Field(64 * 2**20, gt=0, description="larger request bodies get 413")
-    max_pixels: int = Field(imaging.DEFAULT_MAX_PIXELS, gt=0, description="larger decoded images get 422")
+    max_pixels: int = Field(
+        imaging.DEFAULT_MAX_PIXELS,
+        gt=0,
+        description="upper bound on each bundle's preprocessing.max_pixels (the stricter wins); larger decoded "
+        "images get 422",
+    )
     max_batch_size: int = Field(MAX_BATCH_SIZE, gt=0, description="requests per model call (user_config)")
     batch_wait_timeout_s: float = Field(BATCH_WAIT_TIMEOUT_S, ge=0, description="how long a batch waits to fill up")
     gpus_per_replica: float = Field(0.0, ge=0, description="GPUs per model replica")
@@ -167,7 +172,7 @@ class TaskModel:
         for i, (_, thresholds) in enumerate(requests):  # requests with the same override decide together
             groups.setdefault(json.dumps(thresholds, sort_keys=True), []).append(i)
         for rows in groups.values():
-            decision = self.bundle.decide(probs[rows], requests[rows[0]][1])
+            decision = self.bundle.decide(probs[rows], requests[rows[0]][1], self.review_below)
             for j, i in enumerate(rows):
                 answers[i] = self._answer(decision, j, len(requests))
         return answers
@@ -184,13 +189,15 @@ class TaskModel:
         with self._cam_lock:  # built once per replica, on the first explain request
             if self._cam is None:
                 self._cam = GradCam(self.bundle.model)
-            decision, k, heatmap = explain_decision(self.bundle, self._cam, image, class_name, thresholds, self.tta)
+            decision, k, heatmap = explain_decision(
+                self.bundle, self._cam, image, class_name, thresholds, self.tta, self.review_below
+            )
         return {**self._answer(decision, 0, 1), "explained_class": self.bundle.classes[k]}, heatmap
 
     def _answer(self, decision, i: int, batch_size: int) -> dict[str, Any]:
         return {
             "task": self.task,
-            **decision.answer(i, self.bundle.classes, self.review_below),
+            **decision.answer(i, self.bundle.classes),
             "bundle_version": self.bundle.version,
             "batch_size": batch_size,
         }
@@ -255,6 +262,18 @@ def check_thresholds(manifest: dict[str, Any], text: str | None) -> Any:
     return thresholds
 
 
+def decode_upload(data: bytes, manifest: dict[str, Any], max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """The upload as decoded (for overlays) and as the bundle's model takes it: the manifest's
+    `preprocessing` (resize size and method), as batch scoring applies it. The decoded-size limit is
+    the stricter of the bundle's `preprocessing.max_pixels` and the service's `max_pixels`. Any
+    decode failure is a 422 with the reason batch scoring writes in its rows (`imaging.decode_value`)."""
+    pre = manifest["preprocessing"]
+    original, reason = imaging.decode_value(data, min(max_pixels, int(pre["max_pixels"])))
+    if original is None:
+        raise HTTPException(422, reason)
+    return original, imaging.preprocess(original, int(pre["resize"]["size"][0]), pre["resize"]["method"])
+
+
 THRESHOLDS_QUERY = Query(
     None,
     description="override the bundle's operating point: 0.3 (referral rules), "
@@ -284,7 +303,7 @@ class Api:
         from ray.util import metrics
 
         self.models, self.manifests, self.default_thresholds = models, manifests, dict(thresholds or {})
-        self.max_body_bytes, self.max_pixels = max_body_bytes, max_pixels
+        self.max_body_bytes, self.max_pixels = max_body_bytes, max_pixels  # max_pixels: caps each bundle's own
         self.token = read_token()
         if self.token is None:
             logger.warning(f"eyeray API without authentication: set {TOKEN_ENV} or {TOKEN_FILE_ENV} to require one")
@@ -340,12 +359,7 @@ class Api:
                     422, f"class {explain[0]!r} is not a class of {task}: {', '.join(manifest['classes'])}"
                 )
             data = await self._read_image(request)
-            size = int(manifest["input"]["shape"][0])
-            try:
-                original = await run_in_threadpool(imaging.decode, data, self.max_pixels)
-            except imaging.DecodeError as exc:
-                raise HTTPException(422, str(exc)) from None
-            image = await run_in_threadpool(imaging.preprocess, original, size)
+            original, image = await run_in_threadpool(decode_upload, data, manifest, self.max_pixels)
             if explain is None:
                 answer = await self.models[task].predict.remote((image, thresholds))
             else:

@@ -26,7 +26,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from eyeray import storage
 from eyeray.sweep import results, search_space
-from eyeray.tasks import TaskSpec, get_task
+from eyeray.tasks import TASKS, TaskSpec, get_task
+from eyeray.train.config import parse_weights
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +42,84 @@ DRIVER_CPUS = 0.01
 DEMO_EPOCHS = 8
 
 
+def parse_duration(value: str) -> float:
+    """A --time-budget: `3600`, `90m`, `2h`, `45s` -> seconds."""
+    scale = {"s": 1, "m": 60, "h": 3600}.get(value[-1:].lower())
+    try:
+        return float(value[:-1] if scale else value) * (scale or 1)
+    except ValueError:
+        raise ValueError(f"not a duration: {value!r} (seconds, or 90m, 2h)") from None
+
+
 @dataclass
 class SweepConfig:
-    """Every knob of a sweep. None means "the default": the demo's when `data` is None."""
+    """Every knob of a sweep, each a flag of `eyeray sweep` (eyeray.config_cli). None means "the
+    default": the demo's when `data` is None."""
 
-    task: str = "oct"
-    data: str | None = None
-    output: str | None = None
-    trials: int = 8  # samples of the space (each grid value gets this many)
-    time_budget: float | None = None  # seconds; running trials stop when it is spent
-    gpus_per_trial: int = 0  # one data-parallel Ray Train worker per GPU (0: one CPU worker)
-    cpus_per_trial: float = 1.0  # CPUs reserved for a trial (its training workers, together)
-    max_concurrent: int | None = None  # default: as many trials as the cluster holds
-    epochs: int | None = None  # phase 1 (the whole net when not pretrained)
-    fine_tune_epochs: int | None = None  # phase 2
-    weights: str | None = None  # imagenet | none | PATH (small_cnn always trains from scratch)
-    grace_period: int = 1  # epochs before ASHA may stop a trial
-    reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
-    space: str | None = None  # YAML/JSON overrides of the task's search space
-    ensemble_top: int = 0  # evaluate the top K trials together on the test split (0: off)
-    seed: int = 0
-    resume: bool = False
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    task: str = field(default="oct", metadata={"choices": sorted(TASKS), "help": "the task to train"})
+    data: str | None = field(
+        default=None,
+        metadata={"help": "dataset root: local folder or s3://bucket/prefix (absent: a generated demo dataset)"},
+    )
+    output: str | None = field(
+        default=None,
+        metadata={
+            "help": "sweep folder (local or s3://): leaderboard.csv, report.html, best/, trials/, tune/ "
+            "(default runs/TASK-sweep-TIME)"
+        },
+    )
+    trials: int = field(default=8, metadata={"help": "samples of the search space (each grid value gets this many)"})
+    time_budget: float | None = field(  # seconds
+        default=None,
+        metadata={"type": parse_duration, "help": "stop running trials after this long (seconds, or 90m, 2h)"},
+    )
+    gpus_per_trial: int = field(
+        default=0, metadata={"help": "GPUs per trial, one data-parallel worker each (0: one CPU worker)"}
+    )
+    cpus_per_trial: float = field(
+        default=1.0, metadata={"help": "CPUs reserved for a trial's training workers, together"}
+    )
+    max_concurrent: int | None = field(
+        default=None, metadata={"help": "trials at once (default: what the cluster holds)"}
+    )
+    epochs: int | None = field(
+        default=None,
+        metadata={
+            "help": "epochs with the backbone frozen, or of the whole net when not pretrained "
+            f"(default 10; {DEMO_EPOCHS} for the demo)"
+        },
+    )
+    fine_tune_epochs: int | None = field(
+        default=None, metadata={"help": "epochs with the top backbone layers unfrozen (default 10; demo 0)"}
+    )
+    weights: str | None = field(
+        default=None,
+        metadata={
+            "type": parse_weights,
+            "help": "imagenet | none | PATH (default imagenet; none for the demo; small_cnn always trains "
+            "from scratch)",
+        },
+    )
+    grace_period: int = field(default=1, metadata={"help": "epochs every trial runs before ASHA may stop it"})
+    reduction_factor: float = field(default=2.0, metadata={"help": "ASHA keeps the best 1/this of trials at each rung"})
+    space: str | None = field(
+        default=None,
+        metadata={"help": "YAML/JSON file overriding the task's search space (see eyeray/sweep/search_space.py)"},
+    )
+    ensemble_top: int = field(
+        default=0,
+        metadata={
+            "metavar": "K",
+            "help": "evaluate the top K trials together on the test split (averaged probabilities and majority "
+            "vote; 0: off)",
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the demo data, the trials and the search"})
+    resume: bool = field(default=False, metadata={"help": "continue the interrupted sweep in --output"})
+    val_fraction: float = field(
+        default=0.15, metadata={"help": "share of patients for validation when the layout has none"}
+    )
+    test_fraction: float = field(default=0.15, metadata={"help": "share of patients for test when the layout has none"})
 
     @property
     def is_demo(self) -> bool:

@@ -71,9 +71,10 @@ def evaluate_top(rows: list[dict[str, Any]], cfg, spec: TaskSpec, data: str) -> 
     members = [
         {"trial_id": r["trial_id"], **_summary(spec, y, p, m["thresholds"])} for r, p, m in zip(top, probs, manifests)
     ]
-    mean_scores, _ = combine(manifests, probs, "mean")
+    mean_scores = combine(manifests, probs, "mean").probabilities
     mean_thresholds = np.mean([m["thresholds"] for m in manifests], axis=0).tolist()
-    shares, voted = combine(manifests, probs, "vote")
+    vote = combine(manifests, probs, "vote")
+    shares, voted = vote.probabilities, vote.labels
     vote_scores, vote_thresholds = _vote_scores(spec, shares, voted)
     best = members[0][spec.selection_metric]
     out.update(

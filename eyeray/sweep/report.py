@@ -9,7 +9,6 @@ evaluation), so the leaderboard says what happened to every trial, stopped or fa
 from __future__ import annotations
 
 import csv
-import html
 import json
 import logging
 import math
@@ -22,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from eyeray import storage
+from eyeray.evaluation import pages
 from eyeray.evaluation.plots import save_figure, series
 from eyeray.model import bundle
 from eyeray.sweep.results import BEST_DIR, SCORE, UNDEFINED_SCORE, trial_output
@@ -243,55 +243,47 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _table(rows: list[dict[str, Any]], highlight: str | None = None) -> str:
-    if not rows:
-        return "<p>No trials.</p>"
-    columns = list(rows[0])
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = "".join(
-        f"<tr{' class=winner' if highlight and r.get('trial_id') == highlight else ''}>"
-        + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in columns)
-        + "</tr>"
-        for r in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
+def _table(rows: list[dict[str, Any]], highlight: str | None = None) -> dict[str, Any]:
+    """Rows of dicts as a table of formatted cells (the columns are the first row's keys)."""
+    columns = list(rows[0]) if rows else []
+    return {
+        "columns": columns,
+        "rows": [
+            {"cells": [_fmt(r.get(c)) for c in columns], "winner": bool(highlight) and r.get("trial_id") == highlight}
+            for r in rows
+        ],
+    }
 
 
-def _ensemble_html(spec: TaskSpec, ensemble: dict[str, Any] | None, files: list[str]) -> str:
+def _ensemble(spec: TaskSpec, ensemble: dict[str, Any] | None, files: list[str]) -> dict[str, Any] | None:
+    """The top-K ensemble's section: members, averaged and voted, against the single best model."""
     if not ensemble:
-        return ""
+        return None
     if "mean" not in ensemble:
-        return f"<h2>Ensemble of the top {ensemble['k']}</h2><p>{html.escape(ensemble.get('note', ''))}</p>"
+        return {"heading": f"Ensemble of the top {ensemble['k']}", "note": ensemble.get("note", ""), "table": None}
     metric = spec.selection_metric
-    verdict = []
-    for method in ("mean", "vote"):
-        beats = ensemble[f"{method}_beats_best"]
-        verdict.append(
-            f"{'averaged probabilities' if method == 'mean' else 'majority vote'}: "
-            f"{_fmt(ensemble[method][metric])} {'beats' if beats else 'does not beat'} "
-            f"the single best model's {_fmt(ensemble['best_single'])}"
-        )
+    verdicts = [
+        f"{'averaged probabilities' if method == 'mean' else 'majority vote'}: "
+        f"{_fmt(ensemble[method][metric])} {'beats' if ensemble[f'{method}_beats_best'] else 'does not beat'} "
+        f"the single best model's {_fmt(ensemble['best_single'])}"
+        for method in ("mean", "vote")
+    ]
     rows = [
         *ensemble["members"],
         {"trial_id": "ensemble: mean", **ensemble["mean"]},
         {"trial_id": "ensemble: vote", **ensemble["vote"]},
     ]
-    image = f'<img src="{ENSEMBLE_PNG}" alt="ensemble">' if ENSEMBLE_PNG in files else ""
-    return (
-        f"<h2>Ensemble of the top {len(ensemble['members'])} (test split, {ensemble['n_test']} images)</h2>"
-        f"<p>{'<br>'.join(html.escape(v) for v in verdict)}</p>{image}{_table(rows)}"
-    )
+    return {
+        "heading": f"Ensemble of the top {len(ensemble['members'])} (test split, {ensemble['n_test']} images)",
+        "verdicts": verdicts,
+        "image": ENSEMBLE_PNG if ENSEMBLE_PNG in files else None,
+        "table": _table(rows),
+    }
 
 
 def _html(cfg, spec: TaskSpec, rows: list[dict[str, Any]], space: dict[str, str], ensemble, files: list[str]) -> str:
+    """The page as a string: values are prepared here, eyeray/templates/sweep_report.html prints them."""
     top = winner(rows)
-    counts = ", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in STATUSES)
-    best = (
-        f"Winner: <b>{html.escape(top['trial_id'])}</b>, validation {spec.selection_metric} "
-        f"{_fmt(top[f'best_val_{spec.selection_metric}'])}, bundle exported to <code>best/</code>"
-        if top
-        else "No trial finished: no winner."
-    )
     settings = {
         "task": cfg.task,
         "data": cfg.data or "synthetic (embedded default)",
@@ -301,21 +293,16 @@ def _html(cfg, spec: TaskSpec, rows: list[dict[str, Any]], space: dict[str, str]
         "ASHA": f"grace period {cfg.grace_period}, reduction factor {cfg.reduction_factor:g}",
         "time budget": f"{cfg.time_budget:g} s" if cfg.time_budget else "none",
     }
-    space_rows = [{"parameter": k, "values": v} for k, v in space.items()]
-    setting_rows = [{"setting": k, "value": v} for k, v in settings.items()]
-    style = (
-        "body{font-family:sans-serif;margin:2em;max-width:1400px} table{border-collapse:collapse;font-size:13px}"
-        "td,th{border:1px solid #ccc;padding:3px 6px} tr.winner{background:#fde2e2;font-weight:bold}"
-        "img{max-width:100%}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset=utf-8><title>Sweep: {html.escape(spec.title)}</title>"
-        f"<style>{style}</style></head><body><h1>Model selection: {html.escape(spec.title)}</h1>"
-        f"<p>{best}</p><p>{len(rows)} trials: {counts}. Ranked by the best validation "
-        f"{html.escape(spec.selection_metric)} over epochs (ties: lower validation loss at that epoch); only "
-        f"finished trials (trained to the end, tested) can win. A trial's bundle holds its checkpoint with the "
-        f'lowest validation loss, as eyeray train exports it.</p><img src="{CURVES_PNG}" alt="curves">'
-        f"<h2>Leaderboard</h2>{_table(rows, top['trial_id'] if top else None)}"
-        f"{_ensemble_html(spec, ensemble, files)}"
-        f"<h2>Search space</h2>{_table(space_rows)}<h2>Settings</h2>{_table(setting_rows)}</body></html>"
+    return pages.render(
+        "sweep_report.html",
+        title=spec.title,
+        metric=spec.selection_metric,
+        winner={"trial_id": top["trial_id"], "score": _fmt(top[f"best_val_{spec.selection_metric}"])} if top else None,
+        n_trials=len(rows),
+        counts=", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in STATUSES),
+        curves=CURVES_PNG,
+        leaderboard=_table(rows, top["trial_id"] if top else None),
+        ensemble=_ensemble(spec, ensemble, files),
+        space=_table([{"parameter": k, "values": v} for k, v in space.items()]),
+        settings=_table([{"setting": k, "value": v} for k, v in settings.items()]),
     )

@@ -7,40 +7,81 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from eyeray.tasks import get_task
+from eyeray.tasks import TASKS, get_task
 
 RUN_NAME = "ray_train"  # Ray Train's run folder inside --output (checkpoints, run state)
 
 
+def parse_weights(value: str) -> str:
+    """A --weights value: "imagenet", a path or URI, or "none" (also spelt None, null or nothing)."""
+    return value if value.lower() not in ("none", "null", "") else "none"
+
+
 @dataclass
 class TrainConfig:
-    """Every knob of a training run. None means "the default": the demo's when `data` is None."""
+    """Every knob of a training run, each a flag of `eyeray train` (eyeray.config_cli). None
+    means "the default": the demo's when `data` is None."""
 
-    task: str = "oct"
-    data: str | None = None
-    output: str | None = None
-    backbone: str | None = None
-    weights: str | None = None  # "imagenet" | "none" | path or s3:// URI of a weights file
-    image_size: int | None = None
-    epochs: int | None = None  # phase 1 (head; or the whole net when not pretrained)
-    fine_tune_epochs: int | None = None  # phase 2 (top blocks unfrozen)
-    batch_size: int | None = None
-    learning_rate: float | None = None
+    task: str = field(default="oct", metadata={"choices": sorted(TASKS), "help": "the task to train"})
+    data: str | None = field(
+        default=None,
+        metadata={"help": "dataset root: local folder or s3://bucket/prefix (absent: a generated demo dataset)"},
+    )
+    output: str | None = field(
+        default=None,
+        metadata={"help": "run folder (local or s3://) for bundle/, report/ and checkpoints (default runs/TASK-TIME)"},
+    )
+    backbone: str | None = field(
+        default=None,
+        metadata={
+            "help": "vgg16 | xception | inception_resnet_v2 | mobilenet_v2 | small_cnn, or A+B for a "
+            "concatenation ensemble (default: the task's; small_cnn for the demo)"
+        },
+    )
+    weights: str | None = field(
+        default=None,
+        metadata={
+            "type": parse_weights,
+            "help": "imagenet (download Keras' weights) | none | PATH or s3:// URI of a "
+            "backbone weights file (default imagenet; none for the demo)",
+        },
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "input size in pixels (default: the task's; 64 for the demo)"}
+    )
+    epochs: int | None = field(
+        default=None, metadata={"help": "epochs with the backbone frozen (or of the whole net when not pretrained)"}
+    )
+    fine_tune_epochs: int | None = field(
+        default=None, metadata={"help": "epochs with the top backbone layers unfrozen"}
+    )
+    batch_size: int | None = field(default=None, metadata={"help": "images per worker per step"})
+    learning_rate: float | None = field(default=None, metadata={"help": "Adam learning rate of the first phase"})
     # 1/10: at 1/100 (1e-5) Adam moves the unfrozen conv weights too little in the few hundred
     # steps a small dataset gives (bench/real_transfer.py: fine-tuning at 1e-4 took real OCT from 0.65 to 0.90)
-    fine_tune_lr_factor: float = 0.1
-    fine_tune_layers: int | None = None
-    dropout: float = 0.3
-    augment: bool = True
-    augment_strength: float = 1.0  # scales the task's augmentation ranges (eyeray.data.augment.scaled)
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None
-    resume: bool = False
-    max_failures: int = 2
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
+    fine_tune_lr_factor: float = field(
+        default=0.1, metadata={"help": "fine-tuning learning rate = this x --learning-rate"}
+    )
+    fine_tune_layers: int | None = field(
+        default=None, metadata={"help": "how many top backbone layers to unfreeze (default per backbone)"}
+    )
+    dropout: float = field(default=0.3, metadata={"help": "dropout in the classification head"})
+    augment: bool = field(default=True, metadata={"help": "turn training augmentation off"})
+    augment_strength: float = field(  # eyeray.data.augment.scaled
+        default=1.0, metadata={"help": "scale the task's augmentation ranges (0: none)"}
+    )
+    workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel replicas)"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker"})
+    cpus_per_worker: float | None = field(
+        default=None, metadata={"help": "CPUs reserved per worker (default: leave one CPU for Ray Data)"}
+    )
+    resume: bool = field(default=False, metadata={"help": "continue the interrupted run in --output"})
+    max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
+    val_fraction: float = field(
+        default=0.15, metadata={"help": "share of patients for validation when the layout has none"}
+    )
+    test_fraction: float = field(default=0.15, metadata={"help": "share of patients for test when the layout has none"})
+    seed: int = field(default=0, metadata={"help": "seed of the demo data and of the training order"})
 
     @property
     def is_demo(self) -> bool:
