@@ -29,7 +29,9 @@ def heatmap_column(maps: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def draw(batch: dict[str, np.ndarray], output: str, key: str, max_pixels: int) -> dict[str, np.ndarray]:
+def draw(
+    batch: dict[str, np.ndarray], output: str, key: str, max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+) -> dict[str, np.ndarray]:
     """Ray Data batch function: write OUTPUT/explanations/KEY/<hash of path>-<class>.png for every
     explained row and class, and replace the heatmap columns by `explanations` (the overlays'
     paths relative to OUTPUT). Names hash the path and class, so a retried batch overwrites its

@@ -26,8 +26,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from eyeray import storage
 from eyeray.sweep import results, search_space
-from eyeray.tasks import TASKS, TaskSpec, get_task
-from eyeray.train.config import parse_weights
+from eyeray.tasks import TaskSpec, get_task
+from eyeray.train.config import data_field, parse_weights, task_field
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,8 @@ class SweepConfig:
     """Every knob of a sweep, each a flag of `eyeray sweep` (eyeray.config_cli). None means "the
     default": the demo's when `data` is None."""
 
-    task: str = field(default="oct", metadata={"choices": sorted(TASKS), "help": "the task to train"})
-    data: str | None = field(
-        default=None,
-        metadata={"help": "dataset root: local folder or s3://bucket/prefix (absent: a generated demo dataset)"},
-    )
+    task: str = task_field()
+    data: str | None = data_field()
     output: str | None = field(
         default=None,
         metadata={

@@ -17,16 +17,26 @@ def parse_weights(value: str) -> str:
     return value if value.lower() not in ("none", "null", "") else "none"
 
 
+def task_field() -> Any:
+    """The `task` setting, shared by the training and sweep configs."""
+    return field(default="oct", metadata={"choices": sorted(TASKS), "help": "the task to train"})
+
+
+def data_field() -> Any:
+    """The `data` setting, shared by the training and sweep configs."""
+    return field(
+        default=None,
+        metadata={"help": "dataset root: local folder or s3://bucket/prefix (absent: a generated demo dataset)"},
+    )
+
+
 @dataclass
 class TrainConfig:
     """Every knob of a training run, each a flag of `eyeray train` (eyeray.config_cli). None
     means "the default": the demo's when `data` is None."""
 
-    task: str = field(default="oct", metadata={"choices": sorted(TASKS), "help": "the task to train"})
-    data: str | None = field(
-        default=None,
-        metadata={"help": "dataset root: local folder or s3://bucket/prefix (absent: a generated demo dataset)"},
-    )
+    task: str = task_field()
+    data: str | None = data_field()
     output: str | None = field(
         default=None,
         metadata={"help": "run folder (local or s3://) for bundle/, report/ and checkpoints (default runs/TASK-TIME)"},
