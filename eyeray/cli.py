@@ -34,10 +34,28 @@ def _parser(description: str, **kwargs) -> argparse.ArgumentParser:
 
 
 def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Every entry point: parse, set up eyeray's log lines, call the command (set_defaults(func=...))."""
+    """Every entry point: parse, set up eyeray's log lines, call the command (set_defaults(func=...)).
+
+    A setting the user must change (a `SettingError` from a route's preflight, or a ValueError,
+    FileExistsError or FileNotFoundError raised before Ray started: config validation, a missing
+    input) prints `eyeray: error: MESSAGE` on one line and returns 2, as argparse does for a bad
+    flag; with -v the traceback comes first. Anything raised once Ray runs keeps its traceback."""
     args = parser.parse_args(argv)
     setup(verbose=args.verbose)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        from eyeray.preflight import SettingError, one_line
+
+        ray = sys.modules.get("ray")
+        if not isinstance(exc, SettingError) and ray is not None and ray.is_initialized():
+            raise
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"eyeray: error: {one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 def _default(function: Callable, name: str):

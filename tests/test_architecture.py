@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "eyeray"
 # A unit is a subpackage (eyeray.data) or a top-level module (eyeray.storage).
 LAYERS = [
     {"eyeray", "eyeray.tasks", "eyeray.storage", "eyeray.log", "eyeray.config_cli"},
-    {"eyeray.faults", "eyeray.data"},
+    {"eyeray.preflight"},  # SettingError and the shared checks (storage) every route's preflight uses
+    {"eyeray.faults", "eyeray.data", "eyeray.cluster"},  # cluster: how every route connects to Ray
     {"eyeray.decision"},
     {"eyeray.evaluation", "eyeray.model"},
     {"eyeray.train", "eyeray.score", "eyeray.serve"},

@@ -408,3 +408,90 @@ def test_demo_trains_scores_and_serves(ray_cluster, tmp_path):
             assert answer["label"] == by_name[name]["label"]
             for c, p in answer["probabilities"].items():
                 assert p == pytest.approx(by_name[name]["probabilities"][c], abs=1e-5)
+
+
+def test_mean_ensemble_from_s3_bundles_with_different_operating_points_matches_combine(
+    ray_cluster, oct_sample, tmp_path
+):
+    """`--ensemble mean` (the default) end to end, both members read from s3:// (the session's S3
+    server): every row is what `eyeray.decision.ensemble.combine` makes of the members' outputs
+    for the same image, decided at the mean of the members' (different) operating points."""
+    from eyeray.decision.ensemble import combine
+
+    local = [
+        make_bundle(tmp_path / "a", decision=True, seed=0),
+        make_bundle(tmp_path / "b", size=48, decision=True, seed=3),
+    ]
+    fs, _ = storage.filesystem("s3://models")
+    fs.mkdir("models")
+    uris = []
+    for name, path in zip("ab", local):
+        fs.put(path, f"models/oct-{name}", recursive=True)
+        uris.append(f"s3://models/oct-{name}")
+    manifests = [bundle.read_manifest(u) for u in uris]
+    thresholds = [m["operating_point"]["threshold"] for m in manifests]
+    assert abs(thresholds[0] - thresholds[1]) > 1e-3, thresholds  # the members' operating points differ
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for path in sorted(oct_sample.rglob("*.jpeg"))[::6]:
+        shutil.copy(path, archive / path.name)
+    (archive / "broken.jpg").write_bytes(b"\xff\xd8\xff not a scan")
+    output = str(tmp_path / "scored")
+    summary = run(ScoreConfig(bundles=uris, input=str(archive), output=output, report=False))
+    assert summary["ensemble"] == "mean" and summary["bundle_version"] == version_key(manifests, "mean")
+    assert summary["errors"] == 1
+
+    loaded = [bundle.load(u) for u in uris]
+    rows = read_rows(output)
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in archive.iterdir())
+    ok = [r for r in rows if r["status"] == "ok"]
+    images = [imaging.decode(Path(r["path"]).read_bytes()) for r in ok]
+    per_model = [np.stack([b.predict(imaging.preprocess(im, b.image_size)[None])[0] for im in images]) for b in loaded]
+    expected = combine(manifests, per_model, "mean")
+    op = json.loads(ok[0]["decision"])["operating_point"]
+    assert op["threshold"] == pytest.approx(np.mean(thresholds)) and op["chosen_on"].startswith("mean of the members")
+    confidence, review = expected.confidence(), expected.needs_review()
+    for i, row in enumerate(ok):
+        np.testing.assert_allclose([row["probabilities"][c] for c in OCT_CLASSES], expected.probabilities[i], atol=1e-5)
+        assert row["label"] == expected.labels[i][0], row["path"]
+        assert row["referral"] == bool(expected.referral[i]), row["path"]
+        assert row["confidence"] == pytest.approx(float(confidence[i]), abs=1e-5)
+        assert row["needs_review"] == bool(review[i])
+        assert set(row["model_probabilities"]) == {b.version for b in loaded}
+    members = [[list(r["model_probabilities"][b.version].values()) for r in ok] for b in loaded]
+    averaged = [[row["probabilities"][c] for c in OCT_CLASSES] for row in ok]
+    np.testing.assert_allclose(np.mean(members, axis=0), averaged, atol=1e-5)  # the mean of the members ...
+    assert all(not np.allclose(m, averaged, atol=1e-4) for m in members)  # ... and neither member alone
+
+
+def test_stale_tmp_shards_are_removed_and_a_rerun_scores_each_file_exactly_once(ray_cluster, oct_bundle, tmp_path):
+    """A killed run leaves `.tmp-` shards (a write cut mid-file, or never renamed): planted here,
+    beside committed shards, before a re-run that also finds new files."""
+    archive, output = tmp_path / "archive", tmp_path / "scored"
+    write_pngs(archive, 40)
+    moved = tmp_path / "later"
+    moved.mkdir()
+    for path in sorted(archive.iterdir())[24:]:  # 16 files arrive after the first run
+        path.rename(moved / path.name)
+    cfg = ScoreConfig(
+        bundles=[oct_bundle], input=str(archive), output=str(output), batch_size=8, rows_per_shard=8, report=False
+    )
+    assert run(cfg)["scored_this_run"] == 24
+    committed = sorted(output.glob("part-*.parquet"))
+    assert len(committed) >= 3
+    # a shard cut mid-write (half its bytes, under the name a write uses), one whole but never
+    # renamed, and one of another scoring version
+    data = committed[0].read_bytes()
+    (output / f".tmp-{committed[1].name}").write_bytes(data[: len(data) // 2])
+    (output / f".tmp-{committed[2].name}").write_bytes(committed[2].read_bytes())
+    (output / ".tmp-part-0123456789ab-deadbeefdeadbeef.parquet").write_bytes(b"PAR1 cut")
+    for path in moved.iterdir():
+        path.rename(archive / path.name)
+
+    summary = run(cfg)
+    assert summary["scored_this_run"] == 16 and summary["rows"] == 40
+    assert not list(output.glob(".tmp-*"))
+    paths = [r["path"] for r in read_rows(str(output))]
+    assert len(paths) == len(set(paths)) == 40
+    assert sorted(paths) == sorted(str(p) for p in archive.iterdir())

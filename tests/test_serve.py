@@ -551,3 +551,69 @@ def test_an_upload_whose_decoder_raises_an_unexpected_error_gets_422_not_500(url
             assert (response.status_code, response.json()) == (422, {"detail": reason}), (route, response.text)
         sample = next((oct_sample / "CNV").iterdir()).read_bytes()
         assert predict(client, url, "oct", sample).status_code == 200
+
+
+def test_mixed_thresholds_and_tta_in_one_burst_each_answer_its_own_and_model_seconds_exported(url, bundles, oct_sample):
+    """Mixed traffic: at once, the same scans with different `?thresholds=` (batched together by
+    @serve.batch, decided per override), to the module's app and to an application serving with
+    test-time augmentation. Each answer is what the batch scorer's `Bundle.predict` + `Bundle.decide`
+    make of that scan with that override; the model-call latency histogram reaches Prometheus."""
+    import ray
+    from ray import serve
+
+    from eyeray.decision.operating_points import parse_thresholds
+
+    serve.run(build_app(ServeArgs(bundles=[bundles["oct"]], tta=True, **FAST)), name="eyeray-tta", route_prefix="/tta")
+    try:
+        scans = [sorted((oct_sample / c).iterdir())[1] for c in get_task("oct").classes]
+        overrides = [None, "0", "1", "0.35"]
+        cases = [(tta, scan, t) for tta in (False, True) for scan in scans for t in overrides]
+        start = threading.Barrier(len(cases))
+
+        def send(case) -> httpx.Response:
+            tta, scan, thresholds = case
+            base = f"{url}/tta" if tta else url
+            params = {} if thresholds is None else {"thresholds": thresholds}
+            with api_client() as client:
+                start.wait()
+                return predict(client, base, "oct", scan.read_bytes(), params=params)
+
+        with ThreadPoolExecutor(len(cases)) as pool:
+            responses = list(pool.map(send, cases))
+        assert [r.status_code for r in responses] == [200] * len(cases), [r.text for r in responses]
+
+        loaded = bundle.load(bundles["oct"])
+        differs = False
+        for (tta, scan, thresholds), response in zip(cases, responses):
+            answer = response.json()
+            image = imaging.preprocess(imaging.decode(scan.read_bytes()), loaded.image_size)[None]
+            expected = loaded.decide(loaded.predict(image, tta=tta), parse_thresholds(thresholds)).answer(
+                0, loaded.classes
+            )
+            name = f"{scan.name} tta={tta} thresholds={thresholds}"
+            for key in ("labels", "label", "referral", "needs_review", "operating_point"):
+                assert answer[key] == expected[key], (name, key)
+            assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5), name
+            assert answer["confidence"] == pytest.approx(expected["confidence"], abs=1e-5), name
+            plain = loaded.decide(loaded.predict(image)).answer(0, loaded.classes)["probabilities"]
+            differs |= tta and not np.allclose(list(plain.values()), list(answer["probabilities"].values()), atol=1e-4)
+        assert differs, "TTA changed no answer: the TTA application did not use it"
+        sizes = [r.json()["batch_size"] for r in responses]
+        print(f"batch sizes: {sizes}")
+        # each application gets 4 requests per override: a model call of 5 or more mixed overrides
+        assert max(sizes) >= 5, sizes
+        referral = {t: [r.json()["referral"] for c, r in zip(cases, responses) if c[2] == t] for t in overrides}
+        assert all(referral["0"]) and not any(referral["1"])  # the overrides did apply
+    finally:
+        serve.delete("eyeray-tta")
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline, lines = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [ln for ln in text.splitlines() if "eyeray_serve_model_seconds_count" in ln and 'task="oct"' in ln]
+        if lines:
+            break
+        time.sleep(2)
+    assert lines, "eyeray_serve_model_seconds is not exported"
+    assert sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) >= 2  # at least one model call per application

@@ -163,3 +163,248 @@ def test_interrupted_run_on_s3_resumes_with_resume_flag_and_reports_bad_files(ra
         and len(loaded.manifest["operating_point"]["thresholds"]) == 8
     )
     assert loaded.predict(np.zeros((2, 32, 32, 3), np.uint8)).shape == (2, 8)
+
+
+def test_two_workers_get_disjoint_shards_covering_the_split_and_identical_weights_after_a_step(ray_cluster, tmp_path):
+    """Data parallelism, seen from inside the workers: eyeray's dataset preparation
+    (eyeray.data.records) split by Ray Train over 2 workers, one epoch of eyeray's DistributedFitter
+    step; each worker writes the paths it trained on and a hash of its trainable weights."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from eyeray.data.layouts import read_layout
+    from eyeray.data.records import decoded_dataset
+
+    spec = get_task("oct")
+    data = make_data("oct", tmp_path / "data", per_class=8)
+    records = [r for split in read_layout(spec, str(data)).splits.values() for r in split]
+    records = records[: len(records) // 2 * 2]  # an even count: an equal split drops no row
+    paths = sorted(str(r["path"]) for r in records)
+    report_dir = tmp_path / "seen"
+    report_dir.mkdir()
+
+    def loop(config):  # pickled by value: the workers do not import this test module
+        import hashlib
+        import json
+
+        import numpy as np
+        import ray.train
+        import tensorflow as tf
+
+        from eyeray.model.build import build_model
+        from eyeray.tasks import get_task
+        from eyeray.train.distributed import DistributedFitter
+        from eyeray.train.worker import train_batches
+
+        def digest(variables) -> str:
+            h = hashlib.sha256()
+            for v in variables:
+                h.update(np.ascontiguousarray(v.numpy()).tobytes())
+            return h.hexdigest()
+
+        rank = ray.train.get_context().get_world_rank()
+        spec = get_task("oct")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        with strategy.scope():
+            model = build_model(spec, "small_cnn", weights="none", image_size=32)
+        fitter = DistributedFitter(strategy, model, spec, np.ones(spec.num_classes, np.float32))
+        fitter.compile(1e-2)
+        before = digest(model.trainable_weights)
+        seen: list[str] = []
+
+        def recorded(batches):
+            for batch in batches:
+                seen.extend(str(p) for p in batch["path"])
+                yield batch
+
+        stats = fitter.train_epoch(recorded(train_batches(ray.train.get_dataset_shard("train"), 4)))
+        moving = [v for v in model.non_trainable_weights if "moving_" in v.path]
+        out = {
+            "rank": rank,
+            "paths": seen,
+            "before": before,
+            "after": digest(model.trainable_weights),
+            "moving": digest(moving),
+            "loss": stats.loss,
+        }
+        with open(f"{config['dir']}/rank-{rank}.json", "w") as f:
+            json.dump(out, f)
+        ray.train.report({"loss": stats.loss})
+
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=loop,
+        train_loop_config={"dir": str(report_dir)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=RunConfig(name="dp", storage_path=str(tmp_path / "ray")),
+        datasets={"train": decoded_dataset(records, 32, seed=0)},
+    )
+    trainer.fit()
+
+    ranks = [json.loads((report_dir / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    seen = [set(r["paths"]) for r in ranks]
+    assert all(len(r["paths"]) == len(set(r["paths"])) > 0 for r in ranks)  # no row twice within a shard
+    assert not seen[0] & seen[1]  # disjoint shards
+    assert sorted(seen[0] | seen[1]) == paths  # together: the whole split, nothing else
+    assert len(seen[0]) == len(seen[1])
+    assert ranks[0]["before"] == ranks[1]["before"]  # the replicas start from the same weights
+    assert ranks[0]["after"] == ranks[1]["after"] != ranks[0]["before"]  # ... and stay equal after training
+    assert ranks[0]["loss"] == ranks[1]["loss"]  # the all-reduced epoch loss
+    # BatchNormalization's moving statistics (each worker's own, from its shard) are averaged after
+    # the epoch, so the checkpoint (rank 0's) holds the whole split's
+    assert ranks[0]["moving"] == ranks[1]["moving"]
+
+
+def checkpoint_states(output: Path) -> dict[Path, dict]:
+    """The checkpoints on disk of the run in `output`: folder -> its state.json (whole files only)."""
+    states = {}
+    for path in (output / "ray_train").rglob("state.json"):
+        try:
+            states[path.parent] = json.loads(path.read_text())
+        except (OSError, ValueError):  # caught mid-copy
+            pass
+    return states
+
+
+def registered_epoch(output: Path) -> int:
+    """The newest epoch whose checkpoint Ray Train has registered (its run state on disk): what a
+    resume starts from. A checkpoint folder alone is not enough: one copied but not yet registered
+    when the driver dies is lost, as with any real failure."""
+    try:
+        snapshot = json.loads((output / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return 0
+    return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
+
+
+def wait_for_checkpoint_after(output: Path, epoch: int, alive, timeout_s: float = 300) -> int:
+    """Wait until Ray Train has registered a checkpoint of an epoch after `epoch`; returns that epoch."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        newest = registered_epoch(output)
+        if newest > epoch:
+            return newest
+        assert alive(), "the training driver ended before it could be interrupted"
+        assert time.monotonic() < deadline, f"no checkpoint after epoch {epoch} within {timeout_s} s"
+        time.sleep(0.1)
+
+
+def test_driver_killed_and_job_stopped_then_resume_continues_and_exports_the_lowest_val_loss_epoch(
+    ray_cluster, tmp_path
+):
+    """Interrupted twice, the way operators interrupt a run: the driver (`jobs/train_oct.py`)
+    SIGKILLed mid-epoch, then the resumed run submitted as a Ray job and stopped with `ray job stop`;
+    a last `--resume` finishes it. Each resume starts from the newest checkpoint, every epoch is in
+    the history once, and the bundle holds the weights of the epoch with the lowest validation loss."""
+    import signal
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from eyeray.model.build import build_model
+
+    data = make_data("oct", tmp_path / "data", per_class=12)
+    output = tmp_path / "run"
+    epochs = 6
+    flags = ["--data", str(data), "--output", str(output), "--backbone", "small_cnn", "--weights", "none"]
+    flags += ["--image-size", "32", "--epochs", str(epochs), "--fine-tune-epochs", "0", "--batch-size", "8"]
+    flags += ["--no-augment", "--learning-rate", "0.003"]
+
+    t0 = time.monotonic()
+    # 1. the driver process dies (SIGKILL: no cleanup) while epoch 2 or later runs
+    driver = subprocess.Popen(
+        [sys.executable, "jobs/train_oct.py", *flags],
+        cwd=REPO,
+        env=ray_cluster["env"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        killed_at = wait_for_checkpoint_after(output, 0, lambda: driver.poll() is None)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    assert killed_at < epochs
+    time.sleep(2)  # a checkpoint already being registered may still land
+    on_disk = registered_epoch(output)
+    assert not (output / "bundle").exists()
+    t1 = time.monotonic()
+
+    # 2. resumed as a Ray job, stopped with `ray job stop` once it has checkpointed a new epoch
+    client = JobSubmissionClient(ray_cluster["dashboard"])
+    job = client.submit_job(
+        entrypoint=f"python jobs/train_oct.py {' '.join(flags)} --resume", runtime_env={"working_dir": str(REPO)}
+    )
+    try:
+        stopped_at = wait_for_checkpoint_after(
+            output, on_disk, lambda: client.get_job_status(job) in (JobStatus.PENDING, JobStatus.RUNNING)
+        )
+    finally:
+        stop = subprocess.run(
+            [sys.executable, "-m", "ray.scripts.scripts", "job", "stop", "--address", ray_cluster["dashboard"], job],
+            env=ray_cluster["env"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert stop.returncode == 0, stop.stdout[-2000:] + stop.stderr[-2000:]
+    assert client.get_job_status(job) == JobStatus.STOPPED, client.get_job_logs(job)[-3000:]
+    assert stopped_at < epochs and not (output / "bundle").exists()
+    time.sleep(2)
+    on_disk_2 = registered_epoch(output)
+    t2 = time.monotonic()
+
+    # 3. --resume to the end, at a learning rate high enough to make the last epochs worse: the best
+    # epoch is then one of an earlier run, its checkpoint kept by val_loss across the interruptions
+    cfg = TrainConfig(
+        task="oct",
+        data=str(data),
+        output=str(output),
+        backbone="small_cnn",
+        weights="none",
+        image_size=32,
+        epochs=epochs,
+        fine_tune_epochs=0,
+        batch_size=8,
+        augment=False,
+        learning_rate=10.0,
+        resume=True,
+    )
+    result = run(cfg)
+    print(f"phases {t1 - t0:.0f} s, {t2 - t1:.0f} s, {time.monotonic() - t2:.0f} s")
+    states = {d.name: (st["epoch"], st["resumed_after"]) for d, st in checkpoint_states(output).items()}
+    assert len(result.resumed_after) == 2, (result.resumed_after, states)
+    first, second = result.resumed_after  # each time from the newest registered checkpoint
+    assert killed_at <= first <= on_disk < stopped_at <= second <= on_disk_2 < epochs, (
+        result.resumed_after,
+        on_disk,
+        on_disk_2,
+        states,
+    )
+    history = result.history
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))  # every epoch once: none redone, none lost
+
+    manifest = bundle.read_manifest(result.bundle)
+    val_loss = [h["val_loss"] for h in history]
+    assert np.isfinite(val_loss).all(), val_loss
+    best = int(np.argmin(val_loss)) + 1
+    assert best <= second < epochs, f"the test needs a best epoch before the last resume: {val_loss}"
+    assert manifest["training"]["best_epoch"] == best and manifest["training"]["epochs"] == epochs
+    metrics = json.loads((output / "report" / "metrics.json").read_text())
+    assert metrics["run"]["best_epoch"] == best and [h["epoch"] for h in metrics["history"]] == list(
+        range(1, epochs + 1)
+    )
+    # the exported weights are that epoch's checkpoint (the one whose history ends with the same val_loss)
+    [best_checkpoint] = [
+        d
+        for d, s in checkpoint_states(output).items()
+        if s["epoch"] == best and s["history"][-1]["val_loss"] == history[best - 1]["val_loss"]
+    ]
+    model = build_model(get_task("oct"), "small_cnn", weights=None, image_size=32, dropout=cfg.dropout)
+    model.load_weights(best_checkpoint / "model.weights.h5")
+    exported = bundle.load(result.bundle).model
+    assert len(model.weights) == len(exported.weights)
+    for ours, theirs in zip(model.weights, exported.weights):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy(), err_msg=ours.path)
+    print(f"resumed after {result.resumed_after}; val_loss {np.round(val_loss, 4).tolist()}; best {best}")

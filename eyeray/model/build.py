@@ -28,6 +28,7 @@ class Backbone:
     preprocess: str  # module of keras.applications whose preprocess_input applies, or "unit" (x/255)
     min_size: int
     fine_tune_layers: int  # top layers (BatchNorm excluded) unfrozen in phase 2; 0 = all
+    imagenet: bool = True  # Keras has ImageNet weights for it (weights="imagenet")
 
 
 def _application(name: str) -> Callable[..., keras.Model]:
@@ -60,7 +61,7 @@ BACKBONES: dict[str, Backbone] = {
     "xception": Backbone(_application("Xception"), "xception", 71, fine_tune_layers=30),  # blocks 13-14
     "inception_resnet_v2": Backbone(_application("InceptionResNetV2"), "inception_resnet_v2", 75, fine_tune_layers=40),
     "mobilenet_v2": Backbone(_application("MobileNetV2"), "mobilenet_v2", 32, fine_tune_layers=30),
-    "small_cnn": Backbone(_small_cnn, "unit", 16, fine_tune_layers=0),
+    "small_cnn": Backbone(_small_cnn, "unit", 16, fine_tune_layers=0, imagenet=False),  # 4 poolings: 16 -> 1
 }
 
 

@@ -24,14 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from eyeray import faults, storage
+from eyeray import cluster, faults, storage
 from eyeray.data import imaging
 from eyeray.data.files import list_inputs
 from eyeray.decision import operating_points
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
 from eyeray.decision.ensemble import METHODS, combine
 from eyeray.model.bundle import check_compatible
-from eyeray.score import overlays, shards
+from eyeray.score import overlays, preflight, shards
 from eyeray.score.explain_plan import ExplainPlan
 from eyeray.score.predictor import BundlePredictor
 
@@ -154,6 +154,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     from eyeray.score import report as score_report
 
     start = time.perf_counter()
+    preflight.check(cfg)  # bundles, --input, --output: a one-line SettingError before Ray starts
     manifests = [bundle.read_manifest(uri) for uri in cfg.bundles]
     check_compatible(manifests)
     decode_options(manifests)  # bundles that resize differently fail here, before any file is read
@@ -171,8 +172,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     )
     written = 0
     if len(todo):
-        if not ray.is_initialized():
-            ray.init()
+        cluster.connect()
         check_resources(cfg)
         written = sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests).iter_rows())
     rows = shards.committed(cfg.output, key, REPORT_COLUMNS)  # read once: the summary and the report

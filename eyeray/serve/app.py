@@ -482,12 +482,12 @@ def start(
     args: ServeArgs, *, host: str = "127.0.0.1", port: int = 8000, name: str = API_APP, route_prefix: str = "/"
 ) -> str:
     """Deploy the application on the current Ray cluster (or a new local one); returns its URL."""
-    import ray
+    from eyeray import cluster
 
-    if not ray.is_initialized():
-        ray.init()
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    cluster.connect()
+    log.info(f"deploying {name} on Ray Serve, port {port}: ready once every replica has loaded its model")
+    serve.start(http_options={"host": host, "port": port}, logging_config=cluster.serve_logging(controller=True))
+    serve.run(build_app(args), name=name, route_prefix=route_prefix, logging_config=cluster.serve_logging())
     return f"http://{host}:{port}{route_prefix.rstrip('/')}"
 
 

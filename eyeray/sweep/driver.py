@@ -24,8 +24,9 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from eyeray import storage
-from eyeray.sweep import results, search_space
+from eyeray import cluster, storage
+from eyeray.log import is_verbose
+from eyeray.sweep import preflight, results, search_space
 from eyeray.tasks import TaskSpec, get_task
 from eyeray.train.config import data_field, parse_weights, task_field
 
@@ -333,7 +334,9 @@ def _tuner(cfg: SweepConfig, space: search_space.SearchSpace, data: str) -> tune
             search_alg=BasicVariantGenerator(max_concurrent=limit, random_state=cfg.seed),
             trial_dirname_creator=lambda t: t.trial_id,
         ),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=root, storage_filesystem=fs),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR, storage_path=root, storage_filesystem=fs, verbose=3 if is_verbose() else 0
+        ),  # quiet: no Tune tables; each trial's epochs are eyeray lines (eyeray.train.progress)
     )
 
 
@@ -353,8 +356,8 @@ def run(config: SweepConfig) -> SweepResult:
 
     cfg = config.resolved()
     space = search_space.load(cfg.task, cfg.is_demo, cfg.space)  # all checks before any trial
-    if not ray.is_initialized():
-        ray.init()
+    preflight.check(cfg, TUNE_DIR)  # weights, data and output: a one-line SettingError before Ray starts
+    cluster.connect()
     data = _data(cfg)  # generated once for all trials (and the ensemble's test split) without --data
     tuner = _tuner(cfg, space, data)
     grid = tuner.fit()

@@ -127,7 +127,23 @@ class DistributedFitter:
                 tf.convert_to_tensor(batch["image"]), tf.convert_to_tensor(batch["label"], tf.float32)
             )
             totals += [float(v) for v in out]
+        self.average_moving_statistics()
         return _stats(totals)
+
+    def average_moving_statistics(self) -> None:
+        """BatchNormalization's moving mean and variance are updated by each worker from its own
+        shard (Keras does not synchronise them); average them over the workers after an epoch, so
+        every replica, the checkpoint (rank 0's) and validation use statistics of the whole split."""
+        variables = [v for layer in _batchnorms(self.model) for v in (layer.moving_mean, layer.moving_variance)]
+        if not variables:
+            return
+        local = np.concatenate([np.ravel(v.numpy()).astype(np.float64) for v in variables])
+        workers, *summed = self.all_reduce_sum(np.concatenate([[1.0], local]))
+        mean, start = np.asarray(summed) / workers, 0
+        for v in variables:
+            size = int(np.prod(v.shape))
+            v.assign(mean[start : start + size].reshape(v.shape).astype(v.dtype))
+            start += size
 
     def evaluate(self, batches: Iterable[dict[str, np.ndarray]], outputs: list | None = None) -> EpochStats:
         """Local evaluation, then one all-reduce of the sums: shards may differ in length.
@@ -186,6 +202,14 @@ class DistributedFitter:
     def _all_reduce(self, local):
         per_replica = self.strategy.run(lambda: tf.identity(local))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+
+def _batchnorms(layer) -> list[keras.layers.BatchNormalization]:
+    """Every BatchNormalization layer of a model, nested backbones included."""
+    found = []
+    for sub in getattr(layer, "layers", []):
+        found += [sub] if isinstance(sub, keras.layers.BatchNormalization) else _batchnorms(sub)
+    return found
 
 
 def _stats(totals: np.ndarray) -> EpochStats:

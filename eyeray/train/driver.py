@@ -15,10 +15,10 @@ import numpy as np
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from eyeray import faults, storage
+from eyeray import cluster, faults, storage
 from eyeray.data import synthetic
 from eyeray.tasks import TaskSpec, get_task
-from eyeray.train import checkpoint
+from eyeray.train import checkpoint, preflight
 from eyeray.train.config import RUN_NAME, TrainConfig, TrainResult
 from eyeray.train.worker import train_loop_per_worker
 
@@ -44,7 +44,8 @@ def _run_config(cfg: TrainConfig, callbacks: list | None = None) -> RunConfig:
         name=RUN_NAME,
         storage_path=storage_path,
         storage_filesystem=fs,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), _epoch_log(cfg)],
+        logging_config=cluster.train_logging(),
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=CheckpointConfig(
             num_to_keep=2, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
@@ -52,13 +53,16 @@ def _run_config(cfg: TrainConfig, callbacks: list | None = None) -> RunConfig:
     )
 
 
+def _epoch_log(cfg: TrainConfig):
+    """One line per epoch on the driver's console (eyeray.train.progress), a sweep trial's named."""
+    from eyeray.train.progress import EpochLog
+
+    label = f"{Path(cfg.output).name}: " if "/trials/" in cfg.output.replace(os.sep, "/") else ""
+    return EpochLog(cfg.epochs + cfg.fine_tune_epochs, get_task(cfg.task).selection_metric, label)
+
+
 def _check_output(cfg: TrainConfig) -> None:
-    fs, path = storage.filesystem(cfg.output)
-    previous = fs.exists(f"{path}/{RUN_NAME}")
-    if previous and not cfg.resume:
-        raise FileExistsError(
-            f"{cfg.output} already holds a training run; pass --resume to continue it, or choose another --output"
-        )
+    previous = preflight.check_resume(cfg)  # a run there without --resume: RunExistsError (a FileExistsError)
     if cfg.resume and not previous:
         log.info(f"--resume: no earlier run in {cfg.output}; starting a new one")
 
@@ -119,8 +123,8 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     cfg = config.resolved()
     spec = get_task(cfg.task)
-    if not ray.is_initialized():
-        ray.init()
+    preflight.check(cfg)  # every setting that can be checked before Ray starts: SettingError
+    cluster.connect()
     _check_output(cfg)
     log.info(
         f"training {spec.name}: {cfg.backbone} @ {cfg.image_size}px, weights={cfg.weights}, "
@@ -135,6 +139,11 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
             augment_batch, fn_kwargs={"spec": scaled(spec.augment, cfg.augment_strength)}, batch_size=64
         )
 
+    scaling = _scaling(cfg)
+    log.info(
+        f"starting {cfg.workers} training worker(s) ({scaling.resources_per_worker} each); they wait until "
+        "the cluster has those resources free"
+    )
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={
@@ -142,7 +151,7 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "class_weights": class_weights(spec, train_labels).tolist(),
             "fault_at_epoch": faults.from_env(faults.AT_EPOCH_ENV),
         },
-        scaling_config=_scaling(cfg),
+        scaling_config=scaling,
         run_config=_run_config(cfg, callbacks),
         datasets={"train": train_ds, "validation": decoded["validation"].images},
     )

@@ -48,6 +48,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.use_gpu and not tf.config.list_physical_devices("GPU"):
         log.warning(f"worker {rank}: Ray assigned {gpus} GPU(s) but TensorFlow sees none; computing on the CPU")
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    if cfg.weights == "imagenet" and rank == 0:
+        log.info(f"loading ImageNet weights for {cfg.backbone} (downloaded once into ~/.keras/models on each node)")
     with strategy.scope():
         model = build_model(spec, cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, dropout=cfg.dropout)
     state, optimizer_state = checkpoint.restore(model, ray.train.get_checkpoint())

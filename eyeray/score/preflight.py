@@ -1,0 +1,28 @@
+"""Scoring settings checked before Ray starts: every --bundle readable and valid (and combinable),
+--input there, --output writable. Each failure is a one-line SettingError."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from eyeray.model.bundle import BundleError, check_compatible, read_manifest
+from eyeray.preflight import SettingError, check_exists, check_writable
+
+
+def check(cfg) -> list[dict[str, Any]]:
+    """`cfg`: a ScoreConfig. Returns the bundles' manifests (reading them only reads JSON)."""
+    manifests = []
+    for uri in cfg.bundles:
+        try:
+            manifests.append(read_manifest(uri))
+        except BundleError as exc:
+            raise SettingError(f"--bundle {exc}; give the bundle/ folder of a finished training run") from exc
+        except OSError as exc:  # unreadable (permissions, credentials)
+            raise SettingError(f"--bundle {uri} cannot be read ({' '.join(str(exc).split())})") from exc
+    try:
+        check_compatible(manifests)
+    except BundleError as exc:
+        raise SettingError(f"--bundle: {exc}; score them one at a time") from exc
+    check_exists(cfg.input, "--input", "; give the folder or file to score")
+    check_writable(cfg.output, "--output")
+    return manifests

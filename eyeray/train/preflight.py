@@ -1,0 +1,130 @@
+"""Training settings checked in the driver before Ray starts: the backbone against the image
+size and the weights, the weights file against the backbone, --data as the task's layout, and
+--output (writable; a run already there needs --resume). Each failure is a one-line SettingError."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+from eyeray import storage
+from eyeray.preflight import SettingError, check_exists, check_writable
+from eyeray.tasks import TaskSpec, get_task
+from eyeray.train.config import RUN_NAME, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class RunExistsError(SettingError, FileExistsError):
+    """--output already holds a run and --resume was not given."""
+
+
+def check(config: TrainConfig) -> TrainConfig:
+    """Every check, the cheap ones first; returns the resolved config. Loading a weights file into
+    its backbone (built without weights, on the CPU) is the one that takes seconds."""
+    start = time.perf_counter()
+    cfg = config.resolved()
+    spec = get_task(cfg.task)
+    names = check_backbone(spec, cfg)
+    if cfg.data is not None:
+        check_data(spec, cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    check_writable(cfg.output, "--output")
+    check_resume(cfg)
+    check_weights_file(names[0], cfg.image_size, cfg.weights)
+    log.debug(f"training settings checked in {time.perf_counter() - start:.1f}s")
+    return cfg
+
+
+def check_backbone(spec: TaskSpec, cfg: TrainConfig) -> list[str]:
+    """--backbone known, --image-size at least each backbone's minimum (eyeray.model.build.BACKBONES),
+    --weights possible for it; returns the backbone names."""
+    from eyeray.model.build import BACKBONES, backbone_names, resolve_weights
+
+    try:
+        names = backbone_names(cfg.backbone)
+    except ValueError as exc:
+        raise SettingError(f"--backbone: {exc}") from exc
+    too_small = [n for n in names if cfg.image_size < BACKBONES[n].min_size]
+    if too_small:
+        worst = max(too_small, key=lambda n: BACKBONES[n].min_size)
+        need = BACKBONES[worst].min_size
+        which = worst if len(names) == 1 else f"{cfg.backbone} ({worst})"
+        fix = (
+            f"--image-size {spec.image_size} (the task's default)"
+            if spec.image_size >= need
+            else f"--image-size {need} or more"
+        )
+        raise SettingError(
+            f"--image-size {cfg.image_size} is too small for {which} (needs at least {need}); "
+            f"use {fix} or another --backbone"
+        )
+    keras_weights, weights_file = resolve_weights(cfg.weights)
+    scratch = [n for n in names if not BACKBONES[n].imagenet]
+    if keras_weights == "imagenet" and scratch:
+        raise SettingError(
+            f"--weights imagenet: {scratch[0]} has no ImageNet weights; use --weights none (train from scratch) "
+            "or --weights PATH"
+        )
+    if weights_file and len(names) > 1:
+        raise SettingError(
+            f"--weights {weights_file} loads one backbone, not the ensemble {cfg.backbone}; "
+            "use --weights imagenet or none, or one --backbone"
+        )
+    if weights_file:
+        check_exists(weights_file, "--weights", "; give a backbone weights file, or --weights imagenet or none")
+    return names
+
+
+def check_data(spec: TaskSpec, data: str, *, val_fraction: float, test_fraction: float) -> None:
+    """--data lists as the task's layout (`read_layout` only lists files; no image is read)."""
+    from eyeray.data.layouts import LayoutError, read_layout
+
+    try:
+        read_layout(spec, data, val_fraction=val_fraction, test_fraction=test_fraction)
+    except LayoutError as exc:  # its message starts with the folder
+        raise SettingError(f"--data {exc}" if str(exc).startswith(str(data)) else f"--data {data}: {exc}") from exc
+    except ValueError as exc:  # fractions that leave no training data
+        raise SettingError(f"--val-fraction/--test-fraction: {exc}") from exc
+    except OSError as exc:  # unreadable (permissions, credentials)
+        raise SettingError(f"--data {data} cannot be read ({' '.join(str(exc).split())})") from exc
+
+
+def check_resume(cfg: TrainConfig) -> bool:
+    """Whether --output holds a training run; one there without --resume is refused."""
+    fs, path = storage.filesystem(cfg.output)
+    previous = fs.exists(f"{path}/{RUN_NAME}")
+    if previous and not cfg.resume:
+        raise RunExistsError(
+            f"--output {cfg.output} already holds a training run; pass --resume to continue it, "
+            "or choose another --output"
+        )
+    return previous
+
+
+def check_weights_file(backbone: str, image_size: int, weights: str | None) -> None:
+    """A --weights PATH loads into `backbone` built without weights, on the CPU, as the workers will
+    load it (measured here: VGG16 0.4 s, MobileNetV2 1 s, Xception 2 s, InceptionResNetV2 5 s)."""
+    import keras
+
+    from eyeray.model.build import BACKBONES, resolve_weights
+
+    _, weights_file = resolve_weights(weights)
+    if not weights_file:
+        return
+    local, tmp = storage.local_copy(weights_file)
+    try:
+        with warnings.catch_warnings(), keras.device("cpu:0"):
+            warnings.simplefilter("ignore")  # Keras warns about every layer it cannot match
+            base = BACKBONES[backbone].build((image_size, image_size, 3), None)
+            base.load_weights(local)
+    except (ValueError, OSError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        first = first.split(". Example")[0]  # Keras: "A total of 13 objects could not be loaded. Example ..."
+        raise SettingError(
+            f"--weights {weights_file} does not load into {backbone} ({first[:160]}); give a weights file saved "
+            f"from {backbone} (its backbone's save_weights), or another --backbone"
+        ) from exc
+    finally:
+        if tmp is not None:
+            tmp.cleanup()

@@ -1,0 +1,38 @@
+"""`eyeray demo` as a newcomer runs it: the installed command, no RAY_ADDRESS (it starts its own
+Ray), a fresh home folder. It must succeed, say what it did in few lines, and show the archive's
+broken files as error rows and the service's 422."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+from conftest import free_port
+
+pytestmark = pytest.mark.cluster
+MAX_LINES = 60  # issue 14: every line means something to a user
+
+
+def test_eyeray_demo_from_the_command_line(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k == "RAY_USAGE_STATS_ENABLED"}
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    cmd = [shutil.which("eyeray"), "demo", "--epochs", "2", "--image-size", "32", "--port", str(free_port())]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert proc.returncode == 0, "\n".join(lines[-60:])
+    assert len(lines) <= MAX_LINES, f"{len(lines)} lines:\n" + "\n".join(lines)
+    assert "[eyeray demo] done" in proc.stdout
+    summary = json.loads(next(line for line in proc.stdout.splitlines() if line.strip().startswith('{"files_seen"')))
+    assert summary["errors"] == 3 and summary["scored"] == 40
+    served = next(line for line in proc.stdout.splitlines() if line.strip().startswith("served"))
+    assert served.count("-> 200") == 3 and served.count("-> 422") == 1
+    scores = next(Path(p) for p in tmp_path.glob("runs/oct-demo-*/scores"))
+    rows = pads.dataset(scores, format="parquet", exclude_invalid_files=True).to_table().to_pylist()
+    assert sum(r["status"] == "error" for r in rows) == 3 and len(rows) == 43
