@@ -170,6 +170,17 @@ def read_value(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarr
     return decode_value(data, max_pixels)
 
 
+def read_thumbnail(uri: str, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str]:
+    """`read_value`, shrunk to at most `max_side` pixels a side, aspect ratio kept: an original read
+    again for a person to look at (report thumbnails, Grad-CAM overlays)."""
+    original, reason = read_value(uri, max_pixels)
+    if original is None:
+        return None, reason
+    image = Image.fromarray(original)
+    image.thumbnail((max_side, max_side))
+    return np.asarray(image), ""
+
+
 def preprocess(image: np.ndarray, size: int, method: str = DEFAULT_RESIZE) -> np.ndarray:
     """RGB uint8 -> size x size x 3 uint8 (aspect ratio not kept, as the seeds did).
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from PIL import Image
 
 from eyeray import storage
 from eyeray.data import imaging
@@ -40,8 +39,8 @@ def draw(
     written = []
     for path, heat, names in zip(batch["path"], maps, explained):
         files = []
-        original = _thumbnail(str(path), max_pixels) if names else None
-        if original is not None:
+        original = imaging.read_thumbnail(str(path), OVERLAY_MAX_SIDE, max_pixels)[0] if names else None
+        if original is not None:  # None: gone or changed since it was scored
             digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
             for heatmap, name in zip(heat, str(names).split(LABEL_SEPARATOR)):
                 relative = f"{EXPLANATIONS_DIR}/{key}/{digest}-{name}.png"
@@ -51,12 +50,3 @@ def draw(
                 files.append(relative)
         written.append(LABEL_SEPARATOR.join(files))
     return {**batch, "explanations": np.array(written, dtype=object)}
-
-
-def _thumbnail(path: str, max_pixels: int) -> np.ndarray | None:
-    original, _ = imaging.read_value(path, max_pixels)
-    if original is None:  # gone or changed since it was scored
-        return None
-    image = Image.fromarray(original)
-    image.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE))
-    return np.asarray(image)

@@ -206,11 +206,10 @@ def _examples(rows: pa.Table, classes: list[str]) -> list[dict[str, Any]]:
 def _thumbnail(path: str, size: int = THUMBNAIL, fmt: str = "JPEG") -> dict[str, Any]:
     """A small inlined copy of the image at `path`, or why it could not be read again."""
     figure = {"alt": _name(path), "src": None, "unavailable": None}
-    original, reason = imaging.read_value(path)
-    if original is None:  # moved or changed since it was scored
+    thumbnail, reason = imaging.read_thumbnail(path, size)
+    if thumbnail is None:  # moved or changed since it was scored
         return {**figure, "unavailable": reason}
-    image = Image.fromarray(original)
-    image.thumbnail((size, size))
+    image = Image.fromarray(thumbnail)
     buf = io.BytesIO()
     image.save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
     return {**figure, "src": _data_uri(buf.getvalue(), "image/jpeg" if fmt == "JPEG" else "image/png")}
