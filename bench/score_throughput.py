@@ -8,9 +8,14 @@ machine, in one run (it is shared and noisy, so ratios are what mean something):
   end and in steady state (runs over n and 2 n images: the difference cancels the start-up);
 - seed-style: open each image with PIL, resize, `model.predict` one image at a time, as the
   seed notebooks served predictions;
-- memory: peak RSS of the driver and of the Ray worker processes while scoring N and 10 N images.
+- memory: peak RSS of the driver and of the Ray worker processes while scoring N and 10 N images;
+- the speed table: the four figures with targets (pipeline vs seed-style loop, end to end vs bare
+  model, training fed by Ray Data vs memory with augmentation, Serve batched vs unbatched at 16
+  clients), the last two by bench/train_ingest.py's and bench/serve_load.py's own measurements, so
+  every row comes from this one run.
 
     python bench/score_throughput.py            # writes bench/results/score_throughput.json
+    python bench/readme.py                      # then regenerates the README's benchmark section
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 import psutil  # noqa: E402
 import ray  # noqa: E402
 
+from bench import serve_load, train_ingest  # noqa: E402
 from eyeray.data import imaging, synthetic
 from eyeray.data.files import list_inputs as list_archive  # noqa: E402
 from eyeray.model import bundle
@@ -159,6 +165,55 @@ def steady_pipeline(bundle_uri: str, tmp: Path, n: int, batch_size: int) -> dict
     }
 
 
+def measure_training_and_serving(args: argparse.Namespace) -> dict:
+    """The two rows of the speed table this script does not measure itself, by the benchmarks that
+    own them (each starts and stops a Ray instance of its own): small_cnn @ 64 training with
+    augmentation, and Serve at 16 clients."""
+    ray.init(include_dashboard=False, num_cpus=os.cpu_count())
+    try:
+        with tempfile.TemporaryDirectory(prefix="eyeray-bench-") as tmp:
+            ingest_args = argparse.Namespace(task="oct", batch_size=32, rounds=3, images_per_class=250)
+            data = str(synthetic.make_dataset(get_task("oct"), tmp, images_per_class=250, seed=0))
+            training = train_ingest.measure(ingest_args, "small_cnn", 64, True, data)
+    finally:
+        ray.shutdown()
+    serving = serve_load.measure(serve_load.parse_args(["--clients", "16", "--requests", str(args.serve_requests)]))
+    return {"train_ingest": training, "serve_load": serving}
+
+
+def speed_table(throughput: dict, other: dict | None) -> list[dict]:
+    """Issue 15's table: each figure with its target, all measured in this run."""
+    rows = [
+        {
+            "figure": f"scoring pipeline (steady) / seed-style loop, {throughput['model']}",
+            "value": throughput["ratio_pipeline_steady_vs_seed_style"],
+            "target": 3.0,
+        },
+        {
+            "figure": "end-to-end pipeline (2n images, start-up included) / bare model",
+            "value": throughput["ratio_pipeline_end_to_end_2n_vs_bare"],
+            "target": 0.8,
+        },
+    ]
+    if other:
+        ingest, serving = other["train_ingest"], other["serve_load"]
+        rows += [
+            {
+                "figure": f"training steps/s fed by Ray Data / in memory, with augmentation, "
+                f"{ingest['backbone']} @ {ingest['image_size']}",
+                "value": ingest["ratio_ray_data_vs_memory"],
+                "target": 0.9,
+            },
+            {
+                "figure": f"Serve with `@serve.batch` / without, 16 clients, {serving['backbone']} @ "
+                f"{serving['image_size']} (target for GPUs)",
+                "value": serving["batched_over_unbatched_at_max_clients"],
+                "target": 2.0,
+            },
+        ]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vgg16:224", help="backbone:size for the throughput figures")
@@ -167,8 +222,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--memory-model", default="small_cnn:64", help="backbone:size for the memory figures")
     parser.add_argument("--memory-images", type=int, default=400, help="N for the N vs 10 N memory figures")
+    parser.add_argument("--serve-requests", type=int, default=96, help="requests at 16 clients, batched and not")
+    parser.add_argument("--no-table", action="store_true", help="skip the training and Serve rows of the table")
     args = parser.parse_args()
-    ray.init(include_dashboard=False)
+    ray.init(include_dashboard=False, num_cpus=os.cpu_count())
     out: dict = {
         "benchmark": "score_throughput",
         "machine": {
@@ -219,10 +276,13 @@ def main() -> None:
         for key in ("driver_mib", "workers_total_mib", "largest_worker_mib"):
             memory[f"ratio_{key}"] = round(memory["10n"][key] / memory["n"][key], 3)
         out["memory"] = memory
+    ray.shutdown()
+    out["table"] = speed_table(out["throughput"], None if args.no_table else measure_training_and_serving(args))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "score_throughput.json").write_text(json.dumps(out, indent=2))
     print(json.dumps({k: v for k, v in out["throughput"].items() if k.startswith("ratio")}, indent=2))
     print(json.dumps({k: v for k, v in out["memory"].items() if k.startswith("ratio")}, indent=2))
+    print(json.dumps(out["table"], indent=2))
     print(f"wrote {RESULTS / 'score_throughput.json'}")
 
 

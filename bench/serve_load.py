@@ -97,15 +97,18 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--requests", type=int, default=160, help="requests per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--cpus", type=int, default=2)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def measure(args: argparse.Namespace) -> dict:
+    """Unbatched then batched, each at every client count, on a private Ray instance of its own."""
     images = [p.read_bytes() for p in sorted(SAMPLES.rglob("*.jpeg"))]
     tmp = Path(tempfile.mkdtemp(prefix="eyeray-bench-"))
     uri = make_bundle(tmp, args.backbone, args.image_size)
@@ -134,12 +137,18 @@ def main(argv: list[str] | None = None) -> dict:
             load(url, images, 4, 32)  # warm-up: traces every batch shape the run will see
             results["runs"][name] = [load(url, images, c, args.requests) for c in args.clients]
             for row in results["runs"][name]:
-                print(name, json.dumps(row))
-        at16 = {name: rows[-1]["requests_per_s"] for name, rows in results["runs"].items()}
-        results["batched_over_unbatched_at_max_clients"] = round(at16["batched"] / at16["unbatched"], 2)
+                print(name, json.dumps(row), flush=True)
+        at_max = {name: rows[-1]["requests_per_s"] for name, rows in results["runs"].items()}
+        results["batched_over_unbatched_at_max_clients"] = round(at_max["batched"] / at_max["unbatched"], 2)
     finally:
         serve.shutdown()
         ray.shutdown()
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    results = measure(args)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps(results, indent=2))
     plot(results, RESULTS / "serve_load.png")

@@ -210,6 +210,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     add("--tta", action="store_true", help=field["tta"].description)
     add("--review-below", type=float, default=default["review_below"], help=field["review_below"].description)
+    add("--jit-compile", action="store_true", help=field["jit_compile"].description)
+    add("--mixed-precision", action="store_true", help=field["mixed_precision"].description)
     return parser
 
 
@@ -234,6 +236,8 @@ def serve_args(args: argparse.Namespace):
         max_body_bytes=int(args.max_body_mb * 2**20),
         tta=args.tta,
         review_below=args.review_below,
+        jit_compile=args.jit_compile,
+        mixed_precision=args.mixed_precision,
         thresholds=thresholds,
         autoscaling={**autoscaling, "max_replicas": args.max_replicas},
     )

@@ -24,7 +24,7 @@ from eyeray.data.files import list_inputs
 from eyeray.decision import operating_points
 from eyeray.model import bundle
 from eyeray.score import ScoreConfig, overlays, run
-from eyeray.score.pipeline import pipeline, version_key
+from eyeray.score.pipeline import pipeline, predictor_args, version_key
 from eyeray.score.predictor import BundlePredictor
 from eyeray.tasks import get_task
 
@@ -62,6 +62,22 @@ def test_predictor_adds_columns_without_ray(oct_bundle):
     assert out["label"][0] in OCT_CLASSES and out["label"][1] == ""
     np.testing.assert_allclose(out["probabilities"][0].sum(), 1, rtol=1e-5)
     assert np.isnan(out["probabilities"][1]).all()
+
+
+def test_predictor_runs_its_bundles_compiled_as_configured(oct_bundle):
+    """--batch-size, --jit-compile and --mixed-precision reach the actors' bundles (eyeray.model.compiled);
+    XLA, and mixed precision (off without a GPU), give the default run's probabilities."""
+    cfg = ScoreConfig(bundles=[oct_bundle], input="i", output="o", batch_size=8, jit_compile=True, mixed_precision=True)
+    args = predictor_args(cfg, 32)
+    assert (args["batch_size"], args["jit_compile"], args["mixed_precision"]) == (8, True, True)
+    batch = {
+        "path": np.array(list("abc"), dtype=object),
+        "image": np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8),
+        "error": np.array(["", "", ""], dtype=object),
+    }
+    compiled, default = BundlePredictor(**{**args, "explain": "none"}), BundlePredictor([oct_bundle], explain="none")
+    assert compiled.bundles[0].compiled.jit_compile and not default.bundles[0].compiled.jit_compile
+    np.testing.assert_allclose(compiled(dict(batch))["probabilities"], default(dict(batch))["probabilities"], atol=1e-5)
 
 
 def test_model_actor_reads_no_file_and_overlays_are_drawn_in_their_own_stage(oct_bundle, oct_sample, tmp_path):
@@ -331,11 +347,19 @@ def test_predictor_actor_crash_is_retried_by_ray(ray_cluster, oct_bundle, tmp_pa
 
 def test_decode_runs_in_its_own_tasks_beside_the_model_actors(ray_cluster, oct_bundle, tmp_path):
     """Ray Data fuses a task stage into the next actor stage when their resources match; fused,
-    the model actor would read and decode every file itself and wait on the disk."""
+    the model actor would read and decode every file itself and wait on the disk. (The actors run
+    the model compiled with XLA: the flag's path through a real pipeline.)"""
     import pyarrow as pa
 
     write_pngs(tmp_path / "archive", 40)
-    cfg = ScoreConfig(bundles=[oct_bundle], input=str(tmp_path / "archive"), output=str(tmp_path / "out"), batch_size=8)
+    cfg = ScoreConfig(
+        bundles=[oct_bundle],
+        input=str(tmp_path / "archive"),
+        output=str(tmp_path / "out"),
+        batch_size=8,
+        jit_compile=True,
+        mixed_precision=True,
+    )
     ds = pipeline(cfg, pa.array(list_inputs(cfg.input)), [bundle.read_manifest(oct_bundle)])
     assert sum(r["rows"] for r in ds.take_all()) == 40
     stats = ds.stats()
@@ -364,10 +388,13 @@ def test_cli_takes_repeated_bundles_and_refuses_bad_values():
                 "1",
                 "--actors",
                 "8",
+                "--jit-compile",
+                "--mixed-precision",
             ]
         )
     )
     assert (cfg.bundles, cfg.ensemble, cfg.gpus_per_actor, cfg.actors) == (["a", "s3://m/b"], "vote", 1.0, 8)
+    assert (cfg.jit_compile, cfg.mixed_precision) == (True, True)
     with pytest.raises(SystemExit):
         parser.parse_args(["--bundle", "a", "--input", "i", "--output", "o", "--ensemble", "median"])
     with pytest.raises(ValueError, match="batch_size"):

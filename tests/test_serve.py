@@ -556,14 +556,16 @@ def test_an_upload_whose_decoder_raises_an_unexpected_error_gets_422_not_500(url
 def test_mixed_thresholds_and_tta_in_one_burst_each_answer_its_own_and_model_seconds_exported(url, bundles, oct_sample):
     """Mixed traffic: at once, the same scans with different `?thresholds=` (batched together by
     @serve.batch, decided per override), to the module's app and to an application serving with
-    test-time augmentation. Each answer is what the batch scorer's `Bundle.predict` + `Bundle.decide`
-    make of that scan with that override; the model-call latency histogram reaches Prometheus."""
+    test-time augmentation (and its model compiled with XLA, mixed precision asked for). Each answer
+    is what the batch scorer's `Bundle.predict` + `Bundle.decide` make of that scan with that override;
+    the model-call latency histogram reaches Prometheus."""
     import ray
     from ray import serve
 
     from eyeray.decision.operating_points import parse_thresholds
 
-    serve.run(build_app(ServeArgs(bundles=[bundles["oct"]], tta=True, **FAST)), name="eyeray-tta", route_prefix="/tta")
+    tta_app = ServeArgs(bundles=[bundles["oct"]], tta=True, jit_compile=True, mixed_precision=True, **FAST)
+    serve.run(build_app(tta_app), name="eyeray-tta", route_prefix="/tta")
     try:
         scans = [sorted((oct_sample / c).iterdir())[1] for c in get_task("oct").classes]
         overrides = [None, "0", "1", "0.35"]

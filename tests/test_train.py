@@ -75,7 +75,9 @@ def make_data(task: str, root: Path, per_class: int) -> Path:
 
 def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, tmp_path, monkeypatch):
     """A pretrained backbone (--weights PATH) runs head then fine-tune on 2 GPU workers (the session
-    cluster's GPUs are logical: the same code, TensorFlow computes on the CPU); one dies after epoch 2."""
+    cluster's GPUs are logical: the same code, TensorFlow computes on the CPU); one dies after epoch 2.
+    The head trains on pooled features cached by a Ray Data stage (a GPU actor), fine-tuning on images,
+    in mixed precision."""
     data = make_data("glaucoma", tmp_path / "data", per_class=24)
     weights = tmp_path / "vgg16_backbone.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg").save_weights(
@@ -93,6 +95,8 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
         batch_size=16,
         workers=2,
         use_gpu=True,
+        head_on_features=True,
+        mixed_precision=True,  # float16 compute with loss scaling, as on GPUs; the bundle is float32
     )
     monkeypatch.setenv(faults.AT_EPOCH_ENV, "2")  # the last worker dies once, after epoch 2
     result = run(cfg)
@@ -100,12 +104,16 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
     # Resumed from a checkpoint, not from scratch; normally epoch 2's, but a report still in
     # flight when a worker dies may be lost, as with any real failure.
     assert len(result.resumed_after) == 1 and result.resumed_after[0] in (1, 2)
-    assert [(h["epoch"], h["phase"]) for h in result.history] == [
-        (1, "head"),
-        (2, "head"),
-        (3, "fine_tune"),
-        (4, "fine_tune"),
+    assert [(h["epoch"], h["phase"], h["inputs"]) for h in result.history] == [
+        (1, "head", "features"),
+        (2, "head", "features"),
+        (3, "fine_tune", "images"),
+        (4, "fine_tune", "images"),
     ]
+    cached = result.metrics["run"]["feature_cache"]
+    assert sum(cached["images"].values()) == cached["images"]["train"] + cached["images"]["validation"] > 0
+    # every worker's equal shard of the cached split, as of the images (Ray drops the remainder)
+    assert result.history[0]["train_images"] == result.history[2]["train_images"] > cached["images"]["train"] - 2
     assert {(h["workers"], h["gpus_per_worker"]) for h in result.history} == {(2, 1)}
     assert result.history[2]["learning_rate"] == pytest.approx(
         result.history[0]["learning_rate"] * cfg.fine_tune_lr_factor
@@ -113,6 +121,8 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
     for key in ("pauc_90_100", "sens_at_95_spec", "auc"):
         assert key in result.metrics
     assert bundle.read_manifest(result.bundle)["weights"] == str(weights)
+    exported = bundle.load(result.bundle).model
+    assert {layer.compute_dtype for layer in exported.layers if layer.weights} == {"float32"}
 
 
 def test_interrupted_run_on_s3_resumes_with_resume_flag_and_reports_bad_files(ray_cluster, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Pieces of training that run without Ray: augmentation, class weights, config resolution, CLI."""
+"""Pieces of training that run without Ray: class weights, config resolution, CLI (augmentation: test_augment.py)."""
 
 from __future__ import annotations
 
@@ -6,33 +6,9 @@ import numpy as np
 import pytest
 
 from eyeray.cli import get_train_parser, train_config
-from eyeray.data.augment import augment_batch, augment_image
-from eyeray.tasks import AugmentSpec, get_task
+from eyeray.tasks import get_task
 from eyeray.train import TrainConfig
 from eyeray.train.distributed import class_weights
-
-
-def test_augmentation_keeps_shape_and_dtype_and_varies():
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)
-    spec = AugmentSpec()
-    outs = [augment_image(image, spec, rng) for _ in range(4)]
-    assert all(o.shape == image.shape and o.dtype == np.uint8 for o in outs)
-    assert len({o.tobytes() for o in outs}) == 4
-    batch = {"image": np.stack([image] * 3), "label": np.eye(3, dtype=np.float32)}
-    a, b = augment_batch(batch, spec), augment_batch(batch, spec)
-    assert not np.array_equal(a["image"], b["image"])  # fresh randomness each epoch
-    np.testing.assert_array_equal(a["label"], batch["label"])
-
-
-def test_augmentation_off_is_identity_and_flip_is_a_mirror():
-    rng = np.random.default_rng(1)
-    image = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
-    off = AugmentSpec(hflip=False, rotation_deg=0, zoom=0, brightness=0, contrast=0)
-    np.testing.assert_array_equal(augment_image(image, off, rng), image)
-    flip_only = AugmentSpec(hflip=True, rotation_deg=0, zoom=0, brightness=0, contrast=0)
-    seen = {augment_image(image, flip_only, rng).tobytes() for _ in range(20)}
-    assert seen == {image.tobytes(), image[:, ::-1].tobytes()}
 
 
 def test_class_weights_balance_single_and_multi_label():
@@ -125,3 +101,43 @@ def test_head_standardises_pooled_features_fitted_on_training_batches(tmp_path):
     loaded = keras.saving.load_model(path, compile=False)
     np.testing.assert_allclose(loaded.get_layer(FEATURE_SCALE).mean.numpy(), layer.mean.numpy())
     np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+
+
+def test_mixed_precision_trains_with_loss_scaling_and_hands_over_float32_weights():
+    """--mixed-precision: float16 compute, float32 variables and outputs, a loss-scaling optimizer;
+    the trained weights load into the float32 model the bundle is exported from."""
+    import keras
+    import tensorflow as tf
+
+    from eyeray.model.build import build_model
+    from eyeray.model.compiled import CompiledModel
+    from eyeray.train.distributed import DistributedFitter, set_precision
+
+    spec = get_task("oct")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
+    labels = np.eye(4, dtype=np.float32)[np.arange(32) % 4]
+    images[labels[:, 0] == 1] //= 4  # a class the model can tell apart
+    set_precision(True)
+    try:
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+        with strategy.scope():
+            mixed = build_model(spec, "small_cnn", weights="none", image_size=32)
+        fitter = DistributedFitter(strategy, mixed, spec, np.ones(4, np.float32))
+        fitter.compile(1e-3)
+        assert isinstance(fitter.optimizer, keras.optimizers.LossScaleOptimizer)
+        assert mixed.get_layer("head_dense").compute_dtype == "float16"
+        assert {v.dtype for v in mixed.trainable_variables} == {"float32"}
+        losses = [
+            fitter.train_epoch({"image": images[i : i + 8], "label": labels[i : i + 8]} for i in range(0, 32, 8))
+            for _ in range(4)
+        ]
+        assert all(np.isfinite(s.loss) for s in losses) and losses[-1].loss < losses[0].loss
+        out = CompiledModel(mixed)(images, 16)
+        assert out.dtype == np.float32
+    finally:
+        set_precision(False)
+    exported = build_model(spec, "small_cnn", weights="none", image_size=32)
+    exported.set_weights(mixed.get_weights())
+    assert exported.get_layer("head_dense").compute_dtype == "float32"
+    np.testing.assert_allclose(CompiledModel(exported)(images, 16), out, atol=2e-2)

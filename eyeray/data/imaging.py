@@ -1,7 +1,10 @@
 """The one decode and the one preprocess, shared by training, batch scoring and serving.
 
 `decode` turns file bytes into an RGB uint8 array; `preprocess` resizes it to the model's input
-size with the bundle manifest's resize method (`RESIZE_METHODS`). `decode_value` is the one place a
+size with the bundle manifest's resize method (`RESIZE_METHODS`). A caller that only needs the
+image at a model's input size says so (`min_side`): a large JPEG is then decoded at 1/2, 1/4 or 1/8
+scale by the JPEG decoder itself (`DRAFT_MARGIN` says how far), several times cheaper than a full
+decode followed by a large downscale. `decode_value` is the one place a
 decode failure becomes a reason instead of an exception: batch rows (`load_record`) and served
 uploads (a 422) get the same text.
 
@@ -17,11 +20,12 @@ raising, so one bad file never fails a batch.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # About 8000 x 8000: far above fundus cameras (~12 MP) and OCT B-scans, far below what a
 # crafted "decompression bomb" file asks the decoder to allocate.
@@ -37,6 +41,16 @@ RESIZE_METHODS = {
     "hamming": Image.Resampling.HAMMING,
 }
 DEFAULT_RESIZE = "bilinear"  # what training uses, as the seeds did
+# A JPEG decoded for a model input of side S is drafted (DCT-scaled by 1/2, 1/4 or 1/8) only as far as
+# keeps both its sides >= DRAFT_MARGIN * S, so `preprocess` still downsamples by >= 2x. Measured on the
+# real samples (bench/decode_speed.py; tests/test_decode_draft.py): at 2x, preprocess(reduced) is within
+# 0.3 grey levels on average (max 10) of preprocess(full); letting the draft come down to ~1.1x the
+# input instead (margin 1) triples the mean difference to ~1 and lets single pixels move by 30-40
+# levels, as the last resize then interpolates rather than averages. 2x is also Pillow's own default
+# for the same trade-off (`Image.thumbnail(reducing_gap=2.0)`).
+DRAFT_MARGIN = 2.0
+# EXIF orientations that swap width and height (transpose, rotate 90 / 270, transverse).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class DecodeError(ValueError):
@@ -47,22 +61,39 @@ def is_dicom(data: bytes) -> bool:
     return data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
 
 
-def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
     """Bytes (JPEG, PNG, TIFF, BMP or DICOM) -> HxWx3 uint8 RGB array.
 
     Greyscale, 16-bit and float images are scaled into 0..255 and replicated to three channels.
+
+    `min_side`: the largest model input side the caller will `preprocess` to. A JPEG larger than
+    `DRAFT_MARGIN` x that on both sides is then decoded at a reduced scale (the returned array is
+    smaller than the file's image, never below that margin); every other format, and None (the
+    default: callers that show or overlay the original), decode at full size. The `max_pixels`
+    limit always applies to the file's full size.
     """
+    return _decode(data, max_pixels, min_side)[0]
+
+
+def _decode(data: bytes, max_pixels: int, min_side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """`decode`, plus the image's full (height, width) as shown (EXIF orientation applied), which a
+    reduced decode no longer has: records report the file's size, not the decoded one."""
     if not data:
         raise DecodeError("empty file")
     if is_dicom(data):
-        return _decode_dicom(data, max_pixels)
+        arr = _decode_dicom(data, max_pixels)
+        return arr, (arr.shape[0], arr.shape[1])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            _check_size(img.size, max_pixels)
+            _check_size(img.size, max_pixels)  # the full size: a draft must not let a bomb through
             if getattr(img, "n_frames", 1) > 1:  # a volume (multi-page TIFF): its central frame, as for DICOM
                 img.seek(img.n_frames // 2)
+            width, height = img.size
+            if img.getexif().get(ExifTags.Base.Orientation) in _SWAPPING_ORIENTATIONS:
+                width, height = height, width
+            _draft(img, min_side)
             img = ImageOps.exif_transpose(img)  # camera orientation, as a viewer shows it
             img.load()
     except DecodeError:
@@ -71,7 +102,19 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise DecodeError(_reason(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # truncated or corrupt data
         raise DecodeError(f"corrupt image: {exc}") from None
-    return _to_rgb(img)
+    return _to_rgb(img), (height, width)
+
+
+def _draft(img: Image.Image, min_side: int | None) -> None:
+    """Ask the JPEG decoder for the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least
+    `DRAFT_MARGIN * min_side`. Only baseline/progressive JPEG in RGB or L: `draft` is a no-op for other
+    formats, and for RGB it must not be asked for a mode change (it would turn colour into grey)."""
+    if min_side is None or img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        return
+    if min_side < 1:
+        raise ValueError(f"min_side must be >= 1, not {min_side}")
+    need = math.ceil(min_side * DRAFT_MARGIN)  # square: the same whichever way EXIF turns the image
+    img.draft(img.mode, (need, need))
 
 
 def _reason(exc: Exception) -> str:
@@ -144,36 +187,52 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     return gray_to_rgb(arr)
 
 
-def decode_value(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str]:
+def decode_value(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> tuple[np.ndarray | None, str]:
     """`decode`, with every failure as a value: (image, "") or (None, reason).
 
     The reason is a `DecodeError`'s message, or for any other exception (a decoder bug on one odd
     file, e.g. Pillow's TypeError on a TIFF page without dimensions) its type and message. Batch
     rows and served uploads (422) both show this text."""
+    image, reason, _ = _decode_value(data, max_pixels, min_side)
+    return image, reason
+
+
+def _decode_value(data: bytes, max_pixels: int, min_side: int | None) -> tuple[np.ndarray | None, str, tuple[int, int]]:
+    """`decode_value` plus the full (height, width) of `_decode`; (0, 0) on failure."""
     try:
-        return decode(data, max_pixels), ""
+        image, full = _decode(data, max_pixels, min_side)
+        return image, "", full
     except DecodeError as exc:
-        return None, str(exc)
+        return None, str(exc), (0, 0)
     except Exception as exc:  # a decoder bug on one odd file must not fail its batch or its request
-        return None, f"undecodable file: {type(exc).__name__}: {exc}"
+        return None, f"undecodable file: {type(exc).__name__}: {exc}", (0, 0)
 
 
-def read_value(uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str]:
+def read_value(
+    uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> tuple[np.ndarray | None, str]:
     """Read (local or s3://) and decode one file, every failure as a value, as `decode_value`:
     a missing, unreadable or undecodable file is (None, reason)."""
+    data, reason = _read_bytes(uri)
+    return decode_value(data, max_pixels, min_side) if data is not None else (None, reason)
+
+
+def _read_bytes(uri: str) -> tuple[bytes | None, str]:
     from eyeray import storage
 
     try:
-        data = storage.read_bytes(uri)
+        return storage.read_bytes(uri), ""
     except Exception as exc:  # missing file, permission, network
         return None, f"unreadable file: {type(exc).__name__}: {exc}"
-    return decode_value(data, max_pixels)
 
 
 def read_thumbnail(uri: str, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str]:
     """`read_value`, shrunk to at most `max_side` pixels a side, aspect ratio kept: an original read
-    again for a person to look at (report thumbnails, Grad-CAM overlays)."""
-    original, reason = read_value(uri, max_pixels)
+    again for a person to look at (report thumbnails, Grad-CAM overlays). Decoded at a reduced scale
+    when the file is much larger (`decode`'s `min_side`): the thumbnail needs no more."""
+    original, reason = read_value(uri, max_pixels, min_side=max_side)
     if original is None:
         return None, reason
     image = Image.fromarray(original)
@@ -203,14 +262,21 @@ def load_record(
 
     Uses `record["bytes"]` when present (uploads, `read_binary_files`), else reads `record["path"]`.
     `extra_sizes` adds `image_<size>` columns from the same decode (ensembles of models whose
-    input sizes differ decode each file once); every size is resized with `method`.
+    input sizes differ decode each file once); every size is resized with `method`. The decode is
+    only as large as the largest size needs (`decode`'s `min_side`); `height` and `width` are still
+    the file's full image size.
     """
     out = dict(record)
     data = out.pop("bytes", None)
-    image, reason = decode_value(data, max_pixels) if data is not None else read_value(record["path"], max_pixels)
+    reason = ""
+    if data is None:
+        data, reason = _read_bytes(record["path"])
+    image, full = None, (0, 0)
+    if data is not None:
+        image, reason, full = _decode_value(data, max_pixels, max((size, *extra_sizes)))
     if image is None:
         return _failed(out, size, extra_sizes, reason)
-    out.update(image=preprocess(image, size, method), height=image.shape[0], width=image.shape[1], error="")
+    out.update(image=preprocess(image, size, method), height=full[0], width=full[1], error="")
     out.update({f"image_{s}": preprocess(image, s, method) for s in extra_sizes})
     return out
 

@@ -208,6 +208,18 @@ def pooled_features(model: keras.Model) -> tuple[keras.Model, FeatureStandardize
     return keras.Model(model.input, layer.input, name=f"{model.name}_features"), layer
 
 
+def head_model(model: keras.Model) -> keras.Model:
+    """Pooled backbone features -> outputs: the model's own head (from its FeatureStandardize layer
+    on), the same layer objects and variables, not copies.
+
+    Why: while the backbone is frozen, the head can train on features computed once instead of
+    running the backbone on every image every epoch (eyeray.train.features); sharing the layers
+    means the full model, checkpointed and exported as usual, holds the head so trained. A
+    sub-graph of the model's own graph: no layer is called again, so `pooled_features` still works."""
+    layer = model.get_layer(FEATURE_SCALE)
+    return keras.Model(layer.input, model.output, name=f"{model.name}_head")
+
+
 def backbones_of(model: keras.Model) -> list[tuple[str, keras.Model]]:
     prefix = "backbone_"
     return [(layer.name[len(prefix) :], layer) for layer in model.layers if layer.name.startswith(prefix)]

@@ -15,7 +15,7 @@ import hashlib
 import json
 import platform
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 from eyeray import __version__, storage
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW, decide
 from eyeray.model import manifest as schema
+from eyeray.model.compiled import CompiledModel
 from eyeray.tasks import TaskSpec, get_task
 
 MANIFEST = "manifest.json"
@@ -186,11 +187,21 @@ def _check(manifest: Any, where: str) -> dict[str, Any]:
 
 @dataclass
 class Bundle:
-    """A loaded bundle: the Keras model, its manifest, and the task spec it was trained for."""
+    """A loaded bundle: the Keras model, its manifest, and the task spec it was trained for.
+
+    `predict` runs the model compiled for inference (`eyeray.model.compiled`: a `tf.function`, with
+    XLA when `jit_compile`, float16 on GPUs when `mixed_precision`); `model` stays the plain Keras
+    model, for what needs its layers (Grad-CAM)."""
 
     model: Any
     manifest: dict[str, Any]
     uri: str
+    jit_compile: bool = False
+    mixed_precision: bool = False
+    compiled: CompiledModel = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.compiled = CompiledModel(self.model, jit_compile=self.jit_compile, mixed_precision=self.mixed_precision)
 
     @property
     def spec(self) -> TaskSpec:
@@ -219,18 +230,17 @@ class Bundle:
         return self.manifest["version"]
 
     def predict(self, images: np.ndarray, batch_size: int = 32, tta: bool = False) -> np.ndarray:
-        """uint8 images (n, size, size, 3) -> probabilities (n, classes), `batch_size` at a time.
+        """uint8 images (n, size, size, 3) -> float32 probabilities (n, classes), `batch_size` at a time.
 
-        `predict_on_batch`, not `predict`: the same traced model call without building a dataset
-        and a progress loop each time (about 70 ms less per call on a small batch, which is most
-        of a served request). `tta`: test-time augmentation, the mean over the image and its
-        left-right mirror (the flip training augments with; twice the model time)."""
+        The compiled model (`eyeray.model.compiled.CompiledModel`), not `predict`: one traced call
+        per batch, padded to a few fixed sizes, without building a dataset and a progress loop each
+        time (most of a served request). `tta`: test-time augmentation, the mean over the image and
+        its left-right mirror (the flip training augments with; twice the model time)."""
         if len(images) == 0:
             return np.zeros((0, len(self.classes)), np.float32)
         if tta:
             return (self.predict(images, batch_size) + self.predict(images[:, :, ::-1], batch_size)) / 2
-        chunks = [self.model.predict_on_batch(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-        return np.concatenate([np.asarray(c, np.float32) for c in chunks])
+        return self.compiled(images, batch_size)
 
     def decide(self, probabilities: np.ndarray, thresholds=None, review_below: float = DEFAULT_REVIEW_BELOW):
         """Calibrated probabilities, labels, referral, confidence and review flag at the bundle's
@@ -258,8 +268,9 @@ def check_compatible(manifests: list[dict[str, Any]]) -> None:
         raise BundleError(f"the same bundle is given more than once: versions {versions}")
 
 
-def load(uri: str, verify_hash: bool = True) -> Bundle:
-    """Load a bundle from a local directory or an `s3://` prefix."""
+def load(uri: str, verify_hash: bool = True, *, jit_compile: bool = False, mixed_precision: bool = False) -> Bundle:
+    """Load a bundle from a local directory or an `s3://` prefix; `jit_compile` and `mixed_precision`
+    say how `Bundle.predict` runs the model (`eyeray.model.compiled`)."""
     import keras
 
     import eyeray.model.build  # noqa: F401  (registers BackbonePreprocess for deserialisation)
@@ -274,7 +285,7 @@ def load(uri: str, verify_hash: bool = True) -> Bundle:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    return Bundle(model=model, manifest=manifest, uri=uri)
+    return Bundle(model=model, manifest=manifest, uri=uri, jit_compile=jit_compile, mixed_precision=mixed_precision)
 
 
 def verify(bundle: Bundle) -> None:

@@ -94,6 +94,14 @@ class ScoreConfig:
         default=False,
         metadata={"help": "test-time augmentation: mean over the image and its mirror (2x model time)"},
     )
+    jit_compile: bool = field(
+        default=False,
+        metadata={"help": "compile the model with XLA (often faster on GPUs; slower on the CPUs measured)"},
+    )
+    mixed_precision: bool = field(
+        default=False,
+        metadata={"help": "float16 inference on GPUs (TensorFlow's auto mixed precision); no effect on CPUs"},
+    )
     review_below: float = field(
         default=DEFAULT_REVIEW_BELOW,
         metadata={"help": "calibrated confidence below which a case is marked needs_review"},
@@ -184,6 +192,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     ]
     summary["ensemble"] = cfg.ensemble if len(manifests) > 1 else None
     summary["decision"] = decision
+    summary["inference_this_run"] = {"jit_compile": cfg.jit_compile, "mixed_precision": cfg.mixed_precision}
     fs.pipe(f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
     if cfg.report:
         score_report.write(cfg.output, summary, rows)
@@ -222,20 +231,9 @@ def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.dat
         batch_size=cfg.batch_size,
         num_cpus=DECODE_CPUS,
     )
-    predictor_args = {
-        "bundle_uris": cfg.bundles,
-        "method": cfg.ensemble,
-        "primary_size": sizes[0],
-        "thresholds": operating_points.parse_thresholds(cfg.thresholds),
-        "tta": cfg.tta,
-        "review_below": cfg.review_below,
-        "explain": cfg.explain,
-        "output": cfg.output,
-        "fault_after_batches": faults.from_env(faults.AFTER_BATCHES_ENV),
-    }
     ds = ds.map_batches(
         BundlePredictor,
-        fn_constructor_kwargs=predictor_args,
+        fn_constructor_kwargs=predictor_args(cfg, sizes[0]),
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_gpus=cfg.gpus_per_actor,
@@ -260,6 +258,24 @@ def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.dat
         },
     )
     return ds
+
+
+def predictor_args(cfg: ScoreConfig, primary_size: int) -> dict[str, Any]:
+    """The `BundlePredictor` arguments of a scoring run (each model actor builds one from them)."""
+    return {
+        "bundle_uris": cfg.bundles,
+        "method": cfg.ensemble,
+        "primary_size": primary_size,
+        "thresholds": operating_points.parse_thresholds(cfg.thresholds),
+        "tta": cfg.tta,
+        "review_below": cfg.review_below,
+        "explain": cfg.explain,
+        "output": cfg.output,
+        "fault_after_batches": faults.from_env(faults.AFTER_BATCHES_ENV),
+        "batch_size": cfg.batch_size,
+        "jit_compile": cfg.jit_compile,
+        "mixed_precision": cfg.mixed_precision,
+    }
 
 
 def check_decision(cfg: ScoreConfig, manifests: list[dict[str, Any]]) -> dict[str, Any]:

@@ -37,10 +37,18 @@ class BundlePredictor:
         explain: str = "none",
         output: str | None = None,
         fault_after_batches: int | None = None,
+        batch_size: int = 32,
+        jit_compile: bool = False,
+        mixed_precision: bool = False,
     ):
         from eyeray.model import bundle
+        from eyeray.model.devices import configure_gpus
 
-        self.bundles = [bundle.load(uri) for uri in bundle_uris]
+        configure_gpus()  # before the first model: actors with fractional GPUs share one
+        self.bundles = [
+            bundle.load(uri, jit_compile=jit_compile, mixed_precision=mixed_precision) for uri in bundle_uris
+        ]
+        self.batch_size = batch_size  # images per model call (`eyeray.model.compiled` pads up to a few sizes)
         self.manifests = [b.manifest for b in self.bundles]
         check_compatible(self.manifests)
         self.method, self.thresholds, self.tta, self.review_below = method, thresholds, tta, review_below
@@ -53,7 +61,7 @@ class BundlePredictor:
         ok = np.asarray([e == "" for e in batch["error"]], bool)
         classes = self.bundles[0].classes
         images = [batch[image_column(b.image_size, self.primary)][ok] for b in self.bundles]
-        per_model = [b.predict(x, tta=self.tta) for b, x in zip(self.bundles, images)]
+        per_model = [b.predict(x, self.batch_size, tta=self.tta) for b, x in zip(self.bundles, images)]
         decision = ensemble.combine(self.manifests, per_model, self.method, self.thresholds, self.review_below)
         sure, review = decision.confidence(), decision.needs_review()
         out = {k: v for k, v in batch.items() if not k.startswith("image")}

@@ -95,6 +95,12 @@ class ServeArgs(BaseModel):
         default_factory=dict, description="task -> operating-point override (as `?thresholds=`); requests may override"
     )
     tta: bool = Field(False, description="test-time augmentation: mean over the image and its mirror (2x model time)")
+    jit_compile: bool = Field(
+        False, description="compile the model with XLA (often faster on GPUs; slower on the CPUs measured)"
+    )
+    mixed_precision: bool = Field(
+        False, description="float16 inference on GPUs (TensorFlow's auto mixed precision); no effect on CPUs"
+    )
     review_below: float = Field(
         DEFAULT_REVIEW_BELOW, ge=0, le=1, description="calibrated confidence below which an answer says needs_review"
     )
@@ -129,24 +135,32 @@ class Problem(BaseModel):
 class TaskModel:
     """One bundle, loaded once per replica; concurrent requests become one model call."""
 
-    def __init__(self, bundle_uri: str, version: str, tta: bool = False, review_below: float = DEFAULT_REVIEW_BELOW):
+    def __init__(
+        self,
+        bundle_uri: str,
+        version: str,
+        tta: bool = False,
+        review_below: float = DEFAULT_REVIEW_BELOW,
+        jit_compile: bool = False,
+        mixed_precision: bool = False,
+    ):
         import threading
 
-        import tensorflow as tf
         from ray.util import metrics
 
         from eyeray.model import bundle
+        from eyeray.model.devices import configure_gpus
 
-        for gpu in tf.config.list_physical_devices("GPU"):  # fractional GPUs: replicas share one
-            tf.config.experimental.set_memory_growth(gpu, True)
-        self.bundle = bundle.load(bundle_uri)
+        configure_gpus()  # before the model: replicas with fractional GPUs share one
+        self.bundle = bundle.load(bundle_uri, jit_compile=jit_compile, mixed_precision=mixed_precision)
         if self.bundle.version != version:
             raise bundle.BundleError(
                 f"{bundle_uri} changed since the application was built "
                 f"({version} -> {self.bundle.version}): redeploy it"
             )
-        bundle.verify(self.bundle)  # also the warm-up: the first request does not pay for tracing
+        bundle.verify(self.bundle)  # a first trace; `reconfigure` traces the other batch sizes
         self.task, self.tta, self.review_below = self.bundle.manifest["task"], tta, review_below
+        self.max_batch_size = MAX_BATCH_SIZE
         self._cam, self._cam_lock = None, threading.Lock()
         self.batch_sizes = metrics.Histogram(
             "eyeray_serve_batch_size", "Requests per model call.", boundaries=BATCH_BOUNDARIES, tag_keys=("task",)
@@ -156,15 +170,21 @@ class TaskModel:
         )
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        self.predict.set_max_batch_size(int(config.get("max_batch_size", MAX_BATCH_SIZE)))
+        """Batch size and wait time (`user_config`); the model is traced for every padded batch size
+        up to the new maximum here, before the replica takes requests, not by the first requests."""
+        self.max_batch_size = int(config.get("max_batch_size", MAX_BATCH_SIZE))
+        self.predict.set_max_batch_size(self.max_batch_size)
         self.predict.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", BATCH_WAIT_TIMEOUT_S)))
+        self.bundle.compiled.warm_up(self.max_batch_size)
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
     async def predict(self, requests: list[tuple[np.ndarray, Any]]) -> list[dict[str, Any]]:
         """(preprocessed uint8 image, threshold override or None), one per request -> one answer each."""
         start = time.perf_counter()
         images = np.stack([image for image, _ in requests])
-        probs = await asyncio.to_thread(self.bundle.predict, images, tta=self.tta)  # the loop keeps queueing
+        probs = await asyncio.to_thread(  # the loop keeps queueing
+            self.bundle.predict, images, self.max_batch_size, tta=self.tta
+        )
         self.model_seconds.observe(time.perf_counter() - start, tags={"task": self.task})
         self.batch_sizes.observe(len(requests), tags={"task": self.task})
         answers: list[dict[str, Any]] = [{} for _ in requests]
@@ -262,16 +282,21 @@ def check_thresholds(manifest: dict[str, Any], text: str | None) -> Any:
     return thresholds
 
 
-def decode_upload(data: bytes, manifest: dict[str, Any], max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+def decode_upload(
+    data: bytes, manifest: dict[str, Any], max_pixels: int, overlay: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """The upload as decoded (for overlays) and as the bundle's model takes it: the manifest's
     `preprocessing` (resize size and method), as batch scoring applies it. The decoded-size limit is
     the stricter of the bundle's `preprocessing.max_pixels` and the service's `max_pixels`. Any
-    decode failure is a 422 with the reason batch scoring writes in its rows (`imaging.decode_value`)."""
+    decode failure is a 422 with the reason batch scoring writes in its rows (`imaging.decode_value`).
+    `overlay=False` (a prediction only): a large JPEG is decoded only as large as the model input
+    needs (`imaging.decode`'s `min_side`, as batch scoring decodes), and the first value is that."""
     pre = manifest["preprocessing"]
-    original, reason = imaging.decode_value(data, min(max_pixels, int(pre["max_pixels"])))
+    size = int(pre["resize"]["size"][0])
+    original, reason = imaging.decode_value(data, min(max_pixels, int(pre["max_pixels"])), None if overlay else size)
     if original is None:
         raise HTTPException(422, reason)
-    return original, imaging.preprocess(original, int(pre["resize"]["size"][0]), pre["resize"]["method"])
+    return original, imaging.preprocess(original, size, pre["resize"]["method"])
 
 
 THRESHOLDS_QUERY = Query(
@@ -359,7 +384,9 @@ class Api:
                     422, f"class {explain[0]!r} is not a class of {task}: {', '.join(manifest['classes'])}"
                 )
             data = await self._read_image(request)
-            original, image = await run_in_threadpool(decode_upload, data, manifest, self.max_pixels)
+            original, image = await run_in_threadpool(
+                decode_upload, data, manifest, self.max_pixels, overlay=explain is not None
+            )
             if explain is None:
                 answer = await self.models[task].predict.remote((image, thresholds))
             else:
@@ -469,7 +496,7 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
             ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica},
             user_config={"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
             max_ongoing_requests=max(64, 2 * args.max_batch_size),
-        ).bind(uri, manifest["version"], args.tta, args.review_below)
+        ).bind(uri, manifest["version"], args.tta, args.review_below, args.jit_compile, args.mixed_precision)
     ingress_actor = {"num_cpus": args.ingress_cpus}
     if args.ingress_env:
         ingress_actor["runtime_env"] = {"env_vars": dict(args.ingress_env)}

@@ -49,12 +49,30 @@ def class_weights(spec: TaskSpec, labels: np.ndarray) -> np.ndarray:
     return weights.astype(np.float32)
 
 
+def set_precision(mixed: bool) -> None:
+    """Keras' global dtype policy for the models built after it: "mixed_float16" (float16 compute,
+    float32 variables) or "float32". Every model builds its output layer in float32 (see
+    eyeray.model.build), so probabilities and the loss stay float32 either way; `DistributedFitter`
+    scales the loss under the mixed policy so small float16 gradients do not underflow."""
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+
+
 class DistributedFitter:
     """Trains and evaluates one model under a `tf.distribute` strategy, one epoch at a time."""
 
-    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, spec: TaskSpec, weights: np.ndarray):
+    def __init__(
+        self,
+        strategy: tf.distribute.Strategy,
+        model: keras.Model,
+        spec: TaskSpec,
+        weights: np.ndarray,
+        inputs: str = "image",
+    ):
+        """`inputs`: the batch column the model takes: "image" (a full model), or "features" (its
+        head alone, eyeray.model.build.head_model, on cached pooled features)."""
         self.strategy = strategy
         self.model = model
+        self.inputs = inputs
         self.multi_label = spec.multi_label
         self.weights = tf.constant(weights, tf.float32)
         self.optimizer: keras.optimizers.Optimizer | None = None
@@ -64,6 +82,8 @@ class DistributedFitter:
         """A new optimizer and a new traced step: needed whenever `trainable` changes."""
         with self.strategy.scope():
             self.optimizer = keras.optimizers.Adam(learning_rate)
+            if keras.mixed_precision.global_policy().name == "mixed_float16":
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)  # dynamic loss scale
             self.optimizer.build(self.model.trainable_variables)
         self._train_step = tf.function(self._step, reduce_retracing=True)
         self._eval_step = tf.function(self._eval, reduce_retracing=True)
@@ -105,6 +125,8 @@ class DistributedFitter:
                 scaled = tf.reduce_sum(loss) / global_batch
                 if self.model.losses:
                     scaled += tf.add_n(self.model.losses) / replicas
+                if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+                    scaled = self.optimizer.scale_loss(scaled)  # apply_gradients unscales, skips inf steps
             variables = self.model.trainable_variables
             grads = tape.gradient(scaled, variables)
             self.optimizer.apply_gradients(zip(grads, variables))
@@ -124,7 +146,7 @@ class DistributedFitter:
         totals = np.zeros(3)
         for batch in batches:
             out = self._train_step(
-                tf.convert_to_tensor(batch["image"]), tf.convert_to_tensor(batch["label"], tf.float32)
+                tf.convert_to_tensor(batch[self.inputs]), tf.convert_to_tensor(batch["label"], tf.float32)
             )
             totals += [float(v) for v in out]
         self.average_moving_statistics()
@@ -151,7 +173,7 @@ class DistributedFitter:
         totals = np.zeros(3)
         for batch in batches:
             *sums, probs = self._eval_step(
-                tf.convert_to_tensor(batch["image"]), tf.convert_to_tensor(batch["label"], tf.float32)
+                tf.convert_to_tensor(batch[self.inputs]), tf.convert_to_tensor(batch["label"], tf.float32)
             )
             totals += [float(v) for v in sums]
             if outputs is not None:
@@ -161,15 +183,19 @@ class DistributedFitter:
     def fit_feature_scale(self, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
         """Fit the head's feature standardisation on this split (every worker's shard, one
         all-reduce of count, sum and sum of squares), so all replicas get the same statistics.
-        Units that never vary keep a scale of 1, as scikit-learn's StandardScaler does."""
-        from eyeray.model.build import pooled_features
+        Units that never vary keep a scale of 1, as scikit-learn's StandardScaler does. On cached
+        features (a head model), the statistics come straight from the batches."""
+        from eyeray.model.build import FEATURE_SCALE, pooled_features
 
-        features, layer = pooled_features(self.model)
-        forward = tf.function(lambda x: features(x, training=False), reduce_retracing=True)
+        if self.inputs == "image":
+            features, layer = pooled_features(self.model)
+            forward = tf.function(lambda x: features(x, training=False), reduce_retracing=True)
+        else:
+            layer, forward = self.model.get_layer(FEATURE_SCALE), tf.identity
         dims = layer.mean.shape[0]
         sums = np.zeros((3, dims))
         for batch in batches:
-            f = forward(tf.convert_to_tensor(batch["image"])).numpy().astype(np.float64)
+            f = np.asarray(forward(tf.convert_to_tensor(batch[self.inputs]))).astype(np.float64)
             sums += [np.full(dims, len(f)), f.sum(axis=0), np.square(f).sum(axis=0)]
         count, total, squares = self.all_reduce_sum(sums)
         n = max(float(count[0]), 1.0)

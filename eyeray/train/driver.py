@@ -18,7 +18,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from eyeray import cluster, faults, storage
 from eyeray.data import synthetic
 from eyeray.tasks import TaskSpec, get_task
-from eyeray.train import checkpoint, preflight
+from eyeray.train import checkpoint, features, preflight
 from eyeray.train.config import RUN_NAME, TrainConfig, TrainResult
 from eyeray.train.worker import train_loop_per_worker
 
@@ -88,6 +88,31 @@ def _prepare_data(spec: TaskSpec, cfg: TrainConfig):
     return layout, decoded
 
 
+def _training_datasets(spec: TaskSpec, cfg: TrainConfig, decoded: dict) -> tuple[dict, features.CachedFeatures | None]:
+    """The trainer's datasets: the images (training ones augmented as configured) when a phase runs
+    on images, and the train and validation splits' pooled features when the head trains on them
+    (eyeray.train.features), computed here, before `fit()`, so the stage has the cluster to itself."""
+    from eyeray.data.augment import augment_batch, scaled
+
+    datasets, cached = {}, None
+    if features.head_on_features(cfg):
+        cached = features.cache_features(cfg, {split: decoded[split].images for split in features.DATASETS})
+        datasets = {features.DATASETS[split]: ds for split, ds in cached.datasets.items()}
+        train = features.DATASETS["train"]
+        datasets[train] = datasets[train].randomize_block_order()
+    if cached is None or cfg.fine_tune_epochs:
+        train_ds = decoded["train"].images.randomize_block_order()
+        if cfg.augment:
+            train_ds = train_ds.map_batches(
+                augment_batch,
+                fn_kwargs={"spec": scaled(spec.augment, cfg.augment_strength)},
+                batch_size=64,
+                zero_copy_batch=True,  # augment_batch never writes to its input
+            )
+        datasets.update(train=train_ds, validation=decoded["validation"].images)
+    return datasets, cached
+
+
 def _samples(spec: TaskSpec, ds, per_class: int = 6) -> dict[str, list[np.ndarray]]:
     rows = ds.take(min(400, ds.count()))
     grid: dict[str, list[np.ndarray]] = {c: [] for c in spec.classes}
@@ -100,7 +125,7 @@ def _samples(spec: TaskSpec, ds, per_class: int = 6) -> dict[str, list[np.ndarra
 
 def _predict(predict, ds, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels and model outputs of one split: Ray Data streams decoded batches to `predict`
-    (uint8 images -> outputs: `Bundle.predict`, or a model's `predict_on_batch`)."""
+    (uint8 images -> outputs: `Bundle.predict`, or a `CompiledModel`)."""
     labels, probs = [], []
     for batch in ds.iter_batches(batch_size=batch_size):
         labels.append(batch["label"])
@@ -115,10 +140,10 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     forwards every epoch's report to Ray Tune)."""
     from ray.train.tensorflow import TensorflowTrainer
 
-    from eyeray.data.augment import augment_batch, scaled
     from eyeray.evaluation.report import write_report
     from eyeray.model import bundle
     from eyeray.model.build import build_model
+    from eyeray.model.compiled import CompiledModel
     from eyeray.train.distributed import class_weights
 
     cfg = config.resolved()
@@ -133,11 +158,7 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     layout, decoded = _prepare_data(spec, cfg)
     train_labels = np.stack([np.asarray(r["label"]) for r in layout.splits["train"]])
-    train_ds = decoded["train"].images.randomize_block_order()
-    if cfg.augment:
-        train_ds = train_ds.map_batches(
-            augment_batch, fn_kwargs={"spec": scaled(spec.augment, cfg.augment_strength)}, batch_size=64
-        )
+    datasets, cached = _training_datasets(spec, cfg, decoded)
 
     scaling = _scaling(cfg)
     log.info(
@@ -153,7 +174,7 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
         },
         scaling_config=scaling,
         run_config=_run_config(cfg, callbacks),
-        datasets={"train": train_ds, "validation": decoded["validation"].images},
+        datasets=datasets,
     )
     result = trainer.fit()
     best = result.get_best_checkpoint(metric="val_loss", mode="min") or result.checkpoint
@@ -163,7 +184,7 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     model = build_model(spec, cfg.backbone, weights=None, image_size=cfg.image_size, dropout=cfg.dropout)
     with best.as_directory() as d:
         model.load_weights(os.path.join(d, checkpoint.WEIGHTS_FILE))
-    validation = _predict(model.predict_on_batch, decoded["validation"].images, cfg.batch_size)
+    validation = _predict(CompiledModel(model), decoded["validation"].images, cfg.batch_size)
     fitted = _fit_decisions(spec, validation)
     calibration, operating_point, _ = fitted
 
@@ -172,6 +193,7 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
         "epochs": len(history),
         "best_epoch": _best_epoch(history),
         "train_images": int(decoded["train"].count),
+        "feature_cache": cached.summary() if cached else None,
     }
     manifest = bundle.make_manifest(
         spec,
@@ -214,6 +236,7 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
                 "config": asdict(cfg),
                 "best_epoch": _best_epoch(history),
                 "resumed_after": resumed,
+                "feature_cache": cached.summary() if cached else None,
                 "data": data_report,
             },
             sections=sections,

@@ -38,7 +38,8 @@ def epoch_line(metrics: dict[str, Any], total_epochs: int, selection_metric: str
         parts.append(f"{metrics['images_per_s']:.0f} img/s")  # all workers' images (reduced totals)
     if eta_s is not None:
         parts.append(f"ETA {_duration(eta_s)}")
-    return f"epoch {metrics.get('epoch')}/{total_epochs} {metrics.get('phase', '')}: " + ", ".join(parts)
+    phase = metrics.get("phase", "") + (" (on cached features)" if metrics.get("inputs") == "features" else "")
+    return f"epoch {metrics.get('epoch')}/{total_epochs} {phase}: " + ", ".join(parts)
 
 
 class EpochLog(UserCallback):

@@ -23,8 +23,10 @@ log = logging.getLogger(__name__)
 
 
 def train_batches(shard, batch_size: int):
-    """One epoch of a worker's training shard: shuffled locally, prefetched while the step runs."""
-    return shard.iter_batches(batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size, prefetch_batches=2)
+    """One epoch of a worker's training shard: shuffled locally, prefetched while the step runs
+    (4 batches: at batch 32 two were the output of a single augmenting task, so any scheduling delay
+    stalled the step)."""
+    return shard.iter_batches(batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size, prefetch_batches=4)
 
 
 def cosine(base_lr: float, step: int, steps: int) -> float:
@@ -35,8 +37,10 @@ def cosine(base_lr: float, step: int, steps: int) -> float:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import tensorflow as tf
 
-    from eyeray.model.build import build_model, phases, set_phase
-    from eyeray.train.distributed import DistributedFitter
+    from eyeray.model.build import build_model, head_model, phases, set_phase
+    from eyeray.model.devices import configure_gpus
+    from eyeray.train.distributed import DistributedFitter, set_precision
+    from eyeray.train.features import DATASETS, FEATURES, head_on_features
 
     setup_logging()  # a Ray worker process: eyeray's lines reach the driver's console through Ray
     cfg = TrainConfig(**config["train"])
@@ -45,17 +49,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
     gpus = len(ray.get_gpu_ids())
-    if cfg.use_gpu and not tf.config.list_physical_devices("GPU"):
+    if cfg.use_gpu and not configure_gpus():
         log.warning(f"worker {rank}: Ray assigned {gpus} GPU(s) but TensorFlow sees none; computing on the CPU")
+    if cfg.mixed_precision:
+        set_precision(True)
+        if rank == 0 and not tf.config.list_physical_devices("GPU"):
+            log.warning("--mixed-precision without a GPU: float16 on CPUs is slower than float32")
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     if cfg.weights == "imagenet" and rank == 0:
         log.info(f"loading ImageNet weights for {cfg.backbone} (downloaded once into ~/.keras/models on each node)")
     with strategy.scope():
         model = build_model(spec, cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, dropout=cfg.dropout)
     state, optimizer_state = checkpoint.restore(model, ray.train.get_checkpoint())
-    fitter = DistributedFitter(strategy, model, spec, np.asarray(config["class_weights"], np.float32))
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
+    weights = np.asarray(config["class_weights"], np.float32)
+    on_images = DistributedFitter(strategy, model, spec, weights)
+    # the head alone on cached features: the same variables, so `model` is what gets checkpointed
+    on_features = (
+        DistributedFitter(strategy, head_model(model), spec, weights, inputs=FEATURES)
+        if head_on_features(cfg)
+        else None
+    )
 
     pretrained = cfg.weights not in (None, "none")
     epoch = 0
@@ -65,14 +78,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         base_lr = cfg.learning_rate * (cfg.fine_tune_lr_factor if phase == "fine_tune" else 1.0)
         set_phase(model, phase, cfg.fine_tune_layers)
+        features = phase == "head" and head_on_features(cfg)
+        fitter = on_features if features else on_images
+        train_shard = ray.train.get_dataset_shard(DATASETS["train"] if features else "train")
+        val_shard = ray.train.get_dataset_shard(DATASETS["validation"] if features else "validation")
         fitter.compile(base_lr)
         if optimizer_state is not None and state.phase == phase:
             fitter.load_optimizer_state(optimizer_state)
+        started = time.perf_counter()  # the first epoch's wall time includes the phase's set-up
         if phase == "head" and state.epoch == 0:  # a resumed run has the statistics in its weights
             scale = fitter.fit_feature_scale(train_batches(train_shard, cfg.batch_size))
             if rank == 0:
                 log.info(
-                    f"head input standardised on {scale['images']} training images "
+                    f"head input standardised on {scale['images']} training images{' (cached)' if features else ''} "
                     f"(pooled features: mean {scale['feature_mean']:.3g}, std {scale['feature_std']:.3g})"
                 )
         for i in range(n_epochs):
@@ -89,6 +107,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {
                 "epoch": epoch,
                 "phase": phase,
+                "inputs": "features" if features else "images",
                 "learning_rate": lr,
                 **train.as_dict(),
                 **val.as_dict("val_"),
@@ -96,11 +115,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "train_images": train.examples,
                 "images_per_s": train.examples / max(seconds, 1e-9),
                 "epoch_seconds": seconds,
+                "wall_seconds": time.perf_counter() - started,  # + validation (+ set-up): the phase's cost
                 "workers": world,
                 "gpus_per_worker": gpus,
             }
             state = replace(state, epoch=epoch, phase=phase, history=[*state.history, metrics])
             checkpoint.report(model, fitter, state, metrics, rank)
+            started = time.perf_counter()
             if config.get("fault_at_epoch") == epoch and rank == world - 1:  # tests only: eyeray.faults
                 faults.kill_once(cfg.output, f"killed worker rank {rank} after epoch {epoch}", delay_s=5)
 

@@ -1,0 +1,125 @@
+"""Compiled inference (eyeray.model.compiled): the same outputs as a plain model call, with padding,
+XLA and mixed precision, traced once per padded size; GPU set-up that is safe on any machine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from bundles import make_bundle
+
+from eyeray.model import bundle, compiled, devices
+from eyeray.model.build import build_model
+from eyeray.tasks import get_task
+
+ATOL = 1e-5  # float32 on CPU: padding and XLA change summation order, nothing else
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_model(get_task("oct"), "small_cnn", weights="none", image_size=32)
+    kernel = m.get_layer("predictions").kernel  # spread the untrained head's outputs, so differences show
+    kernel.assign(np.random.default_rng(0).normal(0, 1.0, kernel.shape).astype(np.float32))
+    return m
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(1).integers(0, 256, (40, 32, 32, 3), np.uint8)
+
+
+def plain(model, images: np.ndarray) -> np.ndarray:
+    return np.asarray(model(images, training=False), np.float32)
+
+
+def test_buckets_are_powers_of_two_up_to_the_batch_size():
+    assert compiled.buckets(16) == (1, 2, 4, 8, 16)
+    assert compiled.buckets(12) == (1, 2, 4, 8, 12)
+    assert compiled.buckets(1) == (1,)
+    assert [compiled.bucket(n, 12) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+    with pytest.raises(ValueError):
+        compiled.buckets(0)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["tf.function", "xla"])
+def test_padded_batches_equal_the_plain_call(model, images, jit_compile):
+    """Odd sizes (1, 3, 17 with batch 16: 16 + a padded 1) exercise the padding rows and their removal."""
+    run = compiled.CompiledModel(model, jit_compile=jit_compile)
+    for n in (1, 3, 17):
+        out = run(images[:n], BATCH)
+        assert out.shape == (n, 4) and out.dtype == np.float32
+        np.testing.assert_allclose(out, plain(model, images[:n]), atol=ATOL, err_msg=f"n={n}")
+    assert run(images[:0], BATCH).shape == (0, 4)
+
+
+def test_traces_once_per_padded_size(model, images):
+    run = compiled.CompiledModel(model)
+    for n in [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 40, 1, 3, 16, 6]:
+        run(images[:n], BATCH)
+    assert run.traces == len(compiled.buckets(BATCH))  # 1, 2, 4, 8, 16: every one was needed above
+    run(images.astype(np.int64), BATCH)  # other dtypes become the model's input dtype: no new trace
+    assert run.traces == len(compiled.buckets(BATCH))
+
+
+def test_warm_up_traces_every_size_so_calls_trace_nothing(model, images):
+    run = compiled.CompiledModel(model, jit_compile=True)
+    run.warm_up(BATCH)
+    assert run.traces == len(compiled.buckets(BATCH))
+    run(images[:11], BATCH)
+    run(images[:1], BATCH)
+    assert run.traces == len(compiled.buckets(BATCH))
+
+
+def test_mixed_precision_on_cpu_returns_the_same_float32(model, images):
+    run = compiled.CompiledModel(model, mixed_precision=True)
+    assert run.mixed_precision is False  # no GPU here: the rewrite stays off
+    out = run(images[:5], BATCH)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, plain(model, images[:5]), atol=ATOL)
+
+
+def test_mixed_precision_is_turned_on_only_where_a_gpu_is_visible(monkeypatch):
+    import tensorflow as tf
+
+    calls = []
+    monkeypatch.setattr(tf.config.optimizer, "set_experimental_options", calls.append)
+    assert compiled.enable_mixed_precision() is False and calls == []
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
+    assert compiled.enable_mixed_precision() is True
+    assert calls == [{"auto_mixed_precision": True}]
+
+
+def test_bundle_predict_goes_through_the_compiled_model_with_its_settings(tmp_path, images):
+    uri = make_bundle(tmp_path)
+    default, xla = bundle.load(uri), bundle.load(uri, jit_compile=True, mixed_precision=True)
+    assert (default.compiled.jit_compile, xla.compiled.jit_compile) == (False, True)
+    for n in (1, 3, 17):
+        expected = plain(default.model, images[:n])
+        np.testing.assert_allclose(default.predict(images[:n], batch_size=BATCH), expected, atol=ATOL)
+        np.testing.assert_allclose(xla.predict(images[:n], batch_size=BATCH), expected, atol=ATOL)
+    mean = (plain(xla.model, images[:3]) + plain(xla.model, images[:3, :, ::-1])) / 2
+    np.testing.assert_allclose(xla.predict(images[:3], tta=True), mean, atol=ATOL)
+    assert default.compiled.traces == 3  # padded sizes 1, 4 and 16
+
+
+def test_configure_gpus_is_safe_without_gpus_and_once_tensorflow_is_initialised(monkeypatch):
+    import tensorflow as tf
+
+    assert devices.configure_gpus() == []  # this machine: no GPU, nothing to do
+    assert devices.configure_gpus() == []
+
+    class Gpu:
+        name = "/physical_device:GPU:0"
+
+    growth = []
+
+    def refuse(gpu, enabled):
+        growth.append(enabled)
+        raise RuntimeError("Physical devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [Gpu()])
+    monkeypatch.setattr(tf.config.experimental, "get_memory_growth", lambda gpu: False)
+    monkeypatch.setattr(tf.config.experimental, "set_memory_growth", refuse)
+    assert devices.configure_gpus() == [Gpu.name] and growth == [True]
+    monkeypatch.setattr(tf.config.experimental, "get_memory_growth", lambda gpu: True)
+    assert devices.configure_gpus() == [Gpu.name] and growth == [True]  # already on: left alone
