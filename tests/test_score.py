@@ -188,7 +188,8 @@ def test_ensemble_of_two_sizes_carries_each_models_probabilities(ray_cluster, oc
         if row["status"] == "error":
             assert row["model_probabilities"] is None and row["label"] is None
             continue
-        image = imaging.decode(Path(row["path"]).read_bytes())
+        # one decode for both members, as large as the larger input needs (the pipeline's `min_side`)
+        image = imaging.decode(Path(row["path"]).read_bytes(), min_side=max(b.image_size for b in loaded))
         votes = []
         for b in loaded:  # each member saw its own input size, from the same decode; calibrated by its manifest
             decision = b.decide(b.predict(imaging.preprocess(image, b.image_size)[None]))
@@ -215,7 +216,7 @@ def test_rows_carry_calibrated_decisions_a_review_queue_and_overlays(ray_cluster
     rows = read_rows(str(output))
     ok = [r for r in rows if r["status"] == "ok"]
     for row in ok[:12]:
-        raw = loaded.predict(imaging.preprocess(imaging.decode(Path(row["path"]).read_bytes()), 32)[None])
+        raw = loaded.predict(imaging.preprocess(imaging.decode(Path(row["path"]).read_bytes(), min_side=32), 32)[None])
         expected = loaded.decide(raw)
         probs = [row["probabilities"][c] for c in OCT_CLASSES]
         np.testing.assert_allclose(probs, expected.probabilities[0], atol=1e-5)
@@ -473,7 +474,8 @@ def test_mean_ensemble_from_s3_bundles_with_different_operating_points_matches_c
     rows = read_rows(output)
     assert sorted(r["path"] for r in rows) == sorted(str(p) for p in archive.iterdir())
     ok = [r for r in rows if r["status"] == "ok"]
-    images = [imaging.decode(Path(r["path"]).read_bytes()) for r in ok]
+    largest = max(b.image_size for b in loaded)  # the pipeline decodes once, as large as the largest input needs
+    images = [imaging.decode(Path(r["path"]).read_bytes(), min_side=largest) for r in ok]
     per_model = [np.stack([b.predict(imaging.preprocess(im, b.image_size)[None])[0] for im in images]) for b in loaded]
     expected = combine(manifests, per_model, "mean")
     op = json.loads(ok[0]["decision"])["operating_point"]

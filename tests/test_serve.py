@@ -588,7 +588,9 @@ def test_mixed_thresholds_and_tta_in_one_burst_each_answer_its_own_and_model_sec
         differs = False
         for (tta, scan, thresholds), response in zip(cases, responses):
             answer = response.json()
-            image = imaging.preprocess(imaging.decode(scan.read_bytes()), loaded.image_size)[None]
+            # decoded as Serve decodes a prediction's upload: only as large as the model input needs
+            image = imaging.decode(scan.read_bytes(), min_side=loaded.image_size)
+            image = imaging.preprocess(image, loaded.image_size)[None]
             expected = loaded.decide(loaded.predict(image, tta=tta), parse_thresholds(thresholds)).answer(
                 0, loaded.classes
             )
