@@ -76,8 +76,7 @@ def make_data(task: str, root: Path, per_class: int) -> Path:
 def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, tmp_path, monkeypatch):
     """A pretrained backbone (--weights PATH) runs head then fine-tune on 2 GPU workers (the session
     cluster's GPUs are logical: the same code, TensorFlow computes on the CPU); one dies after epoch 2.
-    The head trains on pooled features cached by a Ray Data stage (a GPU actor), fine-tuning on images,
-    in mixed precision."""
+    Both phases train on images, in mixed precision."""
     data = make_data("glaucoma", tmp_path / "data", per_class=24)
     weights = tmp_path / "vgg16_backbone.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg").save_weights(
@@ -95,7 +94,7 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
         batch_size=16,
         workers=2,
         use_gpu=True,
-        head_on_features=True,
+        head_on_features=False,  # the head on (augmented) images here; cached features: test_real_transfer
         mixed_precision=True,  # float16 compute with loss scaling, as on GPUs; the bundle is float32
     )
     monkeypatch.setenv(faults.AT_EPOCH_ENV, "2")  # the last worker dies once, after epoch 2
@@ -105,15 +104,12 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
     # flight when a worker dies may be lost, as with any real failure.
     assert len(result.resumed_after) == 1 and result.resumed_after[0] in (1, 2)
     assert [(h["epoch"], h["phase"], h["inputs"]) for h in result.history] == [
-        (1, "head", "features"),
-        (2, "head", "features"),
+        (1, "head", "images"),
+        (2, "head", "images"),
         (3, "fine_tune", "images"),
         (4, "fine_tune", "images"),
     ]
-    cached = result.metrics["run"]["feature_cache"]
-    assert sum(cached["images"].values()) == cached["images"]["train"] + cached["images"]["validation"] > 0
-    # every worker's equal shard of the cached split, as of the images (Ray drops the remainder)
-    assert result.history[0]["train_images"] == result.history[2]["train_images"] > cached["images"]["train"] - 2
+    assert result.metrics["run"]["feature_cache"] is None
     assert {(h["workers"], h["gpus_per_worker"]) for h in result.history} == {(2, 1)}
     assert result.history[2]["learning_rate"] == pytest.approx(
         result.history[0]["learning_rate"] * cfg.fine_tune_lr_factor
