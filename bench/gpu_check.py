@@ -425,13 +425,17 @@ def step_throughput(ctx: dict) -> dict:
     }
 
 
-def step_train(ctx: dict) -> dict:
-    work = Path(ctx["work"])
-    private_ray(work)
+def timed_cli(ctx: dict) -> tuple[Path, float]:
+    """Run the step's `eyeray` command on a private Ray instance: (its --output, wall seconds)."""
+    private_ray(Path(ctx["work"]))
     output = Path(ctx["argv"][ctx["argv"].index("--output") + 1])
     start = time.perf_counter()
     run_cli(ctx["argv"])
-    seconds = time.perf_counter() - start
+    return output, time.perf_counter() - start
+
+
+def step_train(ctx: dict) -> dict:
+    output, seconds = timed_cli(ctx)
     metrics_file = output / "report" / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return {
@@ -445,12 +449,7 @@ step_train_mixed_precision = step_train
 
 
 def step_score(ctx: dict) -> dict:
-    work = Path(ctx["work"])
-    private_ray(work)
-    output = Path(ctx["argv"][ctx["argv"].index("--output") + 1])
-    start = time.perf_counter()
-    run_cli(ctx["argv"])
-    seconds = time.perf_counter() - start
+    output, seconds = timed_cli(ctx)
     summary_file = output / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     keys = ("files_seen", "scored", "errors", "wall_seconds", "images_per_s_this_run", "inference_this_run")
