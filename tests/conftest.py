@@ -230,3 +230,50 @@ def _wait_for_job_agent(dashboard: str, timeout_s: float = 90.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("the warm-up job did not finish")
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster_released_after_module(request):
+    """Every module that used the session cluster hands it back whole: what its tests started
+    (Serve replicas, Train workers, Data actors) is gone within a minute of its last test. A test
+    that leaks a GPU or CPU otherwise stalls a later module's training until its timeout."""
+    yield
+    if not _ray_connected():  # no module has started the session cluster yet
+        return
+    held = wait_until_idle(timeout_s=60)
+    if held:
+        pytest.fail(f"{request.module.__name__} left the session cluster's resources held: {held}")
+
+
+def _ray_connected() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def wait_until_idle(timeout_s: float) -> list[str]:
+    """Wait until every CPU and GPU of the connected cluster is free; else name what holds them
+    (live actors with resources, placement groups not removed)."""
+    import ray
+    from ray.util.state import list_actors, list_placement_groups
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total, free = ray.cluster_resources(), ray.available_resources()
+        short = {k: total[k] - free.get(k, 0) for k in ("CPU", "GPU") if total.get(k, 0) - free.get(k, 0) > 1e-6}
+        if not short:
+            return []
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    actors = [
+        f"{a.class_name} {a.required_resources} pid={a.pid}"
+        for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True)
+        if a.required_resources
+    ]
+    groups = [
+        f"placement group {g.placement_group_id} {g.bundles}"
+        for g in list_placement_groups(detail=True)
+        if g.state != "REMOVED"
+    ]
+    return [f"held {short}", *actors, *groups]

@@ -57,6 +57,22 @@ def set_precision(mixed: bool) -> None:
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
 
 
+def skip_everywhere_if_any_overflows(grads: list) -> list:
+    """Make every replica's gradients non-finite when any replica's are.
+
+    Keras' LossScaleOptimizer decides to apply or skip a step from the first local replica's
+    gradients *before* they are all-reduced (the inner optimizer reduces them, in the apply
+    branch). Under MultiWorkerMirroredStrategy, a worker whose float16 gradients overflowed skips
+    while the others wait for it in the all-reduce: the run hangs. In one process with several
+    replicas, the replica that overflowed is ignored and NaN reaches the weights. One scalar
+    all-reduce per step makes every replica agree: all skip and halve the loss scale."""
+    finite = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+    overflowed = tf.cast(tf.logical_not(tf.reduce_all(tf.stack(finite))), tf.float32)
+    anywhere = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, overflowed)
+    factor = tf.where(anywhere > 0, tf.constant(float("nan")), tf.constant(1.0))
+    return [None if g is None else g * tf.cast(factor, g.dtype) for g in grads]
+
+
 class DistributedFitter:
     """Trains and evaluates one model under a `tf.distribute` strategy, one epoch at a time."""
 
@@ -129,6 +145,8 @@ class DistributedFitter:
                     scaled = self.optimizer.scale_loss(scaled)  # apply_gradients unscales, skips inf steps
             variables = self.model.trainable_variables
             grads = tape.gradient(scaled, variables)
+            if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+                grads = skip_everywhere_if_any_overflows(grads)
             self.optimizer.apply_gradients(zip(grads, variables))
             return tf.reduce_sum(loss), tf.reduce_sum(correct), tf.cast(tf.shape(x)[0], tf.float32)
 
