@@ -36,3 +36,10 @@ def test_eyeray_demo_from_the_command_line(tmp_path):
     scores = next(Path(p) for p in tmp_path.glob("runs/oct-demo-*/scores"))
     rows = pads.dataset(scores, format="parquet", exclude_invalid_files=True).to_table().to_pylist()
     assert sum(r["status"] == "error" for r in rows) == 3 and len(rows) == 43
+    # the service answered each posted file as the batch scorer did (the same bundle, the same decode)
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+    answers = [a.split(" -> ") for a in served.split(None, 1)[1].split("; ")]
+    for name, answer in answers:
+        if answer.startswith("200 "):
+            label = answer.removeprefix("200 ").split(" (confidence ")[0]
+            assert label == by_name[name]["label"], (name, answer, by_name[name])

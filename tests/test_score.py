@@ -411,33 +411,6 @@ def test_a_pipeline_the_cluster_can_never_run_is_refused(ray_cluster, oct_bundle
         run(cfg)
 
 
-def test_demo_trains_scores_and_serves(ray_cluster, tmp_path):
-    """`eyeray demo` end to end (shortened): the archive's broken files become error rows, and
-    the service answers the files it is sent as the batch scorer did (the broken one: 422)."""
-    from conftest import free_port
-
-    from eyeray import demo
-    from eyeray.train import TrainConfig
-
-    out = demo.run(
-        TrainConfig(task="glaucoma", output=str(tmp_path / "run"), epochs=1, image_size=32), serve_port=free_port()
-    )
-    summary = out["score"]
-    assert summary["files_seen"] == 2 * 10 + len(demo.BROKEN_FILES)
-    assert summary["errors"] == len(demo.BROKEN_FILES) and summary["scored"] == 20
-    rows = read_rows(out["scores"])
-    assert {r["path"].rsplit("/", 1)[-1] for r in rows if r["status"] == "error"} == set(demo.BROKEN_FILES)
-    assert (tmp_path / "run" / "bundle" / "manifest.json").exists()
-    served = {a["file"]: a for a in out["serve"]}  # the same bundle online: the same answers
-    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
-    assert [a["status"] for a in out["serve"]] == [200, 200, 200, 422]
-    for name, answer in served.items():
-        if answer["status"] == 200:
-            assert answer["label"] == by_name[name]["label"]
-            for c, p in answer["probabilities"].items():
-                assert p == pytest.approx(by_name[name]["probabilities"][c], abs=1e-5)
-
-
 def test_mean_ensemble_from_s3_bundles_with_different_operating_points_matches_combine(
     ray_cluster, oct_sample, tmp_path
 ):

@@ -44,6 +44,10 @@ def test_ray_job_submit_trains_oct_with_two_workers(ray_cluster, tmp_path):
         "2",
         "--weights",
         "none",
+        "--epochs",
+        "8",
+        "--image-size",
+        "48",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=ray_cluster["env"], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "succeeded" in proc.stdout.lower(), proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -76,7 +80,8 @@ def make_data(task: str, root: Path, per_class: int) -> Path:
 def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, tmp_path, monkeypatch):
     """A pretrained backbone (--weights PATH) runs head then fine-tune on 2 GPU workers (the session
     cluster's GPUs are logical: the same code, TensorFlow computes on the CPU); one dies after epoch 2.
-    Both phases train on images, in mixed precision."""
+    The head trains on pooled features cached by a Ray Data stage (a GPU actor), fine-tuning on images,
+    in mixed precision."""
     data = make_data("glaucoma", tmp_path / "data", per_class=24)
     weights = tmp_path / "vgg16_backbone.weights.h5"
     keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg").save_weights(
@@ -94,7 +99,6 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
         batch_size=16,
         workers=2,
         use_gpu=True,
-        head_on_features=False,  # the head on (augmented) images here; cached features: test_real_transfer
         mixed_precision=True,  # float16 compute with loss scaling, as on GPUs; the bundle is float32
     )
     monkeypatch.setenv(faults.AT_EPOCH_ENV, "2")  # the last worker dies once, after epoch 2
@@ -104,12 +108,15 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
     # flight when a worker dies may be lost, as with any real failure.
     assert len(result.resumed_after) == 1 and result.resumed_after[0] in (1, 2)
     assert [(h["epoch"], h["phase"], h["inputs"]) for h in result.history] == [
-        (1, "head", "images"),
-        (2, "head", "images"),
+        (1, "head", "features"),
+        (2, "head", "features"),
         (3, "fine_tune", "images"),
         (4, "fine_tune", "images"),
     ]
-    assert result.metrics["run"]["feature_cache"] is None
+    cached = result.metrics["run"]["feature_cache"]
+    assert sum(cached["images"].values()) == cached["images"]["train"] + cached["images"]["validation"] > 0
+    # every worker's equal shard of the cached split, as of the images (Ray drops the remainder)
+    assert result.history[0]["train_images"] == result.history[2]["train_images"] > cached["images"]["train"] - 2
     assert {(h["workers"], h["gpus_per_worker"]) for h in result.history} == {(2, 1)}
     assert result.history[2]["learning_rate"] == pytest.approx(
         result.history[0]["learning_rate"] * cfg.fine_tune_lr_factor
