@@ -62,6 +62,17 @@ def augment_batch(
     return out
 
 
+def training_stream(ds, spec: AugmentSpec | None):
+    """A training split as each epoch reads it (a Ray Dataset): its blocks in a new random order,
+    then every image augmented by `spec` (None: not augmented) in Ray Data's CPU tasks, beside the
+    training step. eyeray.train and bench/train_ingest.py both build it here."""
+    ds = ds.randomize_block_order()
+    if spec is None:
+        return ds
+    # zero_copy_batch: augment_batch never writes to its input
+    return ds.map_batches(augment_batch, fn_kwargs={"spec": spec}, batch_size=64, zero_copy_batch=True)
+
+
 def augment_images(images: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) -> np.ndarray:
     """One independent random flip / rotation / zoom / brightness / contrast draw per image of an
     NxHxWx3 uint8 batch, in that order; returns a new uint8 batch of the same shape (the input is

@@ -92,7 +92,7 @@ def _training_datasets(spec: TaskSpec, cfg: TrainConfig, decoded: dict) -> tuple
     """The trainer's datasets: the images (training ones augmented as configured) when a phase runs
     on images, and the train and validation splits' pooled features when the head trains on them
     (eyeray.train.features), computed here, before `fit()`, so the stage has the cluster to itself."""
-    from eyeray.data.augment import augment_batch, scaled
+    from eyeray.data.augment import scaled, training_stream
 
     datasets, cached = {}, None
     if features.head_on_features(cfg):
@@ -101,14 +101,8 @@ def _training_datasets(spec: TaskSpec, cfg: TrainConfig, decoded: dict) -> tuple
         train = features.DATASETS["train"]
         datasets[train] = datasets[train].randomize_block_order()
     if cached is None or cfg.fine_tune_epochs:
-        train_ds = decoded["train"].images.randomize_block_order()
-        if cfg.augment:
-            train_ds = train_ds.map_batches(
-                augment_batch,
-                fn_kwargs={"spec": scaled(spec.augment, cfg.augment_strength)},
-                batch_size=64,
-                zero_copy_batch=True,  # augment_batch never writes to its input
-            )
+        augment = scaled(spec.augment, cfg.augment_strength) if cfg.augment else None
+        train_ds = training_stream(decoded["train"].images, augment)
         datasets.update(train=train_ds, validation=decoded["validation"].images)
     return datasets, cached
 
