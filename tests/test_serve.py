@@ -200,8 +200,10 @@ def test_explain_returns_the_prediction_and_an_overlay_at_the_uploads_size(url, 
         answer = response.json()
         for key in ("labels", "referral", "needs_review", "operating_point", "bundle_version"):
             assert answer[key] == predicted[key], key
-        assert answer["confidence"] == pytest.approx(predicted["confidence"], abs=1e-5)
-        assert answer["probabilities"] == pytest.approx(predicted["probabilities"], abs=1e-5)
+        # explain's probabilities come from the Grad-CAM forward pass (one image, another graph) and
+        # predict's from the compiled batched model: float32 kernels differ by ~1e-5 (1.4e-5 seen in CI)
+        assert answer["confidence"] == pytest.approx(predicted["confidence"], abs=1e-4)
+        assert answer["probabilities"] == pytest.approx(predicted["probabilities"], abs=1e-4)
         assert answer["explained_class"] == answer["label"]
         overlay = Image.open(io.BytesIO(base64.b64decode(answer["overlay_png"])))
         assert overlay.format == "PNG" and overlay.size == Image.open(scan).size
