@@ -112,24 +112,19 @@ def train_ingest() -> str | None:
             rows,
         )
     )
-    waits = [
-        (r["images"], statistics.mean(r["ray_data"]["first_batch_wait_seconds"]), r["ray_data"]["epoch_seconds"])
-        for r in bench["rows"]
-        if r["augment"] and "first_batch_wait_seconds" in r["ray_data"]
-    ]
-    if waits:
+    augmented = [r for r in bench["rows"] if r["augment"] and "first_batch_wait_seconds" in r["ray_data"]]
+    if augmented:
+        firsts = ", ".join(
+            f"{fmt(statistics.mean(r['ray_data']['first_batch_wait_seconds']))} s for the first batch of a "
+            f"{statistics.mean(r['ray_data']['epoch_seconds']):.1f} s epoch ({r['images']} images)"
+            for r in augmented
+        )
+        later = max(max(r["ray_data"]["later_batches_wait_seconds"]) for r in augmented)
         text += (
-            "\n\nWith augmentation the training loop waited for the Ray Data feed "
-            + ", ".join(
-                f"{fmt(first)} s for the first batch of a {statistics.mean(epoch):.1f} s epoch ({n} images)"
-                for n, first, epoch in waits
-            )
-            + (
-                "; for later batches, at most "
-                + fmt(max(max(r["ray_data"]["later_batches_wait_seconds"]) for r in bench["rows"] if r["augment"]), 3)
-                + " s per epoch. The rest of the gap is the CPU the augmenting tasks take from the training step on "
-                "the same two cores (figures of one run; this machine is shared, rows vary by about ±0.1 between runs)."
-            )
+            f"\n\nWith augmentation the training loop waited for the Ray Data feed {firsts}; for later batches, "
+            f"at most {fmt(later, 3)} s per epoch. The rest of the gap is the CPU the augmenting tasks take from "
+            "the training step on the same two cores (figures of one run; this machine is shared, rows vary by "
+            "about ±0.1 between runs)."
         )
     timings = bench.get("augment_batch_ms")
     if timings:

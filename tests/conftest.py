@@ -237,18 +237,14 @@ def cluster_released_after_module(request):
     """Every module that used the session cluster hands it back whole: what its tests started
     (Serve replicas, Train workers, Data actors) is gone within a minute of its last test. A test
     that leaks a GPU or CPU otherwise stalls a later module's training until its timeout."""
+    import ray
+
     yield
-    if not _ray_connected():  # no module has started the session cluster yet
+    if not ray.is_initialized():  # no module has started the session cluster yet
         return
     held = wait_until_idle(timeout_s=60)
     if held:
         pytest.fail(f"{request.module.__name__} left the session cluster's resources held: {held}")
-
-
-def _ray_connected() -> bool:
-    import ray
-
-    return ray.is_initialized()
 
 
 def wait_until_idle(timeout_s: float) -> list[str]:
