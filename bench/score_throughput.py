@@ -44,6 +44,7 @@ from eyeray.data import imaging, synthetic
 from eyeray.data.files import list_inputs as list_archive  # noqa: E402
 from eyeray.model import bundle
 from eyeray.model.build import build_model  # noqa: E402
+from eyeray.model.devices import mixed_precision_dtype
 from eyeray.score import ScoreConfig, run
 from eyeray.tasks import get_task  # noqa: E402
 
@@ -113,8 +114,8 @@ class PeakRSS:
         }
 
 
-def bare_model(bundle_uri: str, files: list[str], batch_size: int) -> dict:
-    b = bundle.load(bundle_uri)
+def bare_model(bundle_uri: str, files: list[str], batch_size: int, mixed_precision: bool = False) -> dict:
+    b = bundle.load(bundle_uri, mixed_precision=mixed_precision)
     images = np.stack([imaging.preprocess(imaging.decode(Path(f).read_bytes()), b.image_size) for f in files])
     b.predict(images[:batch_size], batch_size=batch_size)  # warm-up: graph tracing is not throughput
     start = time.perf_counter()
@@ -136,7 +137,14 @@ def seed_style(bundle_uri: str, files: list[str]) -> dict:
     return {"images": len(files), "seconds": round(seconds, 2), "images_per_s": round(len(files) / seconds, 2)}
 
 
-def pipeline(bundle_uri: str, archive: Path, output: Path, batch_size: int) -> dict:
+def bare_model_mixed(bundle_uri: str, files: list[str], batch_size: int) -> dict:
+    """`bare_model` with `--mixed-precision`, in a fresh Ray worker process that exits after it
+    (`max_calls=1`): the precision rewrite is process-wide, and the seed-style loop stays float32."""
+    task = ray.remote(max_calls=1, num_cpus=ray.cluster_resources()["CPU"])(bare_model)
+    return ray.get(task.remote(bundle_uri, files, batch_size, True))
+
+
+def pipeline(bundle_uri: str, archive: Path, output: Path, batch_size: int, mixed_precision: bool = False) -> dict:
     """`eyeray.score.run` end to end: wall time includes starting the actors and loading the model."""
     start = time.perf_counter()
     summary = run(
@@ -149,6 +157,7 @@ def pipeline(bundle_uri: str, archive: Path, output: Path, batch_size: int) -> d
             # Like for like with the bare model and the seed loop: no Grad-CAM. With random weights every
             # case falls below the review level, so the default (`review`) would explain every image.
             explain="none",
+            mixed_precision=mixed_precision,
         )
     )
     wall = time.perf_counter() - start
@@ -160,11 +169,16 @@ def pipeline(bundle_uri: str, archive: Path, output: Path, batch_size: int) -> d
     }
 
 
-def steady_pipeline(bundle_uri: str, tmp: Path, n: int, batch_size: int) -> dict:
+def steady_pipeline(bundle_uri: str, tmp: Path, n: int, batch_size: int, mixed_precision: bool = False) -> dict:
     """Steady-state pipeline throughput by difference: runs over n and 2n images pay the same
     start-up (actors, model load, first batch), so n / (t(2n) - t(n)) is what the running pipeline does."""
-    small = pipeline(bundle_uri, make_archive(tmp / "archive-1x", n), tmp / "scored-1x", batch_size)
-    large = pipeline(bundle_uri, make_archive(tmp / "archive-2x", 2 * n), tmp / "scored-2x", batch_size)
+    archives = {k: tmp / f"archive-{k}" for k in ("1x", "2x")}
+    if not archives["1x"].exists():  # the float32 and the mixed-precision runs score the same files
+        make_archive(archives["1x"], n)
+        make_archive(archives["2x"], 2 * n)
+    scored = "scored-mixed" if mixed_precision else "scored"
+    small = pipeline(bundle_uri, archives["1x"], tmp / f"{scored}-1x", batch_size, mixed_precision)
+    large = pipeline(bundle_uri, archives["2x"], tmp / f"{scored}-2x", batch_size, mixed_precision)
     extra = large["wall_seconds"] - small["wall_seconds"]
     return {
         "n": small,
@@ -204,6 +218,20 @@ def speed_table(throughput: dict, other: dict | None) -> list[dict]:
             "target": 0.8,
         },
     ]
+    mixed = throughput.get("mixed_precision")
+    if mixed and mixed["precision"] != "float32":  # the same two rows with `--mixed-precision`, where it does something
+        rows += [
+            {
+                "figure": f"the same, `--mixed-precision` ({mixed['precision']}; the seed loop stays float32)",
+                "value": mixed["ratio_pipeline_steady_vs_seed_style"],
+                "target": 3.0,
+            },
+            {
+                "figure": f"the same, `--mixed-precision` (pipeline and bare model both {mixed['precision']})",
+                "value": mixed["ratio_pipeline_end_to_end_2n_vs_bare"],
+                "target": 0.8,
+            },
+        ]
     if other:
         ingest, serving = other["train_ingest"], other["serve_load"]
         rows += [
@@ -258,6 +286,12 @@ def main() -> None:
         print("bare model", bare_after, flush=True)
         seed = seed_style(model, files[: args.seed_images])
         print("seed-style", seed, flush=True)
+        mixed = {
+            "precision": mixed_precision_dtype() or "float32",
+            "pipeline": steady_pipeline(model, tmp, args.images, args.batch_size, mixed_precision=True),
+            "bare_model": bare_model_mixed(model, files, args.batch_size),
+        }
+        print("mixed precision", mixed, flush=True)
         bare = round((bare_before["images_per_s"] + bare_after["images_per_s"]) / 2, 2)
         out["throughput"] = {
             "model": args.model,
@@ -271,6 +305,16 @@ def main() -> None:
             "ratio_pipeline_end_to_end_2n_vs_bare": round(piped["2n"]["end_to_end_images_per_s"] / bare, 3),
             "ratio_pipeline_steady_vs_seed_style": round(piped["steady_images_per_s"] / seed["images_per_s"], 2),
             "ratio_bare_vs_seed_style": round(bare / seed["images_per_s"], 2),
+            "mixed_precision": {
+                **mixed,
+                "ratio_pipeline_steady_vs_seed_style": round(
+                    mixed["pipeline"]["steady_images_per_s"] / seed["images_per_s"], 2
+                ),
+                "ratio_pipeline_end_to_end_2n_vs_bare": round(
+                    mixed["pipeline"]["2n"]["end_to_end_images_per_s"] / mixed["bare_model"]["images_per_s"], 3
+                ),
+                "ratio_bare_vs_float32_bare": round(mixed["bare_model"]["images_per_s"] / bare, 2),
+            },
         }
 
         backbone, size = args.memory_model.split(":")

@@ -1,7 +1,12 @@
 """Compiled inference (eyeray.model.compiled): the same outputs as a plain model call, with padding,
-XLA and mixed precision, traced once per padded size; GPU set-up that is safe on any machine."""
+XLA and mixed precision (within a stated tolerance), traced once per padded size; GPU set-up
+that is safe on any machine."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -70,28 +75,83 @@ def test_warm_up_traces_every_size_so_calls_trace_nothing(model, images):
     assert run.traces == len(compiled.buckets(BATCH))
 
 
-def test_mixed_precision_on_cpu_returns_the_same_float32(model, images):
-    run = compiled.CompiledModel(model, mixed_precision=True)
-    assert run.mixed_precision is False  # no GPU here: the rewrite stays off
-    out = run(images[:5], BATCH)
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out, plain(model, images[:5]), atol=ATOL)
+MIXED_CHILD = r"""
+import json, sys
+import numpy as np
+from eyeray.model import bundle
+from eyeray.model.devices import mixed_precision_dtype
+
+loaded = bundle.load(sys.argv[1], mixed_precision=True)
+size = loaded.image_size
+images = np.random.default_rng(1).integers(0, 256, (5, size, size, 3), np.uint8)
+plain = np.asarray(loaded.model(images, training=False), np.float32)  # eager: the graph rewrite does not touch it
+out = loaded.predict(images, 16)
+print("RESULT " + json.dumps({
+    "hardware": mixed_precision_dtype(), "precision": loaded.compiled.precision, "dtype": str(out.dtype),
+    "max_diff": float(np.abs(out - plain).max()), "labels_equal": bool((out.argmax(1) == plain.argmax(1)).all()),
+    "sum_error": float(np.abs(out.sum(axis=1) - 1).max()),
+}))
+"""
+BFLOAT16_ATOL = 2e-2  # probabilities; 8 significant bits through a few convolutions
 
 
-def test_mixed_precision_is_turned_on_only_where_a_gpu_is_visible(monkeypatch):
+def test_mixed_precision_runs_in_the_hardwares_16_bit_type_with_float32_outputs(tmp_path):
+    """A bundle loaded with `mixed_precision`, in a child process: the rewrite is process-wide, so it
+    would reach every later test's graphs. On a CPU with bfloat16 (this project's machines have
+    AVX512-BF16) the graph runs in bfloat16: the outputs move, within the tolerance; elsewhere the
+    process stays float32 and they are unchanged."""
+    proc = subprocess.run(
+        [sys.executable, "-c", MIXED_CHILD, make_bundle(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["dtype"] == "float32" and result["precision"] == (result["hardware"] or "float32")
+    if result["precision"] == "bfloat16":
+        assert 0 < result["max_diff"] <= BFLOAT16_ATOL, result  # the rewrite ran, and stayed close
+    else:
+        assert result["max_diff"] <= ATOL, result
+    assert result["labels_equal"]
+    assert result["sum_error"] <= 1e-6  # softmax rows still sum to 1 (sklearn's AUC, for one, needs it)
+
+
+def test_mixed_precision_turns_on_the_rewrite_for_the_hardwares_type(monkeypatch):
     import tensorflow as tf
 
     calls = []
     monkeypatch.setattr(tf.config.optimizer, "set_experimental_options", calls.append)
-    assert compiled.enable_mixed_precision() is False and calls == []
+    for hardware, rewrite in (
+        ("float16", "auto_mixed_precision"),
+        ("bfloat16", "auto_mixed_precision_onednn_bfloat16"),
+        (None, None),
+    ):
+        calls.clear()
+        monkeypatch.setattr(devices, "mixed_precision_dtype", lambda hardware=hardware: hardware)
+        assert compiled.enable_mixed_precision() == hardware
+        assert calls == ([{rewrite: True}] if rewrite else [])
+
+
+def test_the_16_bit_type_follows_the_hardware(monkeypatch, tmp_path):
+    import tensorflow as tf
+
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, expected in (("fpu avx2 avx512f avx512_bf16 fma", True), ("fpu amx_bf16", True), ("fpu avx2", False)):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+        assert devices.cpu_has_bfloat16(str(cpuinfo)) is expected, flags
+    assert devices.cpu_has_bfloat16(str(tmp_path / "absent")) is False  # not Linux: float32
+    cpuinfo.write_text("flags\t\t: avx512_bf16\n")
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # no oneDNN kernels: bfloat16 would be emulated
+    assert devices.cpu_has_bfloat16(str(cpuinfo)) is False
+    for bf16 in (True, False):
+        monkeypatch.setattr(devices, "cpu_has_bfloat16", lambda bf16=bf16: bf16)
+        assert devices.mixed_precision_dtype() == ("bfloat16" if bf16 else None)
     monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else [])
-    assert compiled.enable_mixed_precision() is True
-    assert calls == [{"auto_mixed_precision": True}]
+    assert devices.mixed_precision_dtype() == "float16"  # a GPU: float16, whatever the CPU
 
 
 def test_bundle_predict_goes_through_the_compiled_model_with_its_settings(tmp_path, images):
     uri = make_bundle(tmp_path)
-    default, xla = bundle.load(uri), bundle.load(uri, jit_compile=True, mixed_precision=True)
+    default, xla = bundle.load(uri), bundle.load(uri, jit_compile=True)  # mixed precision: in a child, above
     assert (default.compiled.jit_compile, xla.compiled.jit_compile) == (False, True)
     for n in (1, 3, 17):
         expected = plain(default.model, images[:n])

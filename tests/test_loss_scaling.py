@@ -20,7 +20,7 @@ import keras, numpy as np
 from eyeray.tasks import get_task
 from eyeray.train.distributed import DistributedFitter, set_precision
 
-set_precision(True)
+set_precision("float16")
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 results = {}
 for overflowing in (0, 1, None):

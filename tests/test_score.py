@@ -349,7 +349,8 @@ def test_predictor_actor_crash_is_retried_by_ray(ray_cluster, oct_bundle, tmp_pa
 def test_decode_runs_in_its_own_tasks_beside_the_model_actors(ray_cluster, oct_bundle, tmp_path):
     """Ray Data fuses a task stage into the next actor stage when their resources match; fused,
     the model actor would read and decode every file itself and wait on the disk. (The actors run
-    the model compiled with XLA: the flag's path through a real pipeline.)"""
+    the model compiled with XLA and in mixed precision, bfloat16 on this CPU: the flags' path through
+    a real pipeline.)"""
     import pyarrow as pa
 
     write_pngs(tmp_path / "archive", 40)

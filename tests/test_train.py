@@ -17,7 +17,7 @@ from eyeray import faults, storage
 from eyeray.data import synthetic
 from eyeray.model import bundle
 from eyeray.tasks import get_task
-from eyeray.train import TrainConfig, run
+from eyeray.train import TrainConfig, checkpoint, run
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.cluster
@@ -100,6 +100,7 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
         workers=2,
         use_gpu=True,
         mixed_precision=True,  # float16 compute with loss scaling, as on GPUs; the bundle is float32
+        mixed_dtype="float16",  # on this CPU, auto would pick bfloat16
     )
     monkeypatch.setenv(faults.AT_EPOCH_ENV, "2")  # the last worker dies once, after epoch 2
     result = run(cfg)
@@ -126,6 +127,12 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
     assert bundle.read_manifest(result.bundle)["weights"] == str(weights)
     exported = bundle.load(result.bundle).model
     assert {layer.compute_dtype for layer in exported.layers if layer.weights} == {"float32"}
+    # --resume restores the last checkpoint (epoch 4, past the head phase): no features are cached again,
+    # no epoch runs again (so no new checkpoint: the run's history and restarts are the first run's)
+    assert checkpoint.registered_epoch(cfg.output + "/ray_train") == 4
+    again = run(dataclasses.replace(cfg, resume=True))
+    assert again.metrics["run"]["feature_cache"] is None
+    assert (again.history, again.resumed_after) == (result.history, result.resumed_after)
 
 
 def test_interrupted_run_on_s3_resumes_with_resume_flag_and_reports_bad_files(ray_cluster, tmp_path, monkeypatch):
@@ -155,6 +162,8 @@ def test_interrupted_run_on_s3_resumes_with_resume_flag_and_reports_bad_files(ra
         run(cfg)  # the only worker dies after epoch 1 and no restart is allowed
     assert fs.exists("odir-train/runs/odir-1/ray_train")
     assert not fs.exists("odir-train/runs/odir-1/bundle")  # no half-written bundle
+    assert checkpoint.registered_epoch(f"{output}/ray_train") == 1  # what --resume restores, read from S3
+    assert checkpoint.registered_epoch(f"{output}/no-such-run") == 0
     with pytest.raises(FileExistsError, match="--resume"):
         run(cfg)
     result = run(dataclasses.replace(cfg, resume=True))
@@ -279,14 +288,9 @@ def checkpoint_states(output: Path) -> dict[Path, dict]:
 
 
 def registered_epoch(output: Path) -> int:
-    """The newest epoch whose checkpoint Ray Train has registered (its run state on disk): what a
-    resume starts from. A checkpoint folder alone is not enough: one copied but not yet registered
-    when the driver dies is lost, as with any real failure."""
-    try:
-        snapshot = json.loads((output / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return 0
-    return int(((snapshot.get("latest_checkpoint_result") or {}).get("metrics") or {}).get("epoch", 0))
+    """The newest epoch whose checkpoint Ray Train has registered: what a resume starts from (0 while
+    none is, or while its record is caught mid-write)."""
+    return checkpoint.registered_epoch(str(output / "ray_train"))
 
 
 def wait_for_checkpoint_after(output: Path, epoch: int, alive, timeout_s: float = 300) -> int:

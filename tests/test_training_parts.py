@@ -103,9 +103,11 @@ def test_head_standardises_pooled_features_fitted_on_training_batches(tmp_path):
     np.testing.assert_allclose(loaded.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
 
 
-def test_mixed_precision_trains_with_loss_scaling_and_hands_over_float32_weights():
-    """--mixed-precision: float16 compute, float32 variables and outputs, a loss-scaling optimizer;
-    the trained weights load into the float32 model the bundle is exported from."""
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mixed_precision_trains_and_hands_over_float32_weights(dtype):
+    """--mixed-precision: 16-bit compute (float16 on GPUs, bfloat16 on CPUs that have it), float32
+    variables and outputs, a loss-scaling optimizer for float16 only (bfloat16 has float32's
+    exponent range); the trained weights load into the float32 model the bundle is exported from."""
     import keras
     import tensorflow as tf
 
@@ -118,15 +120,15 @@ def test_mixed_precision_trains_with_loss_scaling_and_hands_over_float32_weights
     images = rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8)
     labels = np.eye(4, dtype=np.float32)[np.arange(32) % 4]
     images[labels[:, 0] == 1] //= 4  # a class the model can tell apart
-    set_precision(True)
+    assert set_precision(dtype) == f"mixed_{dtype}"
     try:
         strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
         with strategy.scope():
             mixed = build_model(spec, "small_cnn", weights="none", image_size=32)
         fitter = DistributedFitter(strategy, mixed, spec, np.ones(4, np.float32))
         fitter.compile(1e-3)
-        assert isinstance(fitter.optimizer, keras.optimizers.LossScaleOptimizer)
-        assert mixed.get_layer("head_dense").compute_dtype == "float16"
+        assert isinstance(fitter.optimizer, keras.optimizers.LossScaleOptimizer) == (dtype == "float16")
+        assert mixed.get_layer("head_dense").compute_dtype == dtype
         assert {v.dtype for v in mixed.trainable_variables} == {"float32"}
         losses = [
             fitter.train_epoch({"image": images[i : i + 8], "label": labels[i : i + 8]} for i in range(0, 32, 8))
@@ -136,7 +138,7 @@ def test_mixed_precision_trains_with_loss_scaling_and_hands_over_float32_weights
         out = CompiledModel(mixed)(images, 16)
         assert out.dtype == np.float32
     finally:
-        set_precision(False)
+        set_precision(None)
     exported = build_model(spec, "small_cnn", weights="none", image_size=32)
     exported.set_weights(mixed.get_weights())
     assert exported.get_layer("head_dense").compute_dtype == "float32"

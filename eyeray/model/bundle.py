@@ -190,8 +190,8 @@ class Bundle:
     """A loaded bundle: the Keras model, its manifest, and the task spec it was trained for.
 
     `predict` runs the model compiled for inference (`eyeray.model.compiled`: a `tf.function`, with
-    XLA when `jit_compile`, float16 on GPUs when `mixed_precision`); `model` stays the plain Keras
-    model, for what needs its layers (Grad-CAM)."""
+    XLA when `jit_compile`, 16-bit compute when `mixed_precision`: float16 on GPUs, bfloat16 on
+    CPUs that have it); `model` stays the plain Keras model, for what needs its layers (Grad-CAM)."""
 
     model: Any
     manifest: dict[str, Any]
@@ -201,7 +201,12 @@ class Bundle:
     compiled: CompiledModel = field(init=False, repr=False)
 
     def __post_init__(self):
-        self.compiled = CompiledModel(self.model, jit_compile=self.jit_compile, mixed_precision=self.mixed_precision)
+        self.compiled = CompiledModel(
+            self.model,
+            jit_compile=self.jit_compile,
+            mixed_precision=self.mixed_precision,
+            sums_to_one=not self.manifest["multi_label"],
+        )
 
     @property
     def spec(self) -> TaskSpec:

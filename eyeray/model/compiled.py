@@ -8,8 +8,8 @@ graph is traced at most `len(buckets(batch_size))` times, and per image the outp
 `model(x, training=False)` (inference layers do not mix rows of a batch).
 
 Options: `jit_compile` (XLA; measured on this 2-core CPU at 0.83x of the plain `tf.function`, on
-GPUs usually faster) and `mixed_precision` (TensorFlow's grappler rewrite, float16 on GPUs; see
-`enable_mixed_precision`). Outputs are always float32.
+GPUs usually faster) and `mixed_precision` (TensorFlow's grappler rewrite: float16 on GPUs, bfloat16
+on CPUs that have it; see `enable_mixed_precision`). Outputs are always float32.
 """
 
 from __future__ import annotations
@@ -34,36 +34,55 @@ def bucket(n: int, batch_size: int) -> int:
     return next(b for b in buckets(batch_size) if b >= n)
 
 
-def enable_mixed_precision() -> bool:
-    """Turn TensorFlow's grappler `auto_mixed_precision` rewrite on for this process when a GPU is
-    visible; True if it was turned on.
+GRAPPLER_REWRITES = {  # TensorFlow's graph rewrites that run a float32 graph in 16 bits where it is safe
+    "float16": "auto_mixed_precision",
+    "bfloat16": "auto_mixed_precision_onednn_bfloat16",
+}
 
-    It only changes GPU graphs: the rewrite runs float32 ops that are safe in float16 (convolutions,
-    matmuls) in float16 on GPUs of compute capability 7.0 or more, and casts back where the graph
-    needs float32. TensorFlow also applies it on CPUs with AMX-FP16, so without a GPU it is left
-    off and CPU inference stays float32 everywhere. It is a process-wide setting (graphs run after
-    it, of every model), which suits the actors and replicas that ask for it: they exist to serve one
-    model. For inference only: training under it would need loss scaling."""
+
+def enable_mixed_precision() -> str | None:
+    """Turn on TensorFlow's grappler mixed-precision rewrite for this process, in the 16-bit type
+    `eyeray.model.devices.mixed_precision_dtype` picks; returns that type, or None (float32 stays).
+
+    The rewrite runs the ops that are safe in 16 bits (convolutions, matmuls) in float16 on GPUs, or
+    in bfloat16 through oneDNN on CPUs with AVX512-BF16 or AMX, and casts back where the graph needs
+    float32; the bundle's weights stay float32. It is a process-wide setting (every graph run after
+    it, of every model), which suits the actors and replicas that ask for it: they exist to serve
+    one model. For inference only: training sets a Keras dtype policy instead."""
     import tensorflow as tf
 
-    if not tf.config.list_physical_devices("GPU"):
-        log.info("mixed precision asked for, but no GPU is visible: inference stays float32")
-        return False
-    tf.config.optimizer.set_experimental_options({"auto_mixed_precision": True})
-    return True
+    from eyeray.model.devices import mixed_precision_dtype
+
+    dtype = mixed_precision_dtype()
+    if dtype is None:
+        log.warning(
+            "mixed precision asked for, but there is no GPU and this CPU has no bfloat16: inference stays float32"
+        )
+        return None
+    tf.config.optimizer.set_experimental_options({GRAPPLER_REWRITES[dtype]: True})
+    log.info(f"mixed precision: inference in {dtype}")
+    return dtype
 
 
 class CompiledModel:
     """`model(x, training=False)` as a `tf.function`, on batches padded to `buckets(batch_size)`.
 
+    `precision`: the compute type of the traced graph, "float32" or (with `mixed_precision`) the
+    16-bit type the process could turn on. `sums_to_one`: the outputs are softmax probabilities; the
+    rewrite runs the softmax in 16 bits too (rows then sum to 1 within about 2e-3), so in 16 bits
+    each row is divided by its float32 sum, as a float32 model's rows sum to 1.
+
     `traces` counts the traces (a Python side effect, so it runs while tracing only): it grows by at
     most one per padded size and input dtype, whatever the sizes of the calls."""
 
-    def __init__(self, model: Any, *, jit_compile: bool = False, mixed_precision: bool = False):
+    def __init__(
+        self, model: Any, *, jit_compile: bool = False, mixed_precision: bool = False, sums_to_one: bool = False
+    ):
         import tensorflow as tf
 
         self.model, self.jit_compile = model, jit_compile
-        self.mixed_precision = enable_mixed_precision() if mixed_precision else False
+        self.precision = (enable_mixed_precision() if mixed_precision else None) or "float32"
+        self.renormalise = sums_to_one and self.precision != "float32"
         self.traces = 0
         self.input_dtype = np.dtype(getattr(model.inputs[0], "dtype", "float32") if model.inputs else "float32")
         self._function = tf.function(self._forward, jit_compile=jit_compile, reduce_retracing=False)
@@ -79,9 +98,10 @@ class CompiledModel:
         images = np.asarray(images, self.input_dtype)
         if len(images) == 0:
             return np.zeros((0, *self.model.output_shape[1:]), np.float32)
-        return np.concatenate(
+        out = np.concatenate(
             [self._padded(images[i : i + batch_size], batch_size) for i in range(0, len(images), batch_size)]
         )
+        return out / out.sum(axis=1, keepdims=True) if self.renormalise else out
 
     def _padded(self, chunk: np.ndarray, batch_size: int) -> np.ndarray:
         n, size = len(chunk), bucket(len(chunk), batch_size)

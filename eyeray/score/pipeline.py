@@ -100,7 +100,10 @@ class ScoreConfig:
     )
     mixed_precision: bool = field(
         default=False,
-        metadata={"help": "float16 inference on GPUs (TensorFlow's auto mixed precision); no effect on CPUs"},
+        metadata={
+            "help": "float16 inference on GPUs, bfloat16 on CPUs with AVX512-BF16 or AMX (TensorFlow's "
+            "mixed-precision rewrite; outputs stay float32); elsewhere float32"
+        },
     )
     review_below: float = field(
         default=DEFAULT_REVIEW_BELOW,

@@ -99,7 +99,9 @@ class ServeArgs(BaseModel):
         False, description="compile the model with XLA (often faster on GPUs; slower on the CPUs measured)"
     )
     mixed_precision: bool = Field(
-        False, description="float16 inference on GPUs (TensorFlow's auto mixed precision); no effect on CPUs"
+        False,
+        description="float16 inference on GPUs, bfloat16 on CPUs with AVX512-BF16 or AMX (TensorFlow's "
+        "mixed-precision rewrite; outputs stay float32); elsewhere float32",
     )
     review_below: float = Field(
         DEFAULT_REVIEW_BELOW, ge=0, le=1, description="calibrated confidence below which an answer says needs_review"

@@ -15,11 +15,14 @@ import numpy as np
 import ray.train
 from ray.train import Checkpoint
 
+from eyeray import storage
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.weights.h5"
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.npz"
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 
 
 @dataclass
@@ -53,6 +56,19 @@ def report(model, fitter, state: RunState, metrics: dict[str, Any], rank: int) -
             Path(tmp, STATE_FILE).write_text(json.dumps(asdict(state)))
             checkpoint = Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def registered_epoch(run_dir: str) -> int:
+    """The epoch of the newest checkpoint Ray Train registered for the run in `run_dir` (local or
+    `s3://`): the one a `--resume` restores. A checkpoint folder copied but not registered when the
+    driver died is not restored, so the folders on storage cannot tell. 0 when there is none, or
+    when Ray's record cannot be read: callers take 0 as "from the start", which is always safe."""
+    fs, path = storage.filesystem(run_dir)
+    try:
+        snapshot = json.loads(fs.cat_file(f"{path}/{SNAPSHOT_FILE}"))
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def final_state(checkpoint: Checkpoint) -> RunState:

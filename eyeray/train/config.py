@@ -9,6 +9,7 @@ from typing import Any
 
 from eyeray.tasks import TASKS, get_task
 
+MIXED_DTYPES = ("auto", "float16", "bfloat16")  # --mixed-dtype: auto = eyeray.model.devices.mixed_precision_dtype
 RUN_NAME = "ray_train"  # Ray Train's run folder inside --output (checkpoints, run state)
 
 
@@ -93,8 +94,17 @@ class TrainConfig:
     mixed_precision: bool = field(
         default=False,
         metadata={
-            "help": "float16 compute with float32 weights (Keras mixed_float16, with loss scaling) for GPUs of "
-            "compute capability 7.0 or more; the head's output stays float32 and the bundle is float32"
+            "help": "16-bit compute with float32 weights: float16 (with loss scaling) on GPUs of compute "
+            "capability 7.0 or more, bfloat16 on CPUs with AVX512-BF16 or AMX, float32 elsewhere; the head's "
+            "output stays float32 and the bundle is float32"
+        },
+    )
+    mixed_dtype: str = field(
+        default="auto",
+        metadata={
+            "choices": MIXED_DTYPES,
+            "help": "the 16-bit type of --mixed-precision: auto (as above), or float16 or bfloat16 on any "
+            "hardware (bfloat16 also suits GPUs of compute capability 8.0 or more, and needs no loss scaling)",
         },
     )
     workers: int = field(default=1, metadata={"help": "Ray Train workers (data-parallel replicas)"})

@@ -49,12 +49,16 @@ def class_weights(spec: TaskSpec, labels: np.ndarray) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def set_precision(mixed: bool) -> None:
-    """Keras' global dtype policy for the models built after it: "mixed_float16" (float16 compute,
-    float32 variables) or "float32". Every model builds its output layer in float32 (see
-    eyeray.model.build), so probabilities and the loss stay float32 either way; `DistributedFitter`
-    scales the loss under the mixed policy so small float16 gradients do not underflow."""
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+def set_precision(dtype: str | None) -> str:
+    """Keras' global dtype policy for the models built after it, returned: "mixed_float16" or
+    "mixed_bfloat16" (16-bit compute, float32 variables) for `dtype` "float16" or "bfloat16"
+    (`eyeray.model.devices.mixed_precision_dtype` picks one for the hardware), "float32" for None.
+    Every model builds its output layer in float32 (see eyeray.model.build), so probabilities and
+    the loss stay float32 either way. `DistributedFitter` scales the loss under float16, whose
+    small gradients underflow; bfloat16 has float32's exponent range and needs no scaling."""
+    policy = f"mixed_{dtype}" if dtype else "float32"
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
 
 
 def skip_everywhere_if_any_overflows(grads: list) -> list:

@@ -88,14 +88,19 @@ def _prepare_data(spec: TaskSpec, cfg: TrainConfig):
     return layout, decoded
 
 
-def _training_datasets(spec: TaskSpec, cfg: TrainConfig, decoded: dict) -> tuple[dict, features.CachedFeatures | None]:
+def _training_datasets(
+    spec: TaskSpec, cfg: TrainConfig, decoded: dict, resumed_epoch: int = 0
+) -> tuple[dict, features.CachedFeatures | None]:
     """The trainer's datasets: the images (training ones augmented as configured) when a phase runs
     on images, and the train and validation splits' pooled features when the head trains on them
-    (eyeray.train.features), computed here, before `fit()`, so the stage has the cluster to itself."""
+    (eyeray.train.features), computed here, before `fit()`, so the stage has the cluster to itself.
+    A run resumed after its head phase (`resumed_epoch` >= --epochs) needs no features."""
     from eyeray.data.augment import scaled, training_stream
 
     datasets, cached = {}, None
-    if features.head_on_features(cfg):
+    if features.head_on_features(cfg) and resumed_epoch >= cfg.epochs:
+        log.info(f"resuming after epoch {resumed_epoch}: the head phase is done, so no feature cache")
+    elif features.head_on_features(cfg):
         cached = features.cache_features(cfg, {split: decoded[split].images for split in features.DATASETS})
         datasets = {features.DATASETS[split]: ds for split, ds in cached.datasets.items()}
         train = features.DATASETS["train"]
@@ -152,7 +157,8 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
 
     layout, decoded = _prepare_data(spec, cfg)
     train_labels = np.stack([np.asarray(r["label"]) for r in layout.splits["train"]])
-    datasets, cached = _training_datasets(spec, cfg, decoded)
+    resumed_epoch = checkpoint.registered_epoch(storage.join(cfg.output, RUN_NAME)) if cfg.resume else 0
+    datasets, cached = _training_datasets(spec, cfg, decoded, resumed_epoch)
 
     scaling = _scaling(cfg)
     log.info(
@@ -164,6 +170,7 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
         train_loop_config={
             "train": asdict(cfg),
             "class_weights": class_weights(spec, train_labels).tolist(),
+            "head_on_features": cached is not None,  # the workers' datasets hold the features
             "fault_at_epoch": faults.from_env(faults.AT_EPOCH_ENV),
         },
         scaling_config=scaling,

@@ -39,16 +39,27 @@ def head_on_features(cfg: TrainConfig) -> bool:
 
 class PooledFeatures:
     """`map_batches` callable class: uint8 images -> the model's pooled backbone features (the
-    input of its FeatureStandardize layer), from the same model the workers build, same --weights."""
+    input of its FeatureStandardize layer), from the same model the workers build, same --weights,
+    in the same precision (`mixed_precision`: the compute type the workers train in, see
+    eyeray.model.compiled.enable_mixed_precision)."""
 
-    def __init__(self, task: str, backbone: str, weights: str, image_size: int, batch_size: int = 32):
+    def __init__(
+        self,
+        task: str,
+        backbone: str,
+        weights: str,
+        image_size: int,
+        batch_size: int = 32,
+        mixed_precision: bool = False,
+    ):
         from eyeray.model.build import build_model, pooled_features
         from eyeray.model.compiled import CompiledModel
         from eyeray.model.devices import configure_gpus
 
         configure_gpus()
         model = build_model(get_task(task), backbone, weights=weights, image_size=image_size)
-        self.features, self.batch_size = CompiledModel(pooled_features(model)[0]), batch_size
+        self.features = CompiledModel(pooled_features(model)[0], mixed_precision=mixed_precision)
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         features = self.features(batch["image"], self.batch_size)
@@ -80,6 +91,7 @@ def cache_features(cfg: TrainConfig, splits: dict[str, ray.data.Dataset]) -> Cac
             weights=cfg.weights,
             image_size=cfg.image_size,
             batch_size=cfg.batch_size,
+            mixed_precision=cfg.mixed_precision,
         ),
         batch_size=cfg.batch_size,
         concurrency=1,  # one actor also on GPUs: a 2-worker GPU run with one per worker stalled in CI (open)

@@ -11,7 +11,7 @@ import warnings
 from eyeray import storage
 from eyeray.preflight import SettingError, check_exists, check_writable
 from eyeray.tasks import TaskSpec, get_task
-from eyeray.train.config import RUN_NAME, TrainConfig
+from eyeray.train.config import MIXED_DTYPES, RUN_NAME, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,8 @@ def check(config: TrainConfig) -> TrainConfig:
     start = time.perf_counter()
     cfg = config.resolved()
     spec = get_task(cfg.task)
+    if cfg.mixed_dtype not in MIXED_DTYPES:
+        raise SettingError(f"--mixed-dtype must be one of {', '.join(MIXED_DTYPES)}, not {cfg.mixed_dtype!r}")
     names = check_backbone(spec, cfg)
     if cfg.data is not None:
         check_data(spec, cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)

@@ -38,9 +38,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import tensorflow as tf
 
     from eyeray.model.build import build_model, head_model, phases, set_phase
-    from eyeray.model.devices import configure_gpus
+    from eyeray.model.devices import configure_gpus, mixed_precision_dtype
     from eyeray.train.distributed import DistributedFitter, set_precision
-    from eyeray.train.features import DATASETS, FEATURES, head_on_features
+    from eyeray.train.features import DATASETS, FEATURES
 
     setup_logging()  # a Ray worker process: eyeray's lines reach the driver's console through Ray
     cfg = TrainConfig(**config["train"])
@@ -52,9 +52,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.use_gpu and not configure_gpus():
         log.warning(f"worker {rank}: Ray assigned {gpus} GPU(s) but TensorFlow sees none; computing on the CPU")
     if cfg.mixed_precision:
-        set_precision(True)
-        if rank == 0 and not tf.config.list_physical_devices("GPU"):
-            log.warning("--mixed-precision without a GPU: float16 on CPUs is slower than float32")
+        dtype = mixed_precision_dtype() if cfg.mixed_dtype == "auto" else cfg.mixed_dtype
+        policy = set_precision(dtype)
+        if rank == 0:
+            if dtype is None:
+                log.warning("--mixed-precision: no GPU, and this CPU has no bfloat16 instructions: training in float32")
+            else:
+                log.info(f"--mixed-precision: Keras policy {policy}")
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     if cfg.weights == "imagenet" and rank == 0:
         log.info(f"loading ImageNet weights for {cfg.backbone} (downloaded once into ~/.keras/models on each node)")
@@ -66,7 +70,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # the head alone on cached features: the same variables, so `model` is what gets checkpointed
     on_features = (
         DistributedFitter(strategy, head_model(model), spec, weights, inputs=FEATURES)
-        if head_on_features(cfg)
+        if config["head_on_features"]
         else None
     )
 
@@ -78,7 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             continue
         base_lr = cfg.learning_rate * (cfg.fine_tune_lr_factor if phase == "fine_tune" else 1.0)
         set_phase(model, phase, cfg.fine_tune_layers)
-        features = phase == "head" and head_on_features(cfg)
+        features = phase == "head" and config["head_on_features"]
         fitter = on_features if features else on_images
         train_shard = ray.train.get_dataset_shard(DATASETS["train"] if features else "train")
         val_shard = ray.train.get_dataset_shard(DATASETS["validation"] if features else "validation")
