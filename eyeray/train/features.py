@@ -39,9 +39,9 @@ def head_on_features(cfg: TrainConfig) -> bool:
 
 class PooledFeatures:
     """`map_batches` callable class: uint8 images -> the model's pooled backbone features (the
-    input of its FeatureStandardize layer), from the same model the workers build, same --weights,
-    in the same precision (`mixed_precision`: the compute type the workers train in, see
-    eyeray.model.compiled.enable_mixed_precision)."""
+    input of its FeatureStandardize layer), from the same model the workers build, same --weights;
+    with `mixed_precision` (the run's --mixed-precision) in the hardware's 16-bit type, see
+    eyeray.model.compiled.enable_mixed_precision."""
 
     def __init__(
         self,
