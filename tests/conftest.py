@@ -247,6 +247,25 @@ def cluster_released_after_module(request):
         pytest.fail(f"{request.module.__name__} left the session cluster's resources held: {held}")
 
 
+@pytest.fixture(autouse=True)
+def no_mixed_precision_rewrite_in_the_test_process(request):
+    """TensorFlow's mixed-precision rewrite (`eyeray.model.compiled.enable_mixed_precision`) is
+    process-wide and cannot be undone for graphs already run: a test that turns it on in pytest's
+    own process moves every later in-process prediction (by ~5e-5 in bfloat16 on tiny models) and
+    fails tests far away. Tests of it run in child processes or Ray actors; this names the one that did not."""
+    yield
+    if "tensorflow" not in sys.modules:
+        return
+    import tensorflow as tf
+
+    from eyeray.model.compiled import GRAPPLER_REWRITES
+
+    options = tf.config.optimizer.get_experimental_options()
+    on = [name for name in GRAPPLER_REWRITES.values() if options.get(name)]
+    if on:
+        pytest.fail(f"{request.node.nodeid} turned on {on} in the test process (see this fixture's docstring)")
+
+
 def wait_until_idle(timeout_s: float) -> list[str]:
     """Wait until every CPU and GPU of the connected cluster is free; else name what holds them
     (live actors with resources, placement groups not removed)."""

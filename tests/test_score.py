@@ -65,11 +65,13 @@ def test_predictor_adds_columns_without_ray(oct_bundle):
 
 
 def test_predictor_runs_its_bundles_compiled_as_configured(oct_bundle):
-    """--batch-size, --jit-compile and --mixed-precision reach the actors' bundles (eyeray.model.compiled);
-    XLA, and mixed precision (off without a GPU), give the default run's probabilities."""
+    """--batch-size, --jit-compile and --mixed-precision reach the actors' arguments; XLA gives the
+    default run's probabilities. (Mixed precision is process-wide, so it runs in actors only:
+    test_decode_runs_in_its_own_tasks_beside_the_model_actors; its outputs: test_compiled.)"""
     cfg = ScoreConfig(bundles=[oct_bundle], input="i", output="o", batch_size=8, jit_compile=True, mixed_precision=True)
     args = predictor_args(cfg, 32)
     assert (args["batch_size"], args["jit_compile"], args["mixed_precision"]) == (8, True, True)
+    args["mixed_precision"] = False
     batch = {
         "path": np.array(list("abc"), dtype=object),
         "image": np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8),
