@@ -8,6 +8,9 @@ machine, in one run (it is shared and noisy, so ratios are what mean something):
   Grad-CAM overlays), end to end and in steady state (runs over n and 2 n images: the difference cancels the start-up);
 - seed-style: open each image with PIL, resize, `model.predict` one image at a time, as the
   seed notebooks served predictions;
+- with `--mixed-precision` (where the hardware has a 16-bit type: bfloat16 on CPUs with it): the
+  pipeline again (n and 2 n) and the bare model, in a fresh worker process (the rewrite is
+  process-wide); the seed-style loop stays float32, as the seeds ran;
 - memory: peak RSS of the driver and of the Ray worker processes while scoring N and 10 N images;
 - the speed table: the four figures with targets (pipeline vs seed-style loop, end to end vs bare
   model, training fed by Ray Data vs memory with augmentation, Serve batched vs unbatched at 16
