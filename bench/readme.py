@@ -390,14 +390,14 @@ def feature_cache() -> str | None:
 def mixed_precision() -> str | None:
     """`--mixed-precision` on a CPU with bfloat16: the same real-data recipe trained both ways, and
     the mixed-precision bundle scored both ways."""
-    mixed, plain = load("real_transfer_mixed"), load("real_transfer")
+    mixed, plain = load("real_transfer_mixed"), load("real_transfer") or {}
     if not mixed or "oct" not in mixed.get("tasks", {}):
         return None
     m = mixed["tasks"]["oct"]
-    p = (plain or {}).get("tasks", {}).get("oct") if (plain or {}).get("image_size") == mixed["image_size"] else None
+    p = plain["tasks"].get("oct", {}) if plain.get("image_size") == mixed["image_size"] else {}  # same recipe only
     rows = []
     for key, label in (("head_only", "head only"), ("two_phase", "two-phase")):
-        for name, run in (("float32", (p or {}).get(key)), ("mixed precision", m[key])):
+        for name, run in (("float32", p.get(key)), ("mixed precision", m[key])):
             if run:
                 t = run["test"]
                 rows.append(
