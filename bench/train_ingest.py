@@ -6,11 +6,13 @@ object store, as `eyeray.train` does) and epochs fed from numpy arrays already i
 memory. The ratio of steps per second says what the Ray Data feed costs; it is measured in one
 run, interleaved, because this machine is shared and noisy.
 
-With augmentation the Ray Data feed augments in its CPU workers (`map_batches(augment_batch)`, as
-`eyeray.train` does), so the in-memory side runs two feeds: `memory_augmented` does the same work
-in the training loop (the same `augment_batch` on each batch: the fair comparison, the ratio
-`ratio_ray_data_vs_memory`), and `memory` skips it (`ratio_ray_data_vs_unaugmented_memory`: 1.0
-would mean the pipeline hides the augmentation completely).
+With augmentation there are two Ray Data feeds, eyeray.train's two `--augment-on` sites, both
+built by eyeray's own functions: `ray_data_trainer` (the shard's batches augmented in a background
+thread of the worker: the default for CPU workers) and `ray_data_tasks` (augmented by
+`map_batches(augment_batch)` in Ray Data's CPU tasks: the default with GPUs). The in-memory side
+runs two feeds too: `memory_augmented` does the same work in the training loop (the same
+`augment_batch` on each batch: the fair comparison, the ratio `vs_same_work`), and `memory` skips it
+(`vs_unaugmented_memory`: 1.0 would mean the feed hides the augmentation completely).
 
 `augment_batch_ms` times `augment_batch` in this process on batches of 64 images: the batched numpy
 version against the per-image PIL version it replaced (kept here only as the baseline).
@@ -46,6 +48,8 @@ from eyeray.tasks import get_task  # noqa: E402
 from eyeray.train.worker import train_batches  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RAY_FEEDS = ("ray_data", "ray_data_trainer", "ray_data_tasks")  # the feeds from a Ray Data shard
+DEFAULT_FEED = "ray_data_trainer"  # --augment-on auto on CPU workers: the speed table's row
 
 
 def timed(batches, waits: list[float]):
@@ -74,11 +78,8 @@ def worker_loop(config: dict) -> None:
     set_phase(model, "full")
     fitter = DistributedFitter(strategy, model, spec, np.ones(spec.num_classes, np.float32))
     fitter.compile(1e-3)
-    shard = ray.train.get_dataset_shard("train")
-    bs = config["batch_size"]
-
-    def ray_batches():
-        return train_batches(shard, bs)  # exactly what eyeray.train feeds its workers
+    shard = ray.train.get_dataset_shard("train")  # not augmented
+    bs, augment = config["batch_size"], spec.augment if config["augment"] else None
 
     rows = list(shard.iter_batches(batch_size=bs))  # the same tensors, held in memory
     images = np.concatenate([r["image"] for r in rows])
@@ -90,15 +91,25 @@ def worker_loop(config: dict) -> None:
             idx = order[i : i + bs]
             yield {"image": images[idx], "label": labels[idx]}
 
-    def memory_augmented_batches():  # the same work as the Ray Data feed, done in the training loop
+    def memory_augmented_batches():  # the same work as the Ray Data feeds, done in the training loop
         for batch in memory_batches():
-            yield augment_batch(batch, spec.augment)
+            yield augment_batch(batch, augment)
 
-    feeds = {"ray_data": ray_batches, "memory": memory_batches}
-    if config["augment"]:  # the shard is augmented then (and `images` above hold one augmented draw)
-        feeds["memory_augmented"] = memory_augmented_batches
+    # the Ray Data feeds: exactly what eyeray.train feeds its workers (with augmentation, at each --augment-on site)
+    if augment:
+        tasks_shard = ray.train.get_dataset_shard("train_augmented")
+        feeds = {
+            "ray_data_trainer": lambda: train_batches(shard, bs, augment),
+            "ray_data_tasks": lambda: train_batches(tasks_shard, bs),
+            "memory": memory_batches,
+            "memory_augmented": memory_augmented_batches,
+        }
+    else:
+        feeds = {"ray_data": lambda: train_batches(shard, bs), "memory": memory_batches}
     fitter.train_epoch(memory_batches())  # warm-up: tracing, thread pools
-    fitter.train_epoch(ray_batches())
+    for name in RAY_FEEDS:
+        if name in feeds:
+            fitter.train_epoch(feeds[name]())  # and each Ray Data feed's first execution
     timings = {name: [] for name in feeds}
     for _ in range(config["rounds"]):
         for name, feed in feeds.items():
@@ -129,7 +140,10 @@ def measure(args, backbone: str, image_size: int, augment: bool, data: str) -> d
     spec = get_task(args.task)
     layout = read_layout(spec, data)
     records = [r for split in layout.splits.values() for r in split]
-    train = training_stream(decode_split(records, image_size, seed=0).images, spec.augment if augment else None)
+    images = decode_split(records, image_size, seed=0).images
+    datasets = {"train": training_stream(images, None)}
+    if augment:
+        datasets["train_augmented"] = training_stream(images, spec.augment)
     with tempfile.TemporaryDirectory() as storage:
         trainer = TensorflowTrainer(
             worker_loop,
@@ -144,16 +158,22 @@ def measure(args, backbone: str, image_size: int, augment: bool, data: str) -> d
             },
             scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(storage_path=storage, name="bench"),
-            datasets={"train": train},
+            datasets=datasets,
         )
         trainer.fit()
         metrics = json.loads(Path(storage, "figures.json").read_text())
     result = metrics["result"]
-    baseline = result["memory_augmented" if augment else "memory"]  # the same work, in the loop
-    same_work = baseline["steps_per_s"]
-    ratio = result["ray_data"]["steps_per_s"] / same_work
-    unaugmented = result["ray_data"]["steps_per_s"] / result["memory"]["steps_per_s"]
-    steady = result["ray_data"]["steady_steps_per_s"] / baseline["steady_steps_per_s"]
+    same_work = result["memory_augmented" if augment else "memory"]
+    ratios = {
+        name: {
+            "vs_same_work": round(result[name]["steps_per_s"] / same_work["steps_per_s"], 3),
+            "steady": round(result[name]["steady_steps_per_s"] / same_work["steady_steps_per_s"], 3),
+            "vs_unaugmented_memory": round(result[name]["steps_per_s"] / result["memory"]["steps_per_s"], 3),
+        }
+        for name in RAY_FEEDS
+        if name in result
+    }
+    default = DEFAULT_FEED if augment else "ray_data"
     row = {
         "backbone": backbone,
         "image_size": image_size,
@@ -161,17 +181,19 @@ def measure(args, backbone: str, image_size: int, augment: bool, data: str) -> d
         "augment": augment,
         "images": metrics["images"],
         "steps_per_epoch": metrics["steps_per_epoch"],
-        **result,
-        "ratio_ray_data_vs_memory": round(ratio, 3),
-        "ratio_ray_data_vs_unaugmented_memory": round(unaugmented, 3),
-        "ratio_steady_ray_data_vs_memory": round(steady, 3),
+        "feeds": result,
+        "ratios": ratios,
+        "default_feed": default,
+        "ratio_ray_data_vs_memory": ratios[default]["vs_same_work"],
     }
-    print(
-        f"{backbone:>12} @{image_size:<4} augment={str(augment):5} ray_data {result['ray_data']['steps_per_s']:.2f} "
-        f"steps/s, memory (same work) {same_work:.2f} steps/s, ratio {ratio:.3f}; "
-        f"vs unaugmented memory {unaugmented:.3f}; after the first batch {steady:.3f}",
-        flush=True,
-    )
+    for name, r in ratios.items():
+        print(
+            f"{backbone:>12} @{image_size:<4} augment={str(augment):5} {name:<16} "
+            f"{result[name]['steps_per_s']:.2f} steps/s, memory (same work) {same_work['steps_per_s']:.2f} steps/s, "
+            f"ratio {r['vs_same_work']:.3f}; vs unaugmented memory {r['vs_unaugmented_memory']:.3f}; "
+            f"after the first batch {r['steady']:.3f}",
+            flush=True,
+        )
     return row
 
 
@@ -238,7 +260,13 @@ def main() -> None:
         "--images-per-class", type=int, default=250, help="for configs that do not give their own (backbone:size:n)"
     )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved epoch pairs per configuration")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="interleaved epochs of each feed per configuration (epochs of one feed vary by about 15%% on a "
+        "shared machine: 10 rounds gave trainer vs tasks an ordering that held in every round)",
+    )
     parser.add_argument(
         "--configs",
         default="small_cnn:64,small_cnn:64:1000,mobilenet_v2:96",

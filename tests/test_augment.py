@@ -7,13 +7,15 @@ implementation as the reference the batched resampling must agree with.
 from __future__ import annotations
 
 import math
+import threading
+import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from eyeray.data.augment import affine_batch, augment_batch, scaled
+from eyeray.data.augment import affine_batch, augment_batch, augmented, scaled
 from eyeray.tasks import AugmentSpec
 
 OFF = AugmentSpec(hflip=False, vflip=False, rotation_deg=0.0, zoom=0.0, brightness=0.0, contrast=0.0)
@@ -129,3 +131,71 @@ def test_brightness_and_contrast_are_per_image_and_keep_flat_images_flat():
     shift = out - images
     assert (shift == shift[:, :1, :1, :1]).all()  # one offset per image
     assert np.abs(shift).max() <= round(0.1 * 255) and len(set(shift[:, 0, 0, 0])) > 1
+
+
+def numbered_batches(n: int, log: dict):
+    """n batches whose images (a smooth test image) and labels carry their number; `log` records
+    how many were taken and whether the generator was closed."""
+    image = test_images(2, 24, 24)[0]
+    log.update(taken=0, closed=False)
+    try:
+        for i in range(n):
+            log["taken"] += 1
+            yield {"image": np.stack([image] * 3), "label": np.full(3, i), "index": i}
+    finally:
+        log["closed"] = True
+
+
+def augment_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "eyeray-augment"]
+
+
+def test_augmented_in_the_background_keeps_order_and_labels_and_augments_every_batch():
+    """--augment-on trainer: the shard's batches, in their order, each augmented once."""
+    log: dict = {}
+    out = list(augmented(numbered_batches(6, log), AugmentSpec()))
+    assert [b["index"] for b in out] == list(range(6))
+    original = next(numbered_batches(1, {}))["image"]
+    for i, batch in enumerate(out):
+        np.testing.assert_array_equal(batch["label"], np.full(3, i))
+        assert batch["image"].shape == original.shape and batch["image"].dtype == np.uint8
+        assert not np.array_equal(batch["image"], original)
+    assert log["closed"] and not augment_threads()
+    source = list(numbered_batches(2, {}))
+    assert list(augmented(iter(source), None)) == source  # no spec: the batches as they are
+
+
+def test_augmented_works_ahead_of_the_consumer_but_no_further_than_asked():
+    """The thread augments the next batches while the consumer (the training step) works on one,
+    holding at most `ahead` ready plus the one it is handing over."""
+    log: dict = {}
+    batches = augmented(numbered_batches(20, log), AugmentSpec(), ahead=2)
+    next(batches)
+    deadline = time.monotonic() + 30
+    while log["taken"] < 3 and time.monotonic() < deadline:  # taken while the consumer holds batch 0
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert 3 <= log["taken"] <= 1 + 2 + 1
+    batches.close()
+    assert log["closed"] and not augment_threads()
+
+
+def test_a_consumer_that_stops_early_stops_the_thread_and_closes_the_source():
+    log: dict = {}
+    for batch in augmented(numbered_batches(100, log), AugmentSpec()):
+        if batch["index"] == 1:
+            break
+    assert log["closed"] and log["taken"] < 100 and not augment_threads()
+
+
+def test_an_error_in_the_thread_is_raised_in_the_consumer_after_the_batches_before_it():
+    def source():
+        yield {"image": test_images(2, 16, 16)}
+        yield {"image": np.zeros((2, 16, 16, 4), np.uint8)}  # not RGB: affine_batch refuses it
+        yield {"image": test_images(2, 16, 16)}
+
+    batches = augmented(source(), AugmentSpec())
+    assert next(batches)["image"].shape == (2, 16, 16, 3)
+    with pytest.raises(ValueError, match="NxHxWx3"):
+        next(batches)
+    assert not augment_threads()

@@ -156,6 +156,14 @@ def test_an_existing_run_is_still_a_file_exists_error_for_python_callers(glaucom
         train_preflight.check(cfg)
 
 
+@pytest.mark.parametrize("setting", [{"augment_on": "gpu"}, {"mixed_dtype": "float8"}])
+def test_python_callers_get_the_flags_choices_checked_too(glaucoma_sample, tmp_path, setting):
+    ((name, value),) = setting.items()
+    cfg = TrainConfig(task="glaucoma", data=str(glaucoma_sample), output=str(tmp_path / "o"), **setting)
+    with pytest.raises(SettingError, match=f"^--{name.replace('_', '-')} must be one of auto, .+, not '{value}'$"):
+        train_preflight.check(cfg)
+
+
 def test_writable_probe_on_an_existing_folder_leaves_it_as_it_was(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     check_writable(str(tmp_path))

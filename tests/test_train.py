@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
@@ -190,7 +191,8 @@ def test_interrupted_run_on_s3_resumes_with_resume_flag_and_reports_bad_files(ra
 def test_two_workers_get_disjoint_shards_covering_the_split_and_identical_weights_after_a_step(ray_cluster, tmp_path):
     """Data parallelism, seen from inside the workers: eyeray's dataset preparation
     (eyeray.data.records) split by Ray Train over 2 workers, one epoch of eyeray's DistributedFitter
-    step; each worker writes the paths it trained on and a hash of its trainable weights."""
+    step on batches augmented in the worker (--augment-on trainer); each worker writes the paths,
+    labels and image hashes it trained on and a hash of its trainable weights."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -233,17 +235,24 @@ def test_two_workers_get_disjoint_shards_covering_the_split_and_identical_weight
         fitter.compile(1e-2)
         before = digest(model.trainable_weights)
         seen: list[str] = []
+        labels: list[int] = []
+        images: list[str] = []
 
         def recorded(batches):
             for batch in batches:
                 seen.extend(str(p) for p in batch["path"])
+                labels.extend(np.asarray(batch["label"]).argmax(axis=1).tolist())
+                images.extend(hashlib.sha256(image.tobytes()).hexdigest() for image in batch["image"])
                 yield batch
 
-        stats = fitter.train_epoch(recorded(train_batches(ray.train.get_dataset_shard("train"), 4)))
+        augment = spec.augment
+        stats = fitter.train_epoch(recorded(train_batches(ray.train.get_dataset_shard("train"), 4, augment)))
         moving = [v for v in model.non_trainable_weights if "moving_" in v.path]
         out = {
             "rank": rank,
             "paths": seen,
+            "labels": labels,
+            "images": images,
             "before": before,
             "after": digest(model.trainable_weights),
             "moving": digest(moving),
@@ -268,6 +277,11 @@ def test_two_workers_get_disjoint_shards_covering_the_split_and_identical_weight
     assert not seen[0] & seen[1]  # disjoint shards
     assert sorted(seen[0] | seen[1]) == paths  # together: the whole split, nothing else
     assert len(seen[0]) == len(seen[1])
+    label_of = {str(r["path"]): int(np.argmax(r["label"])) for r in records}
+    assert all(label_of[p] == y for r in ranks for p, y in zip(r["paths"], r["labels"], strict=True))
+    decoded = decoded_dataset(records, 32, seed=0).take_all()
+    as_decoded = {hashlib.sha256(row["image"].tobytes()).hexdigest() for row in decoded}
+    assert not as_decoded & {h for r in ranks for h in r["images"]}  # every image augmented on its way
     assert ranks[0]["before"] == ranks[1]["before"]  # the replicas start from the same weights
     assert ranks[0]["after"] == ranks[1]["after"] != ranks[0]["before"]  # ... and stay equal after training
     assert ranks[0]["loss"] == ranks[1]["loss"]  # the all-reduced epoch loss

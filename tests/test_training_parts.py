@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -68,6 +70,22 @@ def test_job_flags_parse_into_the_config():
         True,
     )
     assert cfg.learning_rate == 0.01 and cfg.batch_size == 8 and cfg.epochs == 2
+
+
+@pytest.mark.parametrize(
+    "augment_on, use_gpu, site",
+    [("auto", False, "trainer"), ("auto", True, "data"), ("data", False, "data"), ("trainer", True, "trainer")],
+)
+def test_augmentation_runs_in_the_trainer_on_cpus_and_in_ray_data_beside_gpus(augment_on, use_gpu, site):
+    argv = ["--augment-on", augment_on, *(["--use-gpu"] if use_gpu else [])]
+    cfg = train_config(get_train_parser("oct").parse_args(argv), "oct")
+    assert cfg.augment_site == site
+    spec = get_task("oct").augment
+    assert cfg.augmentation() == spec
+    assert dataclasses.replace(cfg, augment_strength=0.5).augmentation().rotation_deg == spec.rotation_deg / 2
+    assert dataclasses.replace(cfg, augment=False).augmentation() is None
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        get_train_parser("oct").parse_args(["--augment-on", "gpu"])
 
 
 def test_head_standardises_pooled_features_fitted_on_training_batches(tmp_path):

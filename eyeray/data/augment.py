@@ -1,8 +1,15 @@
-"""Training-only augmentation, run by Ray Data's CPU workers on uint8 batches.
+"""Training-only augmentation on uint8 batches, run where it costs the training step least.
 
-It runs in the data pipeline rather than in the model so the CPU workers that decode images
-also augment them while the trainers compute, and so the saved model has no random layers
-(whose seed state does not mix with MultiWorkerMirroredStrategy replicas).
+Two places run the same `augment_batch` (eyeray.train picks one, `--augment-on`):
+- `training_stream`: Ray Data's CPU tasks, beside the trainers. Right for GPU workers: the step
+  does not use the CPUs, and the augmentation scales out to every CPU of the cluster.
+- `augmented`: a background thread of the training worker, on the batches its shard yields, while
+  TensorFlow runs the step (which releases the GIL). Right for CPU workers: the step and Ray Data's
+  tasks share the same cores, and here no task is launched and no batch crosses a process per epoch
+  (bench/train_ingest.py measures both).
+
+Either way the saved model has no random layers (whose seed state does not mix with
+MultiWorkerMirroredStrategy replicas).
 
 It is vectorised over the batch in plain numpy (no TensorFlow in eyeray.data, no per-image PIL
 call): the augmentation competes with the training step for the same few CPU cores, so every
@@ -14,7 +21,10 @@ inverse-affine bilinear resampling with PIL's conventions (the previous implemen
 from __future__ import annotations
 
 import math
+import queue
 import sys
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -64,13 +74,61 @@ def augment_batch(
 
 def training_stream(ds, spec: AugmentSpec | None):
     """A training split as each epoch reads it (a Ray Dataset): its blocks in a new random order,
-    then every image augmented by `spec` (None: not augmented) in Ray Data's CPU tasks, beside the
-    training step. eyeray.train and bench/train_ingest.py both build it here."""
+    then every image augmented by `spec` (None: not augmented, or augmented by the trainer:
+    `augmented`) in Ray Data's CPU tasks, beside the training step. eyeray.train and
+    bench/train_ingest.py both build it here."""
     ds = ds.randomize_block_order()
     if spec is None:
         return ds
     # zero_copy_batch: augment_batch never writes to its input
     return ds.map_batches(augment_batch, fn_kwargs={"spec": spec}, batch_size=64, zero_copy_batch=True)
+
+
+def augmented(batches: Iterable[dict], spec: AugmentSpec | None, ahead: int = 2) -> Iterator[dict]:
+    """`batches` augmented by `spec` in a background thread, up to `ahead` batches before the
+    consumer asks (None: `batches` as they are). An error in the thread is raised in the consumer;
+    a consumer that stops early (or fails) stops the thread, which closes `batches` (a Ray Data
+    iterator then shuts its execution down)."""
+    if spec is None:
+        yield from batches
+        return
+    done = object()
+    ready: queue.Queue = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def hand_over(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(batches)
+        try:
+            for batch in source:
+                if not hand_over(augment_batch(batch, spec)):
+                    return
+            hand_over(done)
+        except BaseException as error:  # handed to the consumer, raised there
+            hand_over(error)
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="eyeray-augment", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def augment_images(images: np.ndarray, spec: AugmentSpec, rng: np.random.Generator) -> np.ndarray:

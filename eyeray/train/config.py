@@ -7,8 +7,10 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from eyeray.tasks import TASKS, get_task
+from eyeray.data.augment import scaled
+from eyeray.tasks import TASKS, AugmentSpec, get_task
 
+AUGMENT_ON = ("auto", "data", "trainer")  # --augment-on: auto = TrainConfig.augment_site
 MIXED_DTYPES = ("auto", "float16", "bfloat16")  # --mixed-dtype: auto = eyeray.model.devices.mixed_precision_dtype
 RUN_NAME = "ray_train"  # Ray Train's run folder inside --output (checkpoints, run state)
 
@@ -81,6 +83,15 @@ class TrainConfig:
     augment_strength: float = field(  # eyeray.data.augment.scaled
         default=1.0, metadata={"help": "scale the task's augmentation ranges (0: none)"}
     )
+    augment_on: str = field(
+        default="auto",
+        metadata={
+            "choices": AUGMENT_ON,
+            "help": "where augmentation runs: data (Ray Data's CPU tasks, which scale out beside GPU workers), "
+            "trainer (a background thread of each training worker: no tasks or transfers per epoch, the "
+            "cheapest where the workers compute on CPUs), auto: data with --use-gpu, trainer without",
+        },
+    )
     # eyeray.train.features. On by default, measured (bench/results/feature_cache.json: real OCT, real
     # pretrained VGG16, 128 px, 6 head epochs, 76 test images): head phase 101 s vs 663 s on augmented
     # images (458 s un-augmented), test accuracy 0.66 vs 0.67 (one image), macro F1 0.62 vs 0.60.
@@ -123,6 +134,19 @@ class TrainConfig:
     @property
     def is_demo(self) -> bool:
         return self.data is None
+
+    @property
+    def augment_site(self) -> str:
+        """ "data" or "trainer" (--augment-on, auto resolved). Measured on CPU workers
+        (bench/results/train_ingest.json): the trainer's thread keeps the Ray Data feed at the speed of
+        in-memory arrays, Ray Data's tasks did not on the same 2 cores."""
+        if self.augment_on != "auto":
+            return self.augment_on
+        return "data" if self.use_gpu else "trainer"
+
+    def augmentation(self) -> AugmentSpec | None:
+        """The task's training augmentation as configured (None: off)."""
+        return scaled(get_task(self.task).augment, self.augment_strength) if self.augment else None
 
     def resolved(self) -> TrainConfig:
         """Fill unset fields: the demo configuration without data, the task's defaults with it."""

@@ -89,13 +89,14 @@ def _prepare_data(spec: TaskSpec, cfg: TrainConfig):
 
 
 def _training_datasets(
-    spec: TaskSpec, cfg: TrainConfig, decoded: dict, resumed_epoch: int = 0
+    cfg: TrainConfig, decoded: dict, resumed_epoch: int = 0
 ) -> tuple[dict, features.CachedFeatures | None]:
-    """The trainer's datasets: the images (training ones augmented as configured) when a phase runs
-    on images, and the train and validation splits' pooled features when the head trains on them
-    (eyeray.train.features), computed here, before `fit()`, so the stage has the cluster to itself.
-    A run resumed after its head phase (`resumed_epoch` >= --epochs) needs no features."""
-    from eyeray.data.augment import scaled, training_stream
+    """The trainer's datasets: the images when a phase runs on images (the training ones augmented
+    here when --augment-on resolves to data, by the workers otherwise), and the train and validation
+    splits' pooled features when the head trains on them (eyeray.train.features), computed here,
+    before `fit()`, so the stage has the cluster to itself. A run resumed after its head phase
+    (`resumed_epoch` >= --epochs) needs no features."""
+    from eyeray.data.augment import training_stream
 
     datasets, cached = {}, None
     if features.head_on_features(cfg) and resumed_epoch >= cfg.epochs:
@@ -106,7 +107,7 @@ def _training_datasets(
         train = features.DATASETS["train"]
         datasets[train] = datasets[train].randomize_block_order()
     if cached is None or cfg.fine_tune_epochs:
-        augment = scaled(spec.augment, cfg.augment_strength) if cfg.augment else None
+        augment = cfg.augmentation() if cfg.augment_site == "data" else None  # else the workers augment
         train_ds = training_stream(decoded["train"].images, augment)
         datasets.update(train=train_ds, validation=decoded["validation"].images)
     return datasets, cached
@@ -152,13 +153,14 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     _check_output(cfg)
     log.info(
         f"training {spec.name}: {cfg.backbone} @ {cfg.image_size}px, weights={cfg.weights}, "
-        f"{cfg.workers} worker(s){' with GPUs' if cfg.use_gpu else ''}, output {cfg.output}"
+        f"{cfg.workers} worker(s){' with GPUs' if cfg.use_gpu else ''}, "
+        f"{f'augmented by the {cfg.augment_site}' if cfg.augment else 'no augmentation'}, output {cfg.output}"
     )
 
     layout, decoded = _prepare_data(spec, cfg)
     train_labels = np.stack([np.asarray(r["label"]) for r in layout.splits["train"]])
     resumed_epoch = checkpoint.registered_epoch(storage.join(cfg.output, RUN_NAME)) if cfg.resume else 0
-    datasets, cached = _training_datasets(spec, cfg, decoded, resumed_epoch)
+    datasets, cached = _training_datasets(cfg, decoded, resumed_epoch)
 
     scaling = _scaling(cfg)
     log.info(

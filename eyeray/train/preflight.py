@@ -11,7 +11,7 @@ import warnings
 from eyeray import storage
 from eyeray.preflight import SettingError, check_exists, check_writable
 from eyeray.tasks import TaskSpec, get_task
-from eyeray.train.config import MIXED_DTYPES, RUN_NAME, TrainConfig
+from eyeray.train.config import AUGMENT_ON, MIXED_DTYPES, RUN_NAME, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,10 @@ def check(config: TrainConfig) -> TrainConfig:
     start = time.perf_counter()
     cfg = config.resolved()
     spec = get_task(cfg.task)
-    if cfg.mixed_dtype not in MIXED_DTYPES:
-        raise SettingError(f"--mixed-dtype must be one of {', '.join(MIXED_DTYPES)}, not {cfg.mixed_dtype!r}")
+    for name, allowed in (("mixed_dtype", MIXED_DTYPES), ("augment_on", AUGMENT_ON)):  # the CLI checks its own
+        if getattr(cfg, name) not in allowed:
+            flag = "--" + name.replace("_", "-")
+            raise SettingError(f"{flag} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
     names = check_backbone(spec, cfg)
     if cfg.data is not None:
         check_data(spec, cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)

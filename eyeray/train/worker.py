@@ -14,19 +14,22 @@ import ray
 import ray.train
 
 from eyeray import faults
+from eyeray.data.augment import augmented
 from eyeray.log import setup as setup_logging
-from eyeray.tasks import TaskSpec, get_task
+from eyeray.tasks import AugmentSpec, TaskSpec, get_task
 from eyeray.train import checkpoint
 from eyeray.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def train_batches(shard, batch_size: int):
+def train_batches(shard, batch_size: int, augment: AugmentSpec | None = None):
     """One epoch of a worker's training shard: shuffled locally, prefetched while the step runs
     (4 batches: at batch 32 two were the output of a single augmenting task, so any scheduling delay
-    stalled the step)."""
-    return shard.iter_batches(batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size, prefetch_batches=4)
+    stalled the step), and augmented by `augment` in a background thread (--augment-on trainer;
+    None: as the shard holds them)."""
+    batches = shard.iter_batches(batch_size=batch_size, local_shuffle_buffer_size=4 * batch_size, prefetch_batches=4)
+    return augmented(batches, augment)
 
 
 def cosine(base_lr: float, step: int, steps: int) -> float:
@@ -85,13 +88,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         features = phase == "head" and config["head_on_features"]
         fitter = on_features if features else on_images
         train_shard = ray.train.get_dataset_shard(DATASETS["train"] if features else "train")
+        augment = cfg.augmentation() if cfg.augment_site == "trainer" and not features else None
         val_shard = ray.train.get_dataset_shard(DATASETS["validation"] if features else "validation")
         fitter.compile(base_lr)
         if optimizer_state is not None and state.phase == phase:
             fitter.load_optimizer_state(optimizer_state)
         started = time.perf_counter()  # the first epoch's wall time includes the phase's set-up
         if phase == "head" and state.epoch == 0:  # a resumed run has the statistics in its weights
-            scale = fitter.fit_feature_scale(train_batches(train_shard, cfg.batch_size))
+            scale = fitter.fit_feature_scale(train_batches(train_shard, cfg.batch_size, augment))
             if rank == 0:
                 log.info(
                     f"head input standardised on {scale['images']} training images{' (cached)' if features else ''} "
@@ -104,7 +108,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             lr = cosine(base_lr, i, n_epochs)
             fitter.set_learning_rate(lr)
             start = time.perf_counter()
-            train = fitter.train_epoch(train_batches(train_shard, cfg.batch_size))
+            train = fitter.train_epoch(train_batches(train_shard, cfg.batch_size, augment))
             seconds = time.perf_counter() - start
             outputs: list = []
             val = fitter.evaluate(val_shard.iter_batches(batch_size=cfg.batch_size), outputs)
