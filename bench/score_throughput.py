@@ -198,9 +198,8 @@ def measure_training_and_serving(args: argparse.Namespace) -> dict:
     ray.init(include_dashboard=False, num_cpus=os.cpu_count())
     try:
         with tempfile.TemporaryDirectory(prefix="eyeray-bench-") as tmp:
-            ingest_args = argparse.Namespace(
-                task="oct", batch_size=32, rounds=8, images_per_class=250
-            )  # 4 s epochs: 8 rounds are cheap
+            # 4 s epochs: 8 interleaved rounds are cheap and steady the ratio on a shared machine
+            ingest_args = argparse.Namespace(task="oct", batch_size=32, rounds=8, images_per_class=250)
             data = str(synthetic.make_dataset(get_task("oct"), tmp, images_per_class=250, seed=0))
             training = train_ingest.measure(ingest_args, "small_cnn", 64, True, data)
     finally:
