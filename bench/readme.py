@@ -175,8 +175,8 @@ def score_throughput() -> str | None:
             "1",
         ],
         [
-            f"eyeray pipeline, steady state ({p['n']['images']} vs {p['2n']['images']} images: the difference "
-            "cancels start-up)",
+            f"eyeray pipeline, steady state ({p['n']['images']} vs {p['2n']['images']} images after a one-batch "
+            "warm-up run: the difference cancels start-up)",
             fmt(p["steady_images_per_s"]),
             f"{fmt(t['ratio_pipeline_steady_vs_bare'])} vs bare",
         ],
