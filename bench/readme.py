@@ -72,6 +72,26 @@ def speed_targets() -> str | None:
         "**Speed targets**, measured in one run of `python bench/score_throughput.py` "
         f"({bench['machine']['cpus']:.0f} CPU cores, {bench['machine']['gpus']:.0f} GPUs):\n\n"
         + table(["figure", "measured", "target", ""], rows)
+        + speed_limits(bench["throughput"])
+    )
+
+
+def speed_limits(t: dict) -> str:
+    """What bounds the first two rows, from the same run: the model, and the start-up of a job."""
+    p, mixed = t["pipeline"], t.get("mixed_precision") or {}
+    share = p["startup_seconds"] / p["2n"]["wall_seconds"]
+    text = (
+        "\n\nWhat bounds the first two rows, in the same run. **The model:** the bare model alone (decoded "
+        f"images in memory, no I/O) is {fmt(t['ratio_bare_vs_seed_style'])}x the seed-style loop in float32, "
+        f"and the steady pipeline runs at {fmt(t['ratio_pipeline_steady_vs_bare'])} of the bare model, so no "
+        "pipeline around a float32 VGG16 reaches 3x on this CPU"
+    )
+    if mixed.get("precision", "float32") != "float32":
+        text += f"; in {mixed['precision']} the bare model is {fmt(mixed['ratio_bare_vs_float32_bare'])}x faster"
+    return text + (
+        f". **Start-up:** each job pays about {fmt(p['startup_seconds'], 0)} s that do not grow with its size "
+        "(a fresh model actor starts, imports TensorFlow, loads and traces the model; the summary at the end), "
+        f"{share:.0%} of the {p['2n']['images']}-image run; the end-to-end ratio rises with the archive's size."
     )
 
 
