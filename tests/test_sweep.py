@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import itertools
 import json
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from eyeray.data import imaging
 from eyeray.model import bundle
 from eyeray.sweep import SweepConfig, run, search_space
 from eyeray.sweep.driver import concurrency
+from eyeray.sweep.results import SCORE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,6 +142,9 @@ def test_sweep_stops_a_bad_trial_early_resumes_after_interruption_and_exports_th
     history = result.histories[winner["trial_id"]]  # every epoch reached Tune with the task's metric
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
     assert all(h["val_macro_f1"] is not None for h in history)
+    # ASHA saw each epoch's best so far (a dip after a good epoch does not count against the trial)
+    best_so_far = list(itertools.accumulate((h["val_macro_f1"] for h in history), max))
+    assert [h[SCORE] for h in history] == pytest.approx(best_so_far)
 
     # the best bundle is a normal bundle: it loads, verifies and scores real files
     best = bundle.load(str(output / "best"))

@@ -161,3 +161,11 @@ def test_mixed_precision_trains_and_hands_over_float32_weights(dtype):
     exported.set_weights(mixed.get_weights())
     assert exported.get_layer("head_dense").compute_dtype == "float32"
     np.testing.assert_allclose(CompiledModel(exported)(images, 16), out, atol=2e-2)
+
+
+def test_best_so_far_is_the_highest_defined_value_up_to_each_epoch():
+    from eyeray.train.worker import best_so_far
+
+    history = [{"val_macro_f1": None}, {"val_macro_f1": 1.0}, {"val_macro_f1": 0.45}, {"val_macro_f1": float("nan")}]
+    assert [best_so_far(history[: i + 1], "val_macro_f1") for i in range(4)] == [None, 1.0, 1.0, 1.0]
+    assert best_so_far([], "val_macro_f1") is None and best_so_far([{"loss": 1.0}], "val_macro_f1") is None

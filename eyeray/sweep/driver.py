@@ -2,8 +2,8 @@
 
 Each trial is a real `eyeray.train.run` (Ray Train inside a Tune function trainable, as Ray's
 Train V2 guide does it), with its own run folder OUTPUT/trials/<trial_id>. A Train callback
-forwards every epoch's report to Tune, where ASHA compares trials on the task's validation
-metric (TaskSpec.selection_metric) and stops the weak ones. Afterwards the sweep writes the
+forwards every epoch's report to Tune, where ASHA compares trials on their best value so far of
+the task's validation metric (TaskSpec.selection_metric) and stops the weak ones. Afterwards the sweep writes the
 leaderboard and report (eyeray.sweep.report), exports the winner's bundle to OUTPUT/best, and,
 with `ensemble_top`, evaluates the top trials together on the test split (eyeray.decision.ensemble).
 
@@ -174,16 +174,19 @@ class SweepResult:
 
 
 class ReportToTune(TuneReportCallback):
-    """Forwards each epoch's Ray Train report to Tune, with the task's selection metric under one
-    name (SCORE) that ASHA compares; an undefined value (one class in a tiny validation split)
-    counts as the worst, so the scheduler always has a number."""
+    """Forwards each epoch's Ray Train report to Tune, with the trial's best value so far of the
+    task's selection metric (`eyeray.train.worker.best_so_far`) under one name (SCORE) that ASHA
+    compares. The best so far, not the epoch's own value: a trial's bundle is its best checkpoint,
+    and a learning trial whose validation score dips for one epoch at a rung is not stopped for it
+    (seen: macro F1 1.0 after epoch 1, 0.45 after epoch 2). An undefined value (one class in a tiny
+    validation split) counts as the worst, so the scheduler always has a number."""
 
     def __init__(self, metric: str):
         super().__init__()
         self.metric = metric
 
     def after_report(self, run_context, metrics, checkpoint):
-        scored = [{**m, results.SCORE: results.score(m.get(self.metric))} for m in metrics]
+        scored = [{**m, results.SCORE: results.score(m.get(f"best_{self.metric}"))} for m in metrics]
         super().after_report(run_context, scored, checkpoint)
 
 

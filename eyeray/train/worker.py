@@ -127,11 +127,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "workers": world,
                 "gpus_per_worker": gpus,
             }
+            selection = f"val_{spec.selection_metric}"
+            metrics[f"best_{selection}"] = best_so_far([*state.history, metrics], selection)
             state = replace(state, epoch=epoch, phase=phase, history=[*state.history, metrics])
             checkpoint.report(model, fitter, state, metrics, rank)
             started = time.perf_counter()
             if config.get("fault_at_epoch") == epoch and rank == world - 1:  # tests only: eyeray.faults
                 faults.kill_once(cfg.output, f"killed worker rank {rank} after epoch {epoch}", delay_s=5)
+
+
+def best_so_far(history: list[dict[str, Any]], key: str) -> float | None:
+    """The highest defined value of `key` over the epochs so far; None while every one is undefined.
+
+    Reported every epoch as "best_<key>": a sweep's ASHA ranks trials by it, so a trial is judged by
+    the best model it already has (its bundle is its best checkpoint), not by one epoch that dipped.
+    It comes from the checkpointed history, so a resumed trial keeps the epochs before the resume."""
+    values = [h[key] for h in history if h.get(key) is not None and math.isfinite(h[key])]
+    return max(values) if values else None
 
 
 def _validation_metrics(spec: TaskSpec, fitter, outputs: list, rank: int, world: int) -> dict[str, Any]:
