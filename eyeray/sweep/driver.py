@@ -3,9 +3,10 @@
 Each trial is a real `eyeray.train.run` (Ray Train inside a Tune function trainable, as Ray's
 Train V2 guide does it), with its own run folder OUTPUT/trials/<trial_id>. A Train callback
 forwards every epoch's report to Tune, where ASHA compares trials on their best value so far of
-the task's validation metric (TaskSpec.selection_metric) and stops the weak ones. Afterwards the sweep writes the
-leaderboard and report (eyeray.sweep.report), exports the winner's bundle to OUTPUT/best, and,
-with `ensemble_top`, evaluates the top trials together on the test split (eyeray.decision.ensemble).
+the task's validation metric (TaskSpec.selection_metric) and stops the weak ones. Afterwards the
+sweep writes the leaderboard and report (eyeray.sweep.report), exports the winner's bundle to
+OUTPUT/best, and, with `ensemble_top`, evaluates the top trials together on the test split
+(eyeray.decision.ensemble).
 
 OUTPUT/tune holds Tune's own experiment state, so `resume` continues an interrupted sweep
 through `Tuner.restore`: finished trials keep their results and are not run again.
