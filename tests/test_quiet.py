@@ -4,13 +4,17 @@ subprocess that starts a local Ray the way every route does and counts what it p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -125,7 +129,7 @@ def test_epoch_line():
 
 
 QUIET_PROBE = """
-import logging, ray
+import logging, sys, ray
 from eyeray.log import setup
 from eyeray import cluster
 setup(verbose=VERBOSE)
@@ -140,31 +144,78 @@ def work():
 
 assert ray.get(work.remote()) == 4
 logging.getLogger("eyeray.probe").info("done")
+sys.stdin.readline()  # the test says when it has read the worker's line (Ray forwards it asynchronously)
 ray.shutdown()
 """
+
+
+WORKER_LINE = "eyeray line from a worker"
+
+
+def _run_probe(script: str, env: dict, cwd: Path, expected: tuple[str, ...], timeout: float = 300) -> tuple[int, str]:
+    """Run the probe; once every `expected` text has appeared in its output (or `timeout` has
+    passed), tell it to shut down and collect the rest. Ray forwards a worker's lines to the
+    driver asynchronously, so the probe waits on its stdin instead of racing the forwarder."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    out, missing, deadline = [], set(expected), time.monotonic() + timeout
+    while missing and time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            continue
+        if line is None:
+            break
+        out.append(line)
+        missing = {text for text in missing if text not in line}
+    with contextlib.suppress(BrokenPipeError):
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=max(deadline - time.monotonic(), 60))
+    finally:
+        proc.kill()
+    reader.join(timeout=10)
+    while not lines.empty():
+        out.append(lines.get_nowait() or "")
+    return proc.returncode, "".join(out)
 
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_local_ray_and_a_tensorflow_worker_print_only_eyeray_lines(verbose, tmp_path):
     """A route's start (cluster.connect: a local Ray) and a worker importing TensorFlow: quiet,
-    nothing but eyeray's lines; with -v, Ray's banner and TensorFlow's notices are back."""
+    nothing but eyeray's lines, the worker's included; with -v, Ray's banner and TensorFlow's
+    notices are back."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "TF_", "EYERAY_"))}
     ray_tmp = tempfile.mkdtemp(prefix="rq-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     env.update(HOME=str(tmp_path), RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
     script = QUIET_PROBE.replace("VERBOSE", str(verbose))
     try:
-        proc = subprocess.run(
-            [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
-        )
+        returncode, out = _run_probe(script, env, tmp_path, expected=(WORKER_LINE, "done"))
     finally:
         stop_cluster(ray_tmp, "no-such-address")  # only if the probe did not shut its Ray down
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
+    assert returncode == 0, out[-4000:]
     assert not (tmp_path / ".ray" / "auth_token").exists()  # the token trap: ~/.ray left alone
     lines = [line for line in out.splitlines() if line.strip()]
+    assert any(WORKER_LINE in line for line in lines) and any(line.endswith("done") for line in lines), out[-4000:]
     if verbose:
         assert "oneDNN" in out or "cuda" in out.lower() or "Started a local Ray instance" in out, out[-4000:]
     else:
         assert [line for line in lines if "[eyeray]" not in line] == [], out[-4000:]
-        assert any("eyeray line from a worker" in line for line in lines) and lines[-1].endswith("done")
