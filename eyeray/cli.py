@@ -123,7 +123,17 @@ def _demo(args: argparse.Namespace) -> int:
     headline = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
     print("  test set " + json.dumps(headline, indent=None))
     print(f"  scores   {out['scores']}/ (Parquet, one row per archive file), report.html and summary.json:")
-    keys = ("files_seen", "scored", "errors", "errors_by_reason", "predictions", "referred", "needs_review")
+    keys = (
+        "files_seen",
+        "scored",
+        "declined",
+        "declined_by_reason",
+        "errors",
+        "errors_by_reason",
+        "predictions",
+        "referred",
+        "needs_review",
+    )
     print("           " + json.dumps({k: summary[k] for k in keys}))
     print("  served   " + "; ".join(f"{a['file']} -> {a['status']} {_served(a)}" for a in out["serve"]))
     return 0
@@ -132,6 +142,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _served(answer: dict) -> str:
     if "detail" in answer:
         return answer["detail"]
+    if answer["confidence"] is None:  # the gate declined it
+        return answer["gate"]["reason"]
     refer = "" if answer.get("referral") is None else (", refer" if answer["referral"] else ", no referral")
     return f"{answer.get('label') or answer.get('labels')} (confidence {answer['confidence']:.2f}{refer})"
 
@@ -212,6 +224,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     add("--review-below", type=float, default=default["review_below"], help=field["review_below"].description)
     add("--jit-compile", action="store_true", help=field["jit_compile"].description)
     add("--mixed-precision", action="store_true", help=field["mixed_precision"].description)
+    add("--gate", choices=("on", "off"), default="on" if default["gate"] else "off", help=field["gate"].description)
     return parser
 
 
@@ -238,6 +251,7 @@ def serve_args(args: argparse.Namespace):
         review_below=args.review_below,
         jit_compile=args.jit_compile,
         mixed_precision=args.mixed_precision,
+        gate=args.gate == "on",
         thresholds=thresholds,
         autoscaling={**autoscaling, "max_replicas": args.max_replicas},
     )
@@ -265,6 +279,7 @@ def add_explain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     add("--class", dest="class_name", help="class to explain (default: the decided class the model is most sure of)")
     add("--alpha", type=float, default=DEFAULT_ALPHA, help="heatmap opacity where the heat is highest")
     add("--thresholds", metavar="T", help="override the bundle's operating point (as for score)")
+    add("--gate", choices=("on", "off"), default="on", help="the bundle's gate (as for score)")
     return parser
 
 
@@ -280,6 +295,7 @@ def _explain(args: argparse.Namespace) -> int:
         class_name=args.class_name,
         alpha=args.alpha,
         thresholds=parse_thresholds(args.thresholds),
+        use_gate=args.gate == "on",
     )
     for row in rows:
         print(json.dumps(row))

@@ -195,12 +195,15 @@ def decode_value(
     The reason is a `DecodeError`'s message, or for any other exception (a decoder bug on one odd
     file, e.g. Pillow's TypeError on a TIFF page without dimensions) its type and message. Batch
     rows and served uploads (422) both show this text."""
-    image, reason, _ = _decode_value(data, max_pixels, min_side)
+    image, reason, _ = decode_with_size(data, max_pixels, min_side)
     return image, reason
 
 
-def _decode_value(data: bytes, max_pixels: int, min_side: int | None) -> tuple[np.ndarray | None, str, tuple[int, int]]:
-    """`decode_value` plus the full (height, width) of `_decode`; (0, 0) on failure."""
+def decode_with_size(
+    data: bytes, max_pixels: int, min_side: int | None
+) -> tuple[np.ndarray | None, str, tuple[int, int]]:
+    """`decode_value` plus the full (height, width) of the file's image (also when `min_side` decoded it
+    smaller); (0, 0) on failure."""
     try:
         image, full = _decode(data, max_pixels, min_side)
         return image, "", full
@@ -273,7 +276,7 @@ def load_record(
         data, reason = _read_bytes(record["path"])
     image, full = None, (0, 0)
     if data is not None:
-        image, reason, full = _decode_value(data, max_pixels, max((size, *extra_sizes)))
+        image, reason, full = decode_with_size(data, max_pixels, max((size, *extra_sizes)))
     if image is None:
         return _failed(out, size, extra_sizes, reason)
     out.update(image=preprocess(image, size, method), height=full[0], width=full[1], error="")

@@ -36,7 +36,7 @@ def decoded_dataset(records: list[dict], image_size: int, *, seed: int | None = 
 class Decoded:
     """A split decoded once and kept in Ray's object store, with its bad files set aside."""
 
-    images: ray.data.Dataset  # columns image, label (only files that decoded)
+    images: ray.data.Dataset  # columns image, label, height, width (only files that decoded; their full sizes)
     errors: list[dict]  # {"path", "error"} for every file that did not decode
     count: int
 
@@ -44,5 +44,6 @@ class Decoded:
 def decode_split(records: list[dict], image_size: int, *, seed: int | None = None) -> Decoded:
     ds = decoded_dataset(records, image_size, seed=seed).materialize()
     errors = ds.filter(lambda row: row["error"] != "").select_columns(["path", "error"]).take_all()
-    good = ds.filter(lambda row: row["error"] == "").select_columns(["image", "label"]).materialize()
+    good = ds.filter(lambda row: row["error"] == "").select_columns(["image", "label", "height", "width"])
+    good = good.materialize()
     return Decoded(images=good, errors=[{"path": e["path"], "error": e["error"]} for e in errors], count=good.count())

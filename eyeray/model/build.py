@@ -208,6 +208,13 @@ def pooled_features(model: keras.Model) -> tuple[keras.Model, FeatureStandardize
     return keras.Model(model.input, layer.input, name=f"{model.name}_features"), layer
 
 
+def with_features(model: keras.Model) -> keras.Model | None:
+    """The model with a second output, its pooled backbone features (what the gate reads), from the
+    same forward pass; None for a model built before the head had a FeatureStandardize layer."""
+    found = pooled_features(model)
+    return None if found is None else keras.Model(model.input, [model.output, found[1].input], name=model.name)
+
+
 def head_model(model: keras.Model) -> keras.Model:
     """Pooled backbone features -> outputs: the model's own head (from its FeatureStandardize layer
     on), the same layer objects and variables, not copies.

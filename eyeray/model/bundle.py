@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from eyeray import __version__, storage
+from eyeray.data import quality
+from eyeray.decision import gate as gates
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW, decide
 from eyeray.model import manifest as schema
 from eyeray.model.compiled import CompiledModel
@@ -189,20 +191,25 @@ def _check(manifest: Any, where: str) -> dict[str, Any]:
 class Bundle:
     """A loaded bundle: the Keras model, its manifest, and the task spec it was trained for.
 
-    `predict` runs the model compiled for inference (`eyeray.model.compiled`: a `tf.function`, with
-    XLA when `jit_compile`, 16-bit compute when `mixed_precision`: float16 on GPUs, bfloat16 on
-    CPUs that have it); `model` stays the plain Keras model, for what needs its layers (Grad-CAM)."""
+    `infer` and `predict` run the model compiled for inference (`eyeray.model.compiled`: a
+    `tf.function`, with XLA when `jit_compile`, 16-bit compute when `mixed_precision`: float16 on GPUs,
+    bfloat16 on CPUs that have it), with the pooled features as a second output of the same pass
+    (the gate's input); `model` stays the plain Keras model, for what needs its layers (Grad-CAM).
+    `gate`: the fitted gate (`eyeray.decision.gate`), None for a bundle made before it."""
 
     model: Any
     manifest: dict[str, Any]
     uri: str
     jit_compile: bool = False
     mixed_precision: bool = False
+    gate: gates.Gate | None = None
     compiled: CompiledModel = field(init=False, repr=False)
 
     def __post_init__(self):
+        from eyeray.model.build import with_features
+
         self.compiled = CompiledModel(
-            self.model,
+            with_features(self.model) or self.model,
             jit_compile=self.jit_compile,
             mixed_precision=self.mixed_precision,
             sums_to_one=not self.manifest["multi_label"],
@@ -241,16 +248,36 @@ class Bundle:
         per batch, padded to a few fixed sizes, without building a dataset and a progress loop each
         time (most of a served request). `tta`: test-time augmentation, the mean over the image and
         its left-right mirror (the flip training augments with; twice the model time)."""
-        if len(images) == 0:
-            return np.zeros((0, len(self.classes)), np.float32)
-        if tta:
-            return (self.predict(images, batch_size) + self.predict(images[:, :, ::-1], batch_size)) / 2
-        return self.compiled(images, batch_size)
+        return self.infer(images, batch_size, tta)[0]
 
-    def decide(self, probabilities: np.ndarray, thresholds=None, review_below: float = DEFAULT_REVIEW_BELOW):
+    def infer(
+        self, images: np.ndarray, batch_size: int = 32, tta: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """`predict`'s probabilities and the pooled features (n, d) of the same forward pass (None
+        for a model without them); with `tta`, the features are the unmirrored image's."""
+        out = self.compiled(images, batch_size)
+        probs, features = out if self.compiled.multi_output else (out, None)
+        if tta and len(images):
+            probs = (probs + self.infer(images[:, :, ::-1], batch_size)[0]) / 2
+        return probs, features
+
+    def verdict(self, images: np.ndarray, features: np.ndarray | None, heights, widths, use_gate: bool = True):
+        """The gate's verdict (`eyeray.decision.gate.Verdict`) on model inputs `images` whose
+        originals were `heights` x `widths`, from `infer`'s features: "no gate" for a bundle made
+        before it, "off" when `use_gate` is false."""
+        if not use_gate:
+            return gates.Verdict.absent(len(images), gates.OFF)
+        if self.gate is None or features is None:
+            return gates.Verdict.absent(len(images))
+        return self.gate.verdict(features, quality.statistics(images, heights, widths))
+
+    def decide(
+        self, probabilities: np.ndarray, thresholds=None, review_below: float = DEFAULT_REVIEW_BELOW, verdict=None
+    ):
         """Calibrated probabilities, labels, referral, confidence and review flag at the bundle's
-        operating point (or `thresholds`): `eyeray.decision.decide.decide`, as on every route."""
-        return decide(self.manifest, probabilities, thresholds, review_below)
+        operating point (or `thresholds`), no label for what the gate's `verdict` declines:
+        `eyeray.decision.decide.decide`, as on every route."""
+        return decide(self.manifest, probabilities, thresholds, review_below, verdict)
 
 
 def check_compatible(manifests: list[dict[str, Any]]) -> None:
@@ -287,10 +314,31 @@ def load(uri: str, verify_hash: bool = True, *, jit_compile: bool = False, mixed
         if verify_hash and _sha256(model_path) != manifest["model_sha256"]:
             raise BundleError(f"{uri}: {manifest['model_file']} does not match the manifest's sha256")
         model = keras.saving.load_model(model_path, compile=False)
+        gate = _load_gate(manifest.get("gate"), Path(local), uri)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    return Bundle(model=model, manifest=manifest, uri=uri, jit_compile=jit_compile, mixed_precision=mixed_precision)
+    return Bundle(model, manifest, uri, jit_compile=jit_compile, mixed_precision=mixed_precision, gate=gate)
+
+
+def _load_gate(section: dict[str, Any] | None, local: Path, uri: str) -> gates.Gate | None:
+    if section is None:
+        return None
+    path = local / section["file"]
+    if not path.exists():
+        raise BundleError(f"{uri}: the manifest names a gate file {section['file']} that is not there")
+    try:
+        return gates.Gate.from_bytes(section, path.read_bytes())
+    except ValueError as exc:
+        raise BundleError(f"{uri}: {exc}") from None
+
+
+def add_gate(local_dir: str | Path, gate: gates.Gate) -> dict[str, Any]:
+    """Write `gate`'s arrays into a bundle saved locally (`save`) and return its manifest section,
+    for `publish` to merge: the gate is fitted on the exported model's own features."""
+    data = gate.to_bytes()
+    Path(local_dir, gates.FILE).write_bytes(data)
+    return gate.section(hashlib.sha256(data).hexdigest())
 
 
 def verify(bundle: Bundle) -> None:

@@ -64,6 +64,10 @@ def enable_mixed_precision() -> str | None:
     return dtype
 
 
+def _outputs(out) -> tuple:
+    return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+
+
 class CompiledModel:
     """`model(x, training=False)` as a `tf.function`, on batches padded to `buckets(batch_size)`.
 
@@ -84,6 +88,7 @@ class CompiledModel:
         self.precision = (enable_mixed_precision() if mixed_precision else None) or "float32"
         self.renormalise = sums_to_one and self.precision != "float32"
         self.traces = 0
+        self.multi_output = isinstance(model.output_shape, list)
         self.input_dtype = np.dtype(getattr(model.inputs[0], "dtype", "float32") if model.inputs else "float32")
         self._function = tf.function(self._forward, jit_compile=jit_compile, reduce_retracing=False)
 
@@ -91,28 +96,32 @@ class CompiledModel:
         import tensorflow as tf
 
         self.traces += 1
-        return tf.cast(self.model(images, training=False), tf.float32)
+        return tuple(tf.cast(out, tf.float32) for out in _outputs(self.model(images, training=False)))
 
-    def __call__(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Images (n, ...) -> float32 outputs (n, ...), at most `batch_size` images per model call."""
+    def __call__(self, images: np.ndarray, batch_size: int = 32):
+        """Images (n, ...) -> float32 outputs (n, ...), at most `batch_size` images per model call;
+        a tuple of them for a model of several outputs (the first is the one `sums_to_one` means)."""
         images = np.asarray(images, self.input_dtype)
         if len(images) == 0:
-            return np.zeros((0, *self.model.output_shape[1:]), np.float32)
-        out = np.concatenate(
-            [self._padded(images[i : i + batch_size], batch_size) for i in range(0, len(images), batch_size)]
-        )
-        return out / out.sum(axis=1, keepdims=True) if self.renormalise else out
+            shapes = self.model.output_shape if self.multi_output else [self.model.output_shape]
+            outs = [np.zeros((0, *shape[1:]), np.float32) for shape in shapes]
+        else:
+            chunks = [self._padded(images[i : i + batch_size], batch_size) for i in range(0, len(images), batch_size)]
+            outs = [np.concatenate(parts) for parts in zip(*chunks)]
+        if self.renormalise and len(images):
+            outs[0] = outs[0] / outs[0].sum(axis=1, keepdims=True)
+        return tuple(outs) if self.multi_output else outs[0]
 
-    def _padded(self, chunk: np.ndarray, batch_size: int) -> np.ndarray:
+    def _padded(self, chunk: np.ndarray, batch_size: int) -> tuple[np.ndarray, ...]:
         n, size = len(chunk), bucket(len(chunk), batch_size)
         if size > n:
             chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
-        return self._run(chunk)[:n]
+        return tuple(out[:n] for out in self._run(chunk))
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
         import tensorflow as tf
 
-        return self._function(tf.convert_to_tensor(np.ascontiguousarray(batch))).numpy()
+        return tuple(out.numpy() for out in self._function(tf.convert_to_tensor(np.ascontiguousarray(batch))))
 
     def warm_up(self, batch_size: int) -> None:
         """Trace (and with XLA, compile) every padded size now, so no request pays for it later."""

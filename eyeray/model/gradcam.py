@@ -236,17 +236,24 @@ def explain_decision(
     thresholds=None,
     tta: bool = False,
     review_below: float = DEFAULT_REVIEW_BELOW,
+    original_size: tuple[int, int] | None = None,
+    use_gate: bool = True,
 ):
     """One preprocessed image (size, size, 3) -> (Decision, explained class index, heatmap).
 
-    The decision is `Bundle.decide`'s (calibrated, at the operating point), as in scoring and
-    serving; the heatmap explains `class_name`, by default the decided class the model is most sure of.
+    The decision is `Bundle.decide`'s (the gate's verdict on the image, whose file was
+    `original_size` (height, width; default: the model input's); calibrated, at the operating
+    point), as in scoring and serving; the heatmap explains `class_name`, by default the decided
+    class the model is most sure of (for a declined image, its most probable class).
     """
     classes = loaded.classes
     if class_name is not None and class_name not in classes:
         raise ValueError(f"class {class_name!r} is not a class of this bundle ({', '.join(classes)})")
     batch = np.asarray(model_input)[None]
-    decision = loaded.decide(loaded.predict(batch, tta=tta), thresholds, review_below)
+    height, width = original_size or batch.shape[1:3]
+    probs, features = loaded.infer(batch, tta=tta)
+    verdict = loaded.verdict(batch, features, [height], [width], use_gate)
+    decision = loaded.decide(probs, thresholds, review_below, verdict)
     k = classes.index(class_name) if class_name else explained_class(decision, 0, classes)
     return decision, k, cam(batch, class_index=k).heatmaps[0]
 
@@ -258,11 +265,14 @@ def explain_image(
     class_name: str | None = None,
     alpha: float = DEFAULT_ALPHA,
     thresholds=None,
+    use_gate: bool = True,
 ) -> tuple[dict[str, Any], bytes]:
     """One decoded image (RGB uint8, any size) -> (the answer as a JSON-ready dict, overlay PNG at
     the image's own size). `loaded` is an `eyeray.model.bundle.Bundle`, `cam` its GradCam, built once."""
     model_input = imaging.preprocess(original, loaded.image_size, loaded.resize_method)
-    decision, k, heatmap = explain_decision(loaded, cam, model_input, class_name, thresholds)
+    decision, k, heatmap = explain_decision(
+        loaded, cam, model_input, class_name, thresholds, original_size=original.shape[:2], use_gate=use_gate
+    )
     row = {"explained_class": loaded.classes[k], **decision.answer(0, loaded.classes)}
     return row, overlay_png(original, heatmap, alpha)
 
@@ -288,9 +298,11 @@ def explain_files(
     class_name: str | None = None,
     alpha: float = DEFAULT_ALPHA,
     thresholds=None,
+    use_gate: bool = True,
 ) -> list[dict[str, Any]]:
     """Grad-CAM overlays for image files (local or s3://), one row per file; a bad file is a row
-    with `error`, not an exception. Decode and resize are `eyeray.data.imaging`'s, as everywhere."""
+    with `error`, not an exception. Decode and resize are `eyeray.data.imaging`'s, as everywhere;
+    the answer is the gate's and the decision layer's, as in scoring (`use_gate=False`: --gate off)."""
     from eyeray.model import bundle as bundles
 
     loaded = bundles.load(bundle_uri)
@@ -301,7 +313,7 @@ def explain_files(
         if original is None:
             rows.append({"path": uri, "error": reason})
             continue
-        row, png = explain_image(loaded, cam, original, class_name, alpha, thresholds)
+        row, png = explain_image(loaded, cam, original, class_name, alpha, thresholds, use_gate)
         target = overlay_path(uri, output)
         storage.write_bytes(target, png)
         rows.append({"path": uri, "overlay": target, **row, "error": ""})

@@ -78,6 +78,24 @@ class Output(_Open):
     meaning: str = ""
 
 
+class GateSection(_Open):
+    """The gate (`eyeray.decision.gate`): its distance's method and threshold, what share of the
+    validation split it kept, the feature layer it reads, the quality ranges, and the file (in the
+    bundle, hash-checked) holding its arrays."""
+
+    method: str
+    threshold: float = Field(gt=0)
+    keep: float = Field(gt=0, lt=1)  # the share of validation images the threshold was chosen to keep
+    kept_on_validation: float = Field(ge=0, le=1)
+    feature_layer: str
+    feature_dims: PositiveInt
+    train_images: int = Field(ge=0)
+    validation_images: int = Field(ge=0)
+    quality: dict[str, tuple[float, float]] = Field(default_factory=dict)  # statistic -> accepted [low, high]
+    file: str
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+
+
 class Manifest(_Open):
     """The manifest; required fields are those every bundle has had since format 1."""
 
@@ -102,6 +120,7 @@ class Manifest(_Open):
     operating_point: dict[str, Any] | None = None  # its keys depend on the rule (eyeray.decision.operating_points)
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
+    gate: GateSection | None = None  # None: made before the gate (every answer says "no gate")
 
     @field_validator("format_version")
     @classmethod

@@ -40,12 +40,12 @@ class ExplainPlan:
         return self.review or self.referred or self.top_k > 0
 
     def pairs(self, decision, needs_review: np.ndarray, classes: Sequence[str]) -> list[tuple[int, int]]:
-        """(row, class index) to explain: top-K classes of every row, else the explained class of
-        the rows selected (referred and/or needing review)."""
-        n = len(decision.labels)
+        """(row, class index) to explain: top-K classes of every answered row, else the explained
+        class of the answered rows selected (referred and/or needing review)."""
+        n, answered = len(decision.labels), ~decision.declined  # a declined image has no class to explain
         if self.top_k:
             order = np.argsort(-decision.probabilities, axis=1)[:, : self.top_k]
-            return [(i, int(k)) for i in range(n) for k in order[i]]
+            return [(int(i), int(k)) for i in np.flatnonzero(answered) for k in order[i]]
         refer = decision.referral if decision.referral is not None else np.zeros(n, bool)
-        chosen = (self.review & needs_review) | (self.referred & refer)
+        chosen = ((self.review & needs_review) | (self.referred & refer)) & answered
         return [(int(i), explained_class(decision, int(i), classes)) for i in np.flatnonzero(chosen)]

@@ -29,13 +29,19 @@ def heatmap_column(maps: list[np.ndarray]) -> np.ndarray:
 
 
 def draw(
-    batch: dict[str, np.ndarray], output: str, key: str, max_pixels: int = imaging.DEFAULT_MAX_PIXELS
+    batch: dict[str, np.ndarray],
+    output: str,
+    key: str,
+    max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
+    prefix: str = "",
 ) -> dict[str, np.ndarray]:
     """Ray Data batch function: write OUTPUT/explanations/KEY/<hash of path>-<class>.png for every
     explained row and class, and replace the heatmap columns by `explanations` (the overlays'
     paths relative to OUTPUT). Names hash the path and class, so a retried batch overwrites its
-    own files. A file that cannot be read again keeps its row, without an overlay."""
-    maps, explained = batch.pop(HEATMAPS), batch.pop(EXPLAINED)
+    own files. A file that cannot be read again keeps its row, without an overlay. `prefix`: one
+    task's columns in a routed run (`eyeray.score.routing`, "oct::"); its name goes in the file names."""
+    maps, explained = batch.pop(prefix + HEATMAPS), batch.pop(prefix + EXPLAINED)
+    tag = prefix.replace(":", "") + "-" if prefix else ""
     written = []
     for path, heat, names in zip(batch["path"], maps, explained):
         files = []
@@ -43,10 +49,10 @@ def draw(
         if original is not None:  # None: gone or changed since it was scored
             digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
             for heatmap, name in zip(heat, str(names).split(LABEL_SEPARATOR)):
-                relative = f"{EXPLANATIONS_DIR}/{key}/{digest}-{name}.png"
+                relative = f"{EXPLANATIONS_DIR}/{key}/{digest}-{tag}{name}.png"
                 storage.write_bytes(
                     storage.join(output, relative), overlay_png(original, np.asarray(heatmap, np.float32))
                 )
                 files.append(relative)
         written.append(LABEL_SEPARATOR.join(files))
-    return {**batch, "explanations": np.array(written, dtype=object)}
+    return {**batch, prefix + "explanations": np.array(written, dtype=object)}

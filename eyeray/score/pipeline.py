@@ -30,8 +30,8 @@ from eyeray.data.files import list_inputs
 from eyeray.decision import operating_points
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
 from eyeray.decision.ensemble import METHODS, combine
-from eyeray.model.bundle import check_compatible
-from eyeray.score import overlays, preflight, shards
+from eyeray.decision.gate import OUT_OF_SCOPE
+from eyeray.score import overlays, preflight, routing, shards
 from eyeray.score.explain_plan import ExplainPlan
 from eyeray.score.predictor import BundlePredictor
 
@@ -42,10 +42,25 @@ DECODE_CPUS = 1  # per decode task: decoding one JPEG or DICOM is single-threade
 # TensorFlow, Keras and the Ray worker itself. Measured: a VGG16 actor peaked at 1.0 GiB on CPU
 # (Ray Data's memory issue detector); with 4x the weights on top, Ray's detector stays quiet.
 ACTOR_RUNTIME_BYTES = 5 << 28  # 1.25 GiB
-REPORT_COLUMNS = ["path", "status", "error", "label", "referral", "confidence", "needs_review", "explanations"]
+REPORT_COLUMNS = [
+    "path",
+    "task",
+    "status",
+    "error",
+    "gate",
+    "gate_reason",
+    "gate_score",
+    "label",
+    "referral",
+    "confidence",
+    "needs_review",
+    "explanations",
+]
 SUMMARY_PRINTED = (
     "files_seen",
     "scored",
+    "declined",
+    "declined_by_reason",
     "errors",
     "errors_by_reason",
     "predictions",
@@ -109,6 +124,14 @@ class ScoreConfig:
         default=DEFAULT_REVIEW_BELOW,
         metadata={"help": "calibrated confidence below which a case is marked needs_review"},
     )
+    gate: str = field(
+        default="on",
+        metadata={
+            "choices": ("on", "off"),
+            "help": "on: images the bundle's gate finds out of distribution or ungradable get no diagnosis "
+            "(status declined, in the review queue); off: every decoded image is answered",
+        },
+    )
     explain: str = field(  # eyeray.score.explain_plan.ExplainPlan
         default="review",
         metadata={
@@ -125,6 +148,8 @@ class ScoreConfig:
             raise ValueError(f"review_below must be between 0 and 1, not {self.review_below}")
         if isinstance(self.bundles, str):
             self.bundles = [self.bundles]
+        if self.gate not in ("on", "off"):
+            raise ValueError(f"--gate must be on or off, not {self.gate!r}")
         if self.ensemble not in METHODS:
             raise ValueError(f"--ensemble must be one of {', '.join(METHODS)}, not {self.ensemble!r}")
         for name in ("actors", "batch_size", "rows_per_shard", "block_batches"):
@@ -140,6 +165,7 @@ class ScoreConfig:
             "thresholds": operating_points.parse_thresholds(self.thresholds),
             "tta": self.tta or None,
             "review_below": None if self.review_below == DEFAULT_REVIEW_BELOW else self.review_below,
+            "gate": None if self.gate == "on" else self.gate,
         }
         return {k: v for k, v in options.items() if v is not None}
 
@@ -153,7 +179,8 @@ def version_key(manifests: list[dict[str, Any]], method: str, options: dict[str,
         key = manifests[0]["version"]
     else:
         members = ",".join(sorted(m["version"] for m in manifests))
-        key = "ens-" + hashlib.sha1(f"{method}:{members}".encode()).hexdigest()[:12]
+        kind = "route" if len({m["task"] for m in manifests}) > 1 else "ens"
+        key = f"{kind}-" + hashlib.sha1(f"{method}:{members}".encode()).hexdigest()[:12]
     if options:
         key += "-" + hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
     return key
@@ -167,7 +194,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     start = time.perf_counter()
     preflight.check(cfg)  # bundles, --input, --output: a one-line SettingError before Ray starts
     manifests = [bundle.read_manifest(uri) for uri in cfg.bundles]
-    check_compatible(manifests)
+    routing.group(manifests, cfg.gate == "on")  # one task (an ensemble), or several routed by their gates
     decode_options(manifests)  # bundles that resize differently fail here, before any file is read
     decision = check_decision(cfg, manifests)
     key = version_key(manifests, cfg.ensemble, cfg.decision_options)
@@ -193,7 +220,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     summary["bundles"] = [
         {"uri": uri, "version": m["version"], "backbone": m["backbone"]} for uri, m in zip(cfg.bundles, manifests)
     ]
-    summary["ensemble"] = cfg.ensemble if len(manifests) > 1 else None
+    summary["ensemble"] = cfg.ensemble if len(manifests) > len({m["task"] for m in manifests}) else None
     summary["decision"] = decision
     summary["inference_this_run"] = {"jit_compile": cfg.jit_compile, "mixed_precision": cfg.mixed_precision}
     fs.pipe(f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
@@ -243,12 +270,15 @@ def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.dat
         num_cpus=cfg.cpus_per_actor,
         memory=cfg.memory_per_actor or actor_memory(cfg.bundles),
     )
+    tasks = [g.task for g in routing.group(manifests, cfg.gate == "on")]
+    routed = len(tasks) > 1
     if ExplainPlan.parse(cfg.explain).active:  # CPU tasks draw the actors' heatmaps on the originals
-        ds = ds.map_batches(
-            overlays.draw,
-            fn_kwargs={"output": cfg.output, "key": key, "max_pixels": loading["max_pixels"]},
-            batch_size=cfg.batch_size,
-        )
+        for prefix in [f"{t}{routing.SEPARATOR}" for t in tasks] if routed else [""]:
+            ds = ds.map_batches(
+                overlays.draw,
+                fn_kwargs={"output": cfg.output, "key": key, "max_pixels": loading["max_pixels"], "prefix": prefix},
+                batch_size=cfg.batch_size,
+            )
     ds = ds.map_batches(
         shards.write_shard,
         batch_size=cfg.rows_per_shard,
@@ -258,6 +288,7 @@ def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.dat
             "key": key,
             "members": members,
             "decision": json.dumps(check_decision(cfg, manifests), sort_keys=True),
+            "routed_manifests": manifests if routed else None,
         },
     )
     return ds
@@ -278,27 +309,45 @@ def predictor_args(cfg: ScoreConfig, primary_size: int) -> dict[str, Any]:
         "batch_size": cfg.batch_size,
         "jit_compile": cfg.jit_compile,
         "mixed_precision": cfg.mixed_precision,
+        "use_gate": cfg.gate == "on",
     }
 
 
 def check_decision(cfg: ScoreConfig, manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    """How rows are decided (calibration, operating point with any override, TTA, review level),
-    as the rows and the summary record it. A threshold override the bundles cannot take (wrong
-    count, unknown label, no operating point) fails here, before any file is read."""
-    classes = len(manifests[0]["classes"])
-    dry = combine(
-        manifests,
-        [np.full((1, classes), 1 / classes, np.float32)] * len(manifests),
-        cfg.ensemble,
-        operating_points.parse_thresholds(cfg.thresholds),
-    )
+    """How rows are decided (calibration, operating point with any override, TTA, review level,
+    the gate), as the rows and the summary record it; a routed run (several tasks) records each
+    task's operating point in `operating_points`. A threshold override the bundles cannot take
+    (wrong count, unknown label, no operating point, several tasks) fails here, before any file is read."""
+    groups = routing.group(manifests, cfg.gate == "on")
+    if len(groups) > 1 and cfg.thresholds is not None:
+        raise ValueError("--thresholds overrides one task's operating point: score the tasks one at a time")
+    points = {}
+    for g in groups:
+        classes = len(g.manifests[0]["classes"])
+        dry = combine(
+            g.manifests,
+            [np.full((1, classes), 1 / classes, np.float32)] * len(g.manifests),
+            cfg.ensemble,
+            operating_points.parse_thresholds(cfg.thresholds),
+        )
+        points[g.task] = operating_points.summary(dry.operating_point)
     return {
         "calibration": [m.get("calibration", {}).get("method", "none") for m in manifests],
-        "operating_point": operating_points.summary(dry.operating_point),
+        "operating_point": next(iter(points.values())) if len(points) == 1 else None,
+        **({"operating_points": points} if len(points) > 1 else {}),
         "tta": cfg.tta,
         "review_below": cfg.review_below,
         "explain": cfg.explain,
+        "gate": _gate_summary(cfg, manifests),
     }
+
+
+def _gate_summary(cfg: ScoreConfig, manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per bundle: how its gate decides (method, threshold, share kept on validation), or why none does."""
+    if cfg.gate == "off":
+        return [{"verdict": "off"} for _ in manifests]
+    keys = ("method", "threshold", "keep", "kept_on_validation")
+    return [{k: m["gate"][k] for k in keys} if m.get("gate") else {"verdict": "no gate"} for m in manifests]
 
 
 def check_resources(cfg: ScoreConfig) -> None:
@@ -338,34 +387,58 @@ def actor_memory(bundle_uris: list[str]) -> int:
 def summarize(
     table: pa.Table, manifests: list[dict[str, Any]], key: str, *, files_seen: int, scored_now: int, seconds: float
 ) -> dict[str, Any]:
-    """Counts over every committed row of this scoring version (all runs, not just this one)."""
+    """Counts over every committed row of this scoring version (all runs, not just this one). A
+    routed run (several tasks) counts rows per task in `routing` and its predictions as "task: class"."""
     ok = pc.equal(table.column("status"), "ok") if table.num_rows else pa.array([], pa.bool_())
-    errors = _counts(table.column("error").filter(pc.invert(ok))) if table.num_rows else {}
-    labels = table.column("label").filter(ok) if table.num_rows else pa.array([], pa.string())
-    if manifests[0]["multi_label"] and len(labels):
-        labels = pc.list_flatten(labels)
-    predicted = _counts(labels)
+    failed = pc.equal(table.column("status"), "error") if table.num_rows else pa.array([], pa.bool_())
+    errors = _counts(table.column("error").filter(failed)) if table.num_rows else {}
+    declined = _counts(_declined_reasons(table)) if table.num_rows else {}
+    tasks = list(dict.fromkeys(m["task"] for m in manifests))
+    predictions: dict[str, int] = {}
+    for task in tasks:
+        classes = next(m["classes"] for m in manifests if m["task"] == task)
+        mine = pc.and_(ok, pc.equal(table.column("task"), task)) if table.num_rows else ok
+        labels = table.column("label").filter(mine) if table.num_rows else pa.array([], pa.string())
+        if pa.types.is_list(labels.type) and len(labels):
+            labels = pc.list_flatten(labels)
+        predicted = _counts(labels)
+        predictions.update({(f"{task}: {c}" if len(tasks) > 1 else c): predicted.get(c, 0) for c in classes})
     flagged = {
         name: int(pc.sum(table.column(name).filter(ok)).as_py() or 0)
         if table.num_rows and name in table.column_names
         else 0
         for name in ("referral", "needs_review")
     }
-    return {
-        "task": manifests[0]["task"],
+    summary = {
+        "task": "+".join(tasks),
         "bundle_version": key,
         "files_seen": files_seen,
         "rows": table.num_rows,
         "scored": int(pc.sum(ok).as_py() or 0) if table.num_rows else 0,
+        "declined": sum(declined.values()),
+        "declined_by_reason": declined,
         "errors": sum(errors.values()),
         "errors_by_reason": errors,
-        "predictions": {c: predicted.get(c, 0) for c in manifests[0]["classes"]},
-        "referred": flagged["referral"] if manifests[0].get("referral_classes") else None,
+        "predictions": predictions,
+        "referred": flagged["referral"] if any(m.get("referral_classes") for m in manifests) else None,
         "needs_review": flagged["needs_review"],
         "scored_this_run": scored_now,
         "wall_seconds": round(seconds, 2),
         "images_per_s_this_run": round(scored_now / seconds, 2) if seconds > 0 else None,
     }
+    if len(tasks) > 1:
+        answered = _counts(table.column("task").filter(ok)) if table.num_rows else {}
+        summary["routing"] = {**{t: answered.get(t, 0) for t in tasks}, "out of scope": declined.get(OUT_OF_SCOPE, 0)}
+    return summary
+
+
+def _declined_reasons(table: pa.Table) -> pa.Array:
+    """Per declined row, its reason as the summary counts it: "out_of_distribution", "out_of_scope"
+    (a routed run: no task's gate accepted it), or "ungradable: <what>" (the statistic that failed)."""
+    rows = table.filter(pc.equal(table.column("status"), "declined"))
+    verdict, reason = rows.column("gate"), pc.fill_null(rows.column("gate_reason"), "")
+    bare = pc.or_(pc.equal(reason, ""), pc.equal(verdict, OUT_OF_SCOPE))  # out of scope: each task's verdict
+    return pc.if_else(bare, verdict, pc.binary_join_element_wise(verdict, reason, ": "))
 
 
 def _counts(values) -> dict[str, int]:

@@ -1,12 +1,14 @@
-"""Scoring settings checked before Ray starts: every --bundle readable and valid (and combinable),
---input there, --output writable. Each failure is a one-line SettingError."""
+"""Scoring settings checked before Ray starts: every --bundle readable and valid (and combinable, or
+routable: `eyeray.score.routing`), --input there, --output writable. Each failure is a one-line
+SettingError."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from eyeray.model.bundle import BundleError, check_compatible, read_manifest
+from eyeray.model.bundle import BundleError, read_manifest
 from eyeray.preflight import SettingError, check_exists, check_writable
+from eyeray.score import routing
 
 
 def check(cfg) -> list[dict[str, Any]]:
@@ -20,9 +22,11 @@ def check(cfg) -> list[dict[str, Any]]:
         except OSError as exc:  # unreadable (permissions, credentials)
             raise SettingError(f"--bundle {uri} cannot be read ({' '.join(str(exc).split())})") from exc
     try:
-        check_compatible(manifests)
+        routing.group(manifests, cfg.gate == "on")  # one task (an ensemble), or several with gates to route by
     except BundleError as exc:
         raise SettingError(f"--bundle: {exc}; score them one at a time") from exc
+    if len({m["task"] for m in manifests}) > 1 and cfg.thresholds is not None:
+        raise SettingError("--thresholds overrides one task's operating point: score the tasks one at a time")
     check_exists(cfg.input, "--input", "; give the folder or file to score")
     check_writable(cfg.output, "--output")
     return manifests

@@ -1,12 +1,13 @@
 """The scoring run's report.html: one self-contained page a clinician or an on-call engineer opens.
 
-How the rows were decided (calibration, operating point, any override), the review queue first
-(the least confident cases with their Grad-CAM overlays, so a clinician starts with the uncertain
-ones; all of them in review_queue.csv), the class distribution (bar chart), the errors grouped by
-reason with example paths, and a few thumbnails per predicted class (read back through the same
-decoder). Images are inlined as data URIs, so the page can be mailed or attached to a ticket; it
-holds no full-size pixels. The page itself is eyeray/templates/score_report.html; this module
-prepares the values it prints.
+How the rows were decided (calibration, operating point, the gate, any override), the review queue
+first (the least confident cases with their Grad-CAM overlays, so a clinician starts with the
+uncertain ones; all of them in review_queue.csv, the declined images after them), the images the gate
+declined (out of distribution or ungradable, with thumbnails, by reason), the class distribution
+(bar chart), the errors grouped by reason with example paths, and a few thumbnails per predicted
+class (read back through the same decoder). Images are inlined as data URIs, so the page can be
+mailed or attached to a ticket; it holds no full-size pixels. The page itself is
+eyeray/templates/score_report.html; this module prepares the values it prints.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ REVIEW_FILE = "review_queue.csv"
 REVIEW_SHOWN = 60  # the least confident cases shown with overlays; all of them are in REVIEW_FILE
 EXAMPLES_PER_CLASS = 4
 ERROR_EXAMPLES = 5
+DECLINED_SHOWN = 24  # thumbnails of declined images; all of them are in REVIEW_FILE
 THUMBNAIL = 160
 
 
@@ -47,31 +49,43 @@ def write(output: str, summary: dict[str, Any], rows: pa.Table) -> str:
 
 
 def review_queue(rows: pa.Table) -> list[dict[str, Any]]:
-    """Rows marked needs_review, least confident first (the queue is small next to the archive)."""
+    """Rows marked needs_review: the answered ones least confident first, then the declined ones
+    (no answer to be sure of), farthest from the training images first."""
     if not rows.num_rows or "needs_review" not in rows.column_names:
         return []
     flagged = rows.filter(pc.fill_null(rows.column("needs_review"), False))
-    queue = flagged.sort_by([("confidence", "ascending"), ("path", "ascending")])
-    return queue.select(["path", "confidence", "label", "referral", "explanations"]).to_pylist()
+    columns = ["path", "status", "confidence", "label", "referral", "gate", "gate_reason", "gate_score", "explanations"]
+    answered = flagged.filter(_is(flagged, "ok")).sort_by([("confidence", "ascending"), ("path", "ascending")])
+    declined = flagged.filter(_is(flagged, "declined")).sort_by([("gate_score", "descending"), ("path", "ascending")])
+    return answered.select(columns).to_pylist() + declined.select(columns).to_pylist()
 
 
 def _write_csv(uri: str, queue: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["rank", "path", "confidence", "labels", "referral", "overlays"])
+    writer.writerow(["rank", "path", "status", "confidence", "labels", "referral", "declined_because", "overlays"])
     for rank, row in enumerate(queue, 1):
         writer.writerow(
             [
                 rank,
                 row["path"],
-                f"{row['confidence']:.4f}",
+                row["status"],
+                "" if row["confidence"] is None else f"{row['confidence']:.4f}",
                 _labels(row["label"]),
                 "" if row["referral"] is None else row["referral"],
+                _declined_because(row) if row["status"] == "declined" else "",
                 " ".join(row["explanations"] or []),
             ]
         )
     fs, path = storage.filesystem(uri)
     fs.pipe(path, buf.getvalue().encode())
+
+
+def _declined_because(row: dict[str, Any]) -> str:
+    """A declined row's reason in words: "ungradable: blurred", "out_of_distribution (score 3.1)"."""
+    if row["gate_reason"]:
+        return f"{row['gate']}: {row['gate_reason']}"
+    return f"{row['gate']} (score {row['gate_score']:.2f})" if row["gate_score"] is not None else str(row["gate"])
 
 
 def _labels(label) -> str:
@@ -93,11 +107,12 @@ def render(
         decision=_decision(summary),
         review={
             "total": len(queue),
-            "figures": _review(queue, output),
+            "figures": _review([row for row in queue if row["status"] == "ok"], output),
             "more": max(0, len(queue) - REVIEW_SHOWN),
             "file": REVIEW_FILE,
         },
         distribution=_distribution(summary["predictions"]),
+        declined=_declined(summary, queue),
         errors=_errors(summary, rows),
         examples=_examples(rows, list(summary["predictions"])),
     )
@@ -106,22 +121,59 @@ def render(
 def _decision(summary: dict[str, Any]) -> dict[str, Any]:
     """How probabilities became answers, in words a reader can check against the bundle."""
     d = summary.get("decision") or {}
-    op = d.get("operating_point")
-    if op is None:
-        point = "no operating point in the bundle: argmax, or 0.5 per label"
-    elif "threshold" in op:
-        point = (
-            f"{op['rule']}: refer when {op.get('score', '')} ≥ {op['threshold']:.4f} "
-            f"(target {op.get('target')}, {op.get('chosen_on', '')})"
-        )
+    points = d.get("operating_points")  # a routed run: one per task
+    if points:
+        point = "; ".join(f"{task}: {_point_words(op)}" for task, op in points.items())
     else:
-        point = f"{op['rule']} ({op.get('chosen_on', '')}): " + json.dumps(op.get("thresholds") or op.get("members"))
+        point = _point_words(d.get("operating_point"))
+    gates = d.get("gate") or []
     return {
+        "gate": "; ".join(_gate_words(g) for g in gates) or "not recorded",
         "calibration": ", ".join(d.get("calibration", [])),
         "point": point,
         "referred": summary.get("referred"),
         "tta": "on" if d.get("tta") else "off",
         "review_below": d.get("review_below"),
+        "routing": summary.get("routing"),
+    }
+
+
+def _point_words(op: dict[str, Any] | None) -> str:
+    if op is None:
+        return "no operating point in the bundle: argmax, or 0.5 per label"
+    if "threshold" in op:
+        return (
+            f"{op['rule']}: refer when {op.get('score', '')} ≥ {op['threshold']:.4f} "
+            f"(target {op.get('target')}, {op.get('chosen_on', '')})"
+        )
+    return f"{op['rule']} ({op.get('chosen_on', '')}): " + json.dumps(op.get("thresholds") or op.get("members"))
+
+
+def _gate_words(gate: dict[str, Any]) -> str:
+    if "method" not in gate:
+        return "turned off for this run (--gate off)" if gate["verdict"] == "off" else "none (made before the gate)"
+    kept = 100 * gate["kept_on_validation"]
+    return (
+        f"{gate['method']} distance to the training images, threshold {gate['threshold']:.4g} "
+        f"(chosen to keep {100 * gate['keep']:.0f} % of validation images; kept {kept:.1f} %)"
+    )
+
+
+def _declined(summary: dict[str, Any], queue: list[dict[str, Any]]) -> dict[str, Any]:
+    """The declined images: counts by reason, and thumbnails of the first DECLINED_SHOWN."""
+    shown = [row for row in queue if row["status"] == "declined"][:DECLINED_SHOWN]
+    caption = {"refer": False, "note": None}
+    figures = [
+        {**_thumbnail(row["path"]), "name": _name(row["path"]), "detail": _declined_because(row), **caption}
+        for row in shown
+    ]
+    reasons = summary.get("declined_by_reason", {})
+    return {
+        "total": summary.get("declined", 0),
+        "reasons": [{"reason": r, "count": n} for r, n in reasons.items()],
+        "figures": figures,
+        "more": max(0, summary.get("declined", 0) - len(figures)),
+        "file": REVIEW_FILE,
     }
 
 

@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from eyeray import storage
+from eyeray.decision import gate
 
 PART_PREFIX = "part-"
 TMP_PREFIX = ".tmp-"
@@ -36,24 +37,33 @@ def _split(values) -> pa.Array:
 def shard_table(
     batch: dict[str, np.ndarray], manifest: dict[str, Any], key: str, members: list[str], decision: str = "{}"
 ) -> pa.Table:
-    """Prediction columns -> the documented schema: `probabilities` is a class -> (calibrated)
-    float struct; `referral` is null when the task has no referral rule; `explanations` lists
-    overlay PNGs relative to the output; `decision` (JSON, the same for every row of a run) says
-    how rows were decided. An ensemble adds `model_probabilities`, a member version -> (class -> float)."""
+    """Prediction columns -> the documented schema: `status` is ok, declined (the gate's verdict is
+    out_of_distribution or ungradable: no label, probabilities, confidence or referral; `gate_reason`
+    says why; needs_review) or error; `gate_score` is the distance over the gate's threshold (> 1:
+    declined); `probabilities` is a class -> (calibrated) float struct; `referral` is null when the
+    task has no referral rule; `explanations` lists overlay PNGs relative to the output; `decision`
+    (JSON, the same for every row of a run) says how rows were decided. An ensemble adds
+    `model_probabilities`, a member version -> (class -> float)."""
     classes = list(manifest["classes"])
     n = len(batch["path"])
     ok = np.asarray([e == "" for e in batch["error"]], bool)
-    labels = [str(x) for x in batch["label"]]
+    declined = ok & np.isin(np.asarray(batch["gate"], object), gate.DECLINING)
+    answered = ok & ~declined
+    gate_score = np.asarray(batch["gate_score"], np.float32)
+    labels = [str(x) if a else "" for x, a in zip(batch["label"], answered)]  # a declined row has none
     if manifest["multi_label"]:
         label = _split(labels)
     else:
         label = pa.array([x or None for x in labels], pa.string())
     columns = {
         "path": pa.array([str(p) for p in batch["path"]], pa.string()),
-        "status": pa.array(np.where(ok, "ok", "error"), pa.string()),
+        "status": pa.array(np.where(ok, np.where(declined, "declined", "ok"), "error"), pa.string()),
         "error": pa.array([str(e) or None for e in batch["error"]], pa.string()),
+        "gate": pa.array([str(v) or None for v in batch["gate"]], pa.string()),
+        "gate_reason": pa.array([str(r) or None for r in batch["gate_reason"]], pa.string()),
+        "gate_score": pa.array(gate_score, pa.float32(), mask=~ok | np.isnan(gate_score)),
         "label": label,
-        "probabilities": _probability_struct(np.asarray(batch["probabilities"]).reshape(n, -1), classes, ok),
+        "probabilities": _probability_struct(np.asarray(batch["probabilities"]).reshape(n, -1), classes, answered),
         "task": pa.array([manifest["task"]] * n, pa.string()),
         "bundle_version": pa.array([key] * n, pa.string()),
         "width": pa.array(np.asarray(batch["width"], np.int64)),
@@ -61,10 +71,10 @@ def shard_table(
         "referral": pa.array(
             np.asarray(batch["referral"], np.float32) > 0.5,
             pa.bool_(),
-            mask=~ok | np.isnan(np.asarray(batch["referral"], np.float32)),
+            mask=~answered | np.isnan(np.asarray(batch["referral"], np.float32)),
         ),
-        "confidence": pa.array(np.asarray(batch["confidence"], np.float32), pa.float32(), mask=~ok),
-        "needs_review": pa.array(np.asarray(batch["needs_review"], bool), pa.bool_(), mask=~ok),
+        "confidence": pa.array(np.asarray(batch["confidence"], np.float32), pa.float32(), mask=~answered),
+        "needs_review": pa.array(np.asarray(batch["needs_review"], bool) | declined, pa.bool_(), mask=~ok),
         "explanations": _split(batch["explanations"]),
         "decision": pa.array([decision] * n, pa.string()),
         "scored_at": pa.array([_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")] * n, pa.string()),
@@ -72,11 +82,77 @@ def shard_table(
     if len(members) > 1:
         per_model = np.asarray(batch["model_probabilities"]).reshape(n, len(members), len(classes))
         columns["model_probabilities"] = pa.StructArray.from_arrays(
-            [_probability_struct(per_model[:, i], classes, ok) for i in range(len(members))],
+            [_probability_struct(per_model[:, i], classes, answered) for i in range(len(members))],
             names=members,
-            mask=pa.array(~ok),
+            mask=pa.array(~answered),
         )
     return pa.table(columns)
+
+
+def routed_table(
+    batch: dict[str, np.ndarray], manifests: list[dict[str, Any]], key: str, decision: str = "{}"
+) -> pa.Table:
+    """A routed run's rows (`eyeray.score.routing`): per task, the rows its gate accepted, as
+    `shard_table` writes them, `probabilities` (and `model_probabilities`) as maps and `label` as a
+    list; one out-of-scope row per file no task accepted; one error row per file that failed; in the
+    batch's file order. A file's rows stay in this one table (one shard): resume stays exactly once."""
+    from eyeray.score import routing
+
+    groups = routing.group(manifests)
+    tasks = [g.task for g in groups]
+    ok = np.asarray([e == "" for e in batch["error"]], bool)
+    accepted = routing.routed(batch, tasks)
+    tables, order = [], []
+    for g in groups:
+        rows = np.flatnonzero(ok & accepted[g.task])
+        columns = {k: _take(v, rows) for k, v in routing.task_columns(batch, g.task).items()}
+        tables.append(
+            _as_routed(shard_table(columns, g.manifests[0], key, [m["version"] for m in g.manifests], decision))
+        )
+        order.append(rows)
+    rows = np.flatnonzero(~ok | ~np.any([accepted[t] for t in tasks], axis=0))
+    columns = {k: _take(v, rows) for k, v in routing.task_columns(batch, tasks[0]).items()}
+    columns["gate"] = np.array([gate.OUT_OF_SCOPE] * len(rows), dtype=object)
+    columns["gate_reason"] = np.array([routing.out_of_scope_reason(batch, tasks, i) for i in rows], dtype=object)
+    columns["gate_score"] = np.full(len(rows), np.nan, np.float32)
+    unrouted = _as_routed(shard_table(columns, groups[0].manifests[0], key, [], decision))
+    tables.append(
+        unrouted.set_column(unrouted.schema.get_field_index("task"), "task", pa.nulls(len(rows), pa.string()))
+    )
+    order.append(rows)
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.take(np.argsort(np.concatenate(order), kind="stable"))
+
+
+def _take(values, rows: np.ndarray):
+    return [values[i] for i in rows] if isinstance(values, list) else np.asarray(values)[rows]
+
+
+def _as_routed(table: pa.Table) -> pa.Table:
+    """`probabilities` and `model_probabilities` structs as maps (every task's rows share one
+    schema), and `label` as a list (single-label tasks write a string)."""
+    for name in ("probabilities", "model_probabilities"):
+        if name in table.column_names:
+            column = _to_map(table.column(name).combine_chunks())
+            table = table.set_column(table.schema.get_field_index(name), name, column)
+    label = table.column("label")
+    if pa.types.is_string(label.type):
+        lists = pa.array([[x] if x is not None else [] for x in label.to_pylist()], pa.list_(pa.string()))
+        table = table.set_column(table.schema.get_field_index("label"), "label", lists)
+    return table
+
+
+def _to_map(struct: pa.StructArray) -> pa.Array:
+    """A struct of same-typed fields (nested structs too) as a map from field name to value."""
+    values = [struct.field(i) for i in range(struct.type.num_fields)]
+    values = [_to_map(v) if pa.types.is_struct(v.type) else v for v in values]
+    names = [struct.type.field(i).name for i in range(struct.type.num_fields)]
+    n, k = len(struct), len(names)
+    keys = pa.array(names * n, pa.string())
+    items = pa.concat_arrays(values)  # field by field; taken below row by row, as the keys are
+    order = np.arange(n * k).reshape(k, n).T.ravel()
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    return pa.MapArray.from_arrays(offsets, keys, items.take(pa.array(order)), mask=struct.is_null())
 
 
 def write_shard(
@@ -86,9 +162,14 @@ def write_shard(
     key: str,
     members: list[str],
     decision: str = "{}",
+    routed_manifests: list[dict[str, Any]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Ray Data stage: write one batch as a shard (temporary hidden name, then rename = commit)."""
-    table = shard_table(batch, manifest, key, members, decision)
+    """Ray Data stage: write one batch as a shard (temporary hidden name, then rename = commit).
+    `routed_manifests`: every bundle's, in a run of several tasks (`routed_table`)."""
+    if routed_manifests:
+        table = routed_table(batch, routed_manifests, key, decision)
+    else:
+        table = shard_table(batch, manifest, key, members, decision)
     digest = hashlib.sha1("\n".join(sorted(table.column("path").to_pylist())).encode()).hexdigest()[:16]
     name = f"{PART_PREFIX}{key}-{digest}.parquet"
     fs, root = storage.filesystem(output)

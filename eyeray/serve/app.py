@@ -30,7 +30,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -106,16 +106,39 @@ class ServeArgs(BaseModel):
     review_below: float = Field(
         DEFAULT_REVIEW_BELOW, ge=0, le=1, description="calibrated confidence below which an answer says needs_review"
     )
+    gate: bool = Field(
+        True,
+        description="apply each bundle's gate: an image out of distribution or ungradable gets status declined, "
+        "no diagnosis",
+    )
+
+
+class GateAnswer(BaseModel):
+    verdict: Literal["passed", "out_of_distribution", "ungradable", "no gate", "off"] = Field(
+        description="passed; out_of_distribution or ungradable (declined: no diagnosis); no gate (a bundle made "
+        "before the gate); off (the service runs with the gate off)"
+    )
+    reason: str = Field(description="why, in words (empty when passed)")
+    score: float | None = Field(description="distance to the training images over the gate's threshold (> 1: declined)")
 
 
 class Prediction(BaseModel):
     task: str
+    status: Literal["ok", "declined"] = Field(
+        description="ok: answered; declined: the gate found the image out of distribution or ungradable, so no "
+        "labels, probabilities, confidence or referral are given (the image was valid; the model declines)"
+    )
     labels: list[str] = Field(description="decided labels at the operating point (multi-label: possibly none)")
     label: str | None = Field(None, description="the decided class of a single-label task")
-    probabilities: dict[str, float] = Field(description="calibrated probabilities")
-    referral: bool | None = Field(description="refer at the operating point; null: the task has no referral rule")
-    confidence: float = Field(description="calibrated top probability (multi-label: of the least sure label)")
-    needs_review: bool = Field(description="confidence below the service's review level")
+    probabilities: dict[str, float] = Field(description="calibrated probabilities (empty when declined)")
+    referral: bool | None = Field(
+        description="refer at the operating point; null: declined, or the task has no referral rule"
+    )
+    confidence: float | None = Field(
+        description="calibrated top probability (multi-label: of the least sure label); null when declined"
+    )
+    needs_review: bool = Field(description="confidence below the service's review level, or declined")
+    gate: GateAnswer = Field(description="the gate's verdict on this image")
     operating_point: dict[str, Any] | None = Field(description="rule and threshold(s) used, and where they come from")
     bundle_version: str
     batch_size: int = Field(description="requests scored in the same model call as this one")
@@ -145,6 +168,7 @@ class TaskModel:
         review_below: float = DEFAULT_REVIEW_BELOW,
         jit_compile: bool = False,
         mixed_precision: bool = False,
+        use_gate: bool = True,
     ):
         import threading
 
@@ -162,6 +186,7 @@ class TaskModel:
             )
         bundle.verify(self.bundle)  # a first trace; `reconfigure` traces the other batch sizes
         self.task, self.tta, self.review_below = self.bundle.manifest["task"], tta, review_below
+        self.use_gate = use_gate
         self.max_batch_size = MAX_BATCH_SIZE
         self._cam, self._cam_lock = None, threading.Lock()
         self.batch_sizes = metrics.Histogram(
@@ -180,39 +205,45 @@ class TaskModel:
         self.bundle.compiled.warm_up(self.max_batch_size)
 
     @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_TIMEOUT_S)
-    async def predict(self, requests: list[tuple[np.ndarray, Any]]) -> list[dict[str, Any]]:
-        """(preprocessed uint8 image, threshold override or None), one per request -> one answer each."""
+    async def predict(self, requests: list[tuple[np.ndarray, Any, tuple[int, int]]]) -> list[dict[str, Any]]:
+        """(preprocessed uint8 image, threshold override or None, the original's (height, width)),
+        one per request -> one answer each."""
         start = time.perf_counter()
-        images = np.stack([image for image, _ in requests])
-        probs = await asyncio.to_thread(  # the loop keeps queueing
-            self.bundle.predict, images, self.max_batch_size, tta=self.tta
+        images = np.stack([image for image, _, _ in requests])
+        probs, features = await asyncio.to_thread(  # the loop keeps queueing
+            self.bundle.infer, images, self.max_batch_size, tta=self.tta
         )
+        heights, widths = zip(*(size for _, _, size in requests))
+        verdict = self.bundle.verdict(images, features, heights, widths, self.use_gate)
         self.model_seconds.observe(time.perf_counter() - start, tags={"task": self.task})
         self.batch_sizes.observe(len(requests), tags={"task": self.task})
         answers: list[dict[str, Any]] = [{} for _ in requests]
         groups: dict[str, list[int]] = {}
-        for i, (_, thresholds) in enumerate(requests):  # requests with the same override decide together
+        for i, (_, thresholds, _) in enumerate(requests):  # requests with the same override decide together
             groups.setdefault(json.dumps(thresholds, sort_keys=True), []).append(i)
         for rows in groups.values():
-            decision = self.bundle.decide(probs[rows], requests[rows[0]][1], self.review_below)
+            decision = self.bundle.decide(probs[rows], requests[rows[0]][1], self.review_below, verdict.subset(rows))
             for j, i in enumerate(rows):
                 answers[i] = self._answer(decision, j, len(requests))
         return answers
 
     async def explain(
-        self, image: np.ndarray, class_name: str | None, thresholds: Any
+        self, image: np.ndarray, class_name: str | None, thresholds: Any, size: tuple[int, int]
     ) -> tuple[dict[str, Any], np.ndarray]:
-        """The answer for one image plus the Grad-CAM heatmap (feature-map resolution) of its class."""
-        return await asyncio.to_thread(self._explain, image, class_name, thresholds)
+        """The answer for one image (its original `size`) plus the Grad-CAM heatmap (feature-map
+        resolution) of its class."""
+        return await asyncio.to_thread(self._explain, image, class_name, thresholds, size)
 
-    def _explain(self, image: np.ndarray, class_name: str | None, thresholds: Any) -> tuple[dict[str, Any], np.ndarray]:
+    def _explain(
+        self, image: np.ndarray, class_name: str | None, thresholds: Any, size: tuple[int, int]
+    ) -> tuple[dict[str, Any], np.ndarray]:
         from eyeray.model.gradcam import GradCam, explain_decision
 
         with self._cam_lock:  # built once per replica, on the first explain request
             if self._cam is None:
                 self._cam = GradCam(self.bundle.model)
             decision, k, heatmap = explain_decision(
-                self.bundle, self._cam, image, class_name, thresholds, self.tta, self.review_below
+                self.bundle, self._cam, image, class_name, thresholds, self.tta, self.review_below, size, self.use_gate
             )
         return {**self._answer(decision, 0, 1), "explained_class": self.bundle.classes[k]}, heatmap
 
@@ -286,19 +317,21 @@ def check_thresholds(manifest: dict[str, Any], text: str | None) -> Any:
 
 def decode_upload(
     data: bytes, manifest: dict[str, Any], max_pixels: int, overlay: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """The upload as decoded (for overlays) and as the bundle's model takes it: the manifest's
     `preprocessing` (resize size and method), as batch scoring applies it. The decoded-size limit is
     the stricter of the bundle's `preprocessing.max_pixels` and the service's `max_pixels`. Any
     decode failure is a 422 with the reason batch scoring writes in its rows (`imaging.decode_value`).
     `overlay=False` (a prediction only): a large JPEG is decoded only as large as the model input
-    needs (`imaging.decode`'s `min_side`, as batch scoring decodes), and the first value is that."""
+    needs (`imaging.decode`'s `min_side`, as batch scoring decodes), and the first value is that.
+    The third is the file's full (height, width): the gate's size check."""
     pre = manifest["preprocessing"]
     size = int(pre["resize"]["size"][0])
-    original, reason = imaging.decode_value(data, min(max_pixels, int(pre["max_pixels"])), None if overlay else size)
+    limit = min(max_pixels, int(pre["max_pixels"]))
+    original, reason, full = imaging.decode_with_size(data, limit, None if overlay else size)
     if original is None:
         raise HTTPException(422, reason)
-    return original, imaging.preprocess(original, size, pre["resize"]["method"])
+    return original, imaging.preprocess(original, size, pre["resize"]["method"]), full
 
 
 THRESHOLDS_QUERY = Query(
@@ -386,16 +419,17 @@ class Api:
                     422, f"class {explain[0]!r} is not a class of {task}: {', '.join(manifest['classes'])}"
                 )
             data = await self._read_image(request)
-            original, image = await run_in_threadpool(
+            original, image, size = await run_in_threadpool(
                 decode_upload, data, manifest, self.max_pixels, overlay=explain is not None
             )
             if explain is None:
-                answer = await self.models[task].predict.remote((image, thresholds))
+                answer = await self.models[task].predict.remote((image, thresholds, size))
             else:
-                answer, heatmap = await self.models[task].explain.remote(image, explain[0], thresholds)
+                answer, heatmap = await self.models[task].explain.remote(image, explain[0], thresholds, size)
                 png = await run_in_threadpool(overlay_png, original, heatmap, explain[1])
                 answer["overlay_png"] = base64.b64encode(png).decode()
-            status, label = 200, "|".join(answer["labels"]) or "none"
+            status = 200
+            label = "|".join(answer["labels"]) or ("declined" if answer["status"] == "declined" else "none")
             return answer
         except HTTPException as exc:
             status = exc.status_code
@@ -498,7 +532,7 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
             ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica},
             user_config={"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
             max_ongoing_requests=max(64, 2 * args.max_batch_size),
-        ).bind(uri, manifest["version"], args.tta, args.review_below, args.jit_compile, args.mixed_precision)
+        ).bind(uri, manifest["version"], args.tta, args.review_below, args.jit_compile, args.mixed_precision, args.gate)
     ingress_actor = {"num_cpus": args.ingress_cpus}
     if args.ingress_env:
         ingress_actor["runtime_env"] = {"env_vars": dict(args.ingress_env)}
@@ -583,8 +617,8 @@ def demo(bundle_uri: str, images: list[Path], port: int = 8000, route_prefix: st
                     status, body = resp.status, json.load(resp)
             except urllib.error.HTTPError as exc:
                 status, body = exc.code, json.load(exc)
-            answers.append({"file": Path(path).name, "status": status, **body})
-            shown = body.get("labels", body.get("detail"))
+            answers.append({**body, "file": Path(path).name, "status": status})  # status: the HTTP one
+            shown = body.get("labels", body.get("detail")) if body.get("status") != "declined" else body["gate"]
             log.info(f"POST {Path(path).name} -> {status} {shown}")
     finally:
         stop("eyeray-demo")

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from eyeray.data.augment import scaled
+from eyeray.decision import gate
 from eyeray.tasks import TASKS, AugmentSpec, get_task
 
 AUGMENT_ON = ("auto", "data", "trainer")  # --augment-on: auto = TrainConfig.augment_site
 MIXED_DTYPES = ("auto", "float16", "bfloat16")  # --mixed-dtype: auto = eyeray.model.devices.mixed_precision_dtype
+GATE_METHODS = (*gate.METHODS, "none")  # --gate-method: none fits no gate (every answer says "no gate")
 RUN_NAME = "ray_train"  # Ray Train's run folder inside --output (checkpoints, run state)
 
 
@@ -130,6 +132,21 @@ class TrainConfig:
     )
     test_fraction: float = field(default=0.15, metadata={"help": "share of patients for test when the layout has none"})
     seed: int = field(default=0, metadata={"help": "seed of the demo data and of the training order"})
+    gate_method: str = field(  # eyeray.decision.gate
+        default=gate.DEFAULT_METHOD,
+        metadata={
+            "choices": GATE_METHODS,
+            "help": "the out-of-distribution gate fitted on the training images' features: mahalanobis "
+            "(Ledoit-Wolf), knn (cosine), or none",
+        },
+    )
+    gate_keep: float = field(
+        default=gate.DEFAULT_KEEP,
+        metadata={"help": "share of validation images the gate's threshold keeps (0.5 to 0.999)"},
+    )
+    gate_fit_images: int = field(
+        default=2000, metadata={"help": "training images (at most) whose features the gate is fitted on"}
+    )
 
     @property
     def is_demo(self) -> bool:

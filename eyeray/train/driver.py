@@ -1,5 +1,6 @@
 """The training driver: prepare the data, run the `TensorflowTrainer`, then export the bundle
-(scored as exported on the test split) and the evaluation report."""
+(with its gate fitted on the exported model's own features, and scored as exported on the test
+split) and the evaluation report."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from eyeray.train.worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-DEPLOYED_CONFUSION_PNG = "confusion_matrix_operating_point.png"
+DEPLOYED_CONFUSION_PNG = "confusion_matrix_operating_point.png"  # = eyeray.evaluation.plots.DEPLOYED_CONFUSION_PNG
 
 
 def _scaling(cfg: TrainConfig) -> ScalingConfig:
@@ -123,14 +124,40 @@ def _samples(spec: TaskSpec, ds, per_class: int = 6) -> dict[str, list[np.ndarra
     return grid
 
 
-def _predict(predict, ds, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and model outputs of one split: Ray Data streams decoded batches to `predict`
-    (uint8 images -> outputs: `Bundle.predict`, or a `CompiledModel`)."""
-    labels, probs = [], []
-    for batch in ds.iter_batches(batch_size=batch_size):
-        labels.append(batch["label"])
-        probs.append(np.asarray(predict(batch["image"]), np.float32))
-    return np.concatenate(labels), np.concatenate(probs)
+@dataclass
+class Inferred:
+    """One split as the model sees it: labels, outputs, pooled features and quality statistics."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+    features: np.ndarray
+    stats: dict[str, np.ndarray]
+
+    @property
+    def pair(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.labels, self.probs
+
+
+def _infer(infer, ds, batch_size: int, limit: int | None = None, watch=None) -> Inferred:
+    """Ray Data streams decoded batches of one split (its first `limit` rows) to `infer` (uint8
+    images -> (outputs, pooled features): `Bundle.infer`, or a two-output `CompiledModel`).
+    `watch(images, labels, outputs)` sees every batch (the model card keeps its worst few)."""
+    from eyeray.data import quality
+
+    parts: dict[str, list] = {"labels": [], "probs": [], "features": []}
+    stats: list[dict[str, np.ndarray]] = []
+    for batch in (ds.limit(limit) if limit else ds).iter_batches(batch_size=batch_size):
+        probs, features = infer(batch["image"])
+        parts["labels"].append(batch["label"])
+        parts["probs"].append(np.asarray(probs, np.float32))
+        parts["features"].append(np.asarray(features, np.float32))
+        if watch is not None:
+            watch(batch["image"], batch["label"], parts["probs"][-1])
+        stats.append(quality.statistics(batch["image"], batch["height"], batch["width"]))
+    return Inferred(
+        *(np.concatenate(parts[k]) for k in ("labels", "probs", "features")),
+        {k: np.concatenate([s[k] for s in stats]) for k in stats[0]},
+    )
 
 
 def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
@@ -140,9 +167,10 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     forwards every epoch's report to Ray Tune)."""
     from ray.train.tensorflow import TensorflowTrainer
 
+    from eyeray.evaluation import bootstrap, model_card
     from eyeray.evaluation.report import write_report
     from eyeray.model import bundle
-    from eyeray.model.build import build_model
+    from eyeray.model.build import build_model, with_features
     from eyeray.model.compiled import CompiledModel
     from eyeray.train.distributed import class_weights
 
@@ -187,7 +215,9 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     model = build_model(spec, cfg.backbone, weights=None, image_size=cfg.image_size, dropout=cfg.dropout)
     with best.as_directory() as d:
         model.load_weights(os.path.join(d, checkpoint.WEIGHTS_FILE))
-    validation = _predict(CompiledModel(model), decoded["validation"].images, cfg.batch_size)
+    compiled = CompiledModel(with_features(model))
+    inferred_val = _infer(lambda x: compiled(x, cfg.batch_size), decoded["validation"].images, cfg.batch_size)
+    validation = inferred_val.pair
     fitted = _fit_decisions(spec, validation)
     calibration, operating_point, _ = fitted
 
@@ -223,18 +253,24 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
         staged = os.path.join(tmp, "bundle")
         bundle.save(model, manifest, staged)
         exported = bundle.load(staged)
-        y_true, probs = _predict(exported.predict, decoded["test"].images, cfg.batch_size)
+        gate_section = _fit_gate(cfg, exported, decoded, inferred_val, staged)
+        worst = model_card.WorstCases(spec)
+        test = _infer(exported.infer, decoded["test"].images, cfg.batch_size, watch=worst.update)
+        y_true, probs = test.pair
         _, _, sections, plots = _decision_support(spec, validation, (y_true, probs), fitted)
         deployed, deployed_plots = _at_operating_point(spec, exported, y_true, probs)
         sections["at_operating_point"] = deployed
+        sections["gate"] = _gate_report(spec, exported, test, gate_section)
+        sections["bootstrap"] = bootstrap.confidence_intervals(spec, y_true, probs, seed=cfg.seed)
         plots.update(deployed_plots)
+        samples = _samples(spec, decoded["train"].images)
         metrics = write_report(
             spec,
             report_uri,
             y_true=y_true,
             probs=probs,
             history=history,
-            samples=_samples(spec, decoded["train"].images),
+            samples=samples,
             extra={
                 "config": asdict(cfg),
                 "best_epoch": _best_epoch(history),
@@ -245,8 +281,10 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
             sections=sections,
             extra_plots=plots,
         )
+        card = {"manifest": exported.manifest, "splits": layout.splits, "samples": samples, "worst": worst}
+        model_card.write(spec, report_uri, metrics=metrics, **card)
         headline = {**_headline(metrics), "at_operating_point": _headline(deployed)}
-        bundle.publish(staged, bundle_uri, metrics=headline)
+        bundle.publish(staged, bundle_uri, metrics=headline, gate=gate_section)
     log.info("bundle: %s", bundle_uri)
     log.info("report: %s", report_uri)
     log.info("test metrics (argmax of the raw outputs): " + json.dumps(_headline(metrics)))
@@ -254,6 +292,50 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     return TrainResult(
         output=cfg.output, bundle=bundle_uri, report=report_uri, metrics=metrics, history=history, resumed_after=resumed
     )
+
+
+def _fit_gate(cfg: TrainConfig, exported, decoded: dict, validation: Inferred, staged: str) -> dict | None:
+    """Fit the gate (`eyeray.decision.gate.fit`) on the exported model's own features of (at most
+    --gate-fit-images) training images, its threshold on the validation split's; write it into the
+    staged bundle and set it on `exported`. Returns the manifest's `gate` section (None: --gate-method none)."""
+    from eyeray.decision import gate
+    from eyeray.model import bundle
+
+    if cfg.gate_method == "none":
+        log.info("no gate (--gate-method none): every answer of this bundle will say so")
+        return None
+    train = _infer(exported.infer, decoded["train"].images, cfg.batch_size, limit=cfg.gate_fit_images)
+    fitted = gate.fit(
+        train.features, validation.features, train.stats, method=cfg.gate_method, keep=cfg.gate_keep, seed=cfg.seed
+    )
+    exported.gate = fitted
+    log.info(
+        f"gate: {fitted.method} on {fitted.train_images} training images' features, threshold "
+        f"{fitted.threshold:.4g} keeps {100 * fitted.kept_on_validation:.1f} % of {fitted.validation_images} "
+        "validation images"
+    )
+    return bundle.add_gate(staged, fitted)
+
+
+def _gate_report(spec: TaskSpec, exported, test: Inferred, section: dict | None) -> dict[str, Any]:
+    """What the gate does on the test split: the share answered, the declined by reason, and the
+    accuracy of the argmax on all test images and on the answered ones (the gate should not lower it)."""
+    if section is None:
+        return {"method": "none"}
+    verdict = exported.gate.verdict(test.features, test.stats)
+    answered = ~verdict.declined
+    reasons = [f"{v}: {r}" if r else str(v) for v, r in zip(verdict.verdict[~answered], verdict.reason[~answered])]
+    report = {
+        **{k: v for k, v in section.items() if k not in ("quality", "file", "sha256")},
+        "test_images": len(answered),
+        "test_answered": float(answered.mean()) if len(answered) else None,
+        "test_declined_by_reason": {r: reasons.count(r) for r in sorted(set(reasons))},
+    }
+    if not spec.multi_label:
+        correct = test.labels.argmax(axis=1) == test.probs.argmax(axis=1)
+        report["test_accuracy_all"] = float(correct.mean())
+        report["test_accuracy_answered"] = float(correct[answered].mean()) if answered.any() else None
+    return report
 
 
 def _fit_decisions(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray]) -> tuple[dict, dict | None, str | None]:

@@ -11,7 +11,7 @@ import warnings
 from eyeray import storage
 from eyeray.preflight import SettingError, check_exists, check_writable
 from eyeray.tasks import TaskSpec, get_task
-from eyeray.train.config import AUGMENT_ON, MIXED_DTYPES, RUN_NAME, TrainConfig
+from eyeray.train.config import AUGMENT_ON, GATE_METHODS, MIXED_DTYPES, RUN_NAME, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,15 @@ def check(config: TrainConfig) -> TrainConfig:
     start = time.perf_counter()
     cfg = config.resolved()
     spec = get_task(cfg.task)
-    for name, allowed in (("mixed_dtype", MIXED_DTYPES), ("augment_on", AUGMENT_ON)):  # the CLI checks its own
+    choices = (("mixed_dtype", MIXED_DTYPES), ("augment_on", AUGMENT_ON), ("gate_method", GATE_METHODS))
+    for name, allowed in choices:  # the CLI checks its own
         if getattr(cfg, name) not in allowed:
             flag = "--" + name.replace("_", "-")
             raise SettingError(f"{flag} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    if not 0.5 <= cfg.gate_keep < 1.0:
+        raise SettingError(f"--gate-keep must be at least 0.5 and below 1, not {cfg.gate_keep}")
+    if cfg.gate_fit_images < 2:
+        raise SettingError(f"--gate-fit-images must be at least 2, not {cfg.gate_fit_images}")
     names = check_backbone(spec, cfg)
     if cfg.data is not None:
         check_data(spec, cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
