@@ -59,6 +59,9 @@ class TaskSpec:
     operating_point: str = ""
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     dataset_hint: str = ""  # shown in layout errors: what the reader expected
+    # DICOM Modality values of this task's images: a routed scoring run sends a DICOM file whose
+    # header names another modality to none of this task's bundles (eyeray.score.routing).
+    dicom_modalities: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -90,6 +93,7 @@ OCT = TaskSpec(
     operating_point="referral_sensitivity:0.95",  # Kermany et al.: urgent referral (CNV or DME)
     augment=AugmentSpec(hflip=True, rotation_deg=5.0, zoom=0.1),
     demo=DemoSpec(modality="oct"),
+    dicom_modalities=("OPT",),  # Ophthalmic Tomography
     dataset_hint="Kaggle kermany2018: train/ test/ [val/] each with CNV/ DME/ DRUSEN/ NORMAL/, or one folder per class",
 )
 
@@ -109,6 +113,7 @@ GLAUCOMA = TaskSpec(
     operating_point="referral_specificity:0.95",  # the AIROGS screening operating point
     augment=AugmentSpec(hflip=True, rotation_deg=15.0, zoom=0.1),
     demo=DemoSpec(modality="fundus"),
+    dicom_modalities=("OP", "XC"),  # Ophthalmic Photography; External-camera Photography
     dataset_hint="EyePACS-AIROGS-light: train/ validation/ test/ each with RG/ NRG/, or one folder per class",
 )
 
@@ -126,6 +131,7 @@ ODIR = TaskSpec(
     operating_point="per_label_f1",
     augment=AugmentSpec(hflip=True, rotation_deg=15.0, zoom=0.1),
     demo=DemoSpec(modality="fundus", images_per_class=40),
+    dicom_modalities=("OP", "XC"),
     dataset_hint="ODIR-5K: a sheet (data.csv or data.xlsx) with ID, Left-Fundus, Right-Fundus, "
     "N D G C A H M O columns, and the images in a folder beside it",
 )

@@ -27,9 +27,13 @@ def gradient(h: int = 40, w: int = 60) -> np.ndarray:
 
 
 def make_dicom(
-    pixels: np.ndarray | None, photometric: str = "MONOCHROME2", window: tuple[float, float] | None = None
+    pixels: np.ndarray | None,
+    photometric: str = "MONOCHROME2",
+    window: tuple[float, float] | None = None,
+    modality: str | None = None,
 ) -> bytes:
-    """An ophthalmic-tomography DICOM file; `pixels=None` writes one without pixel data."""
+    """An ophthalmic-tomography DICOM file; `pixels=None` writes one without pixel data; `modality`
+    sets the Modality attribute (absent by default)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -42,6 +46,8 @@ def make_dicom(
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.PatientID = "TEST-0001"
+    if modality is not None:
+        ds.Modality = modality
     if pixels is not None:
         ds.Rows, ds.Columns = pixels.shape
         ds.SamplesPerPixel = 1

@@ -435,7 +435,8 @@ def test_scoring_job_decodes_and_predicts_on_the_worker_node_not_the_head(two_no
         "--no-report",
     )
     summary = json.loads((output / "summary.json").read_text())
-    assert (summary["files_seen"], summary["scored"], summary["errors"]) == (12 + len(BROKEN_FILES), 12, 3)
+    answered_or_declined = summary["scored"] + summary["declined"]  # the trained bundle's gate may decline a few
+    assert (summary["files_seen"], answered_or_declined, summary["errors"]) == (12 + len(BROKEN_FILES), 12, 3)
     found = placements(two_nodes, job_id, expect="BundlePredictor")
     assert_work_on_worker_node(two_nodes, found, gpu_work="BundlePredictor")
     assert any("load_batch" in name for name, node, _ in found if node == two_nodes["worker"]), found

@@ -182,7 +182,8 @@ def test_served_predictions_decode_reduced_and_overlays_full(oct_sample):
             "resize": {"size": [SIZE, SIZE], "method": "bilinear"},
         }
     }
-    original, full_input = decode_upload(data, manifest, imaging.DEFAULT_MAX_PIXELS)
-    small, reduced_input = decode_upload(data, manifest, imaging.DEFAULT_MAX_PIXELS, overlay=False)
+    original, full_input, full_size = decode_upload(data, manifest, imaging.DEFAULT_MAX_PIXELS)
+    small, reduced_input, reduced_size = decode_upload(data, manifest, imaging.DEFAULT_MAX_PIXELS, overlay=False)
     assert original.shape == (496, 1024, 3) and small.shape == (248, 512, 3)
+    assert full_size == reduced_size == (496, 1024)  # the file's own size (the gate's size check), not the draft's
     assert np.abs(full_input.astype(int) - reduced_input.astype(int)).mean() <= IMAGE_MEAN_DIFF

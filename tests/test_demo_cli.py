@@ -10,9 +10,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as pads
 import pytest
 from conftest import free_port
+
+from eyeray.decision.gate import Verdict
 
 pytestmark = pytest.mark.cluster
 MAX_LINES = 60  # issue 14: every line means something to a user
@@ -30,7 +33,7 @@ def test_eyeray_demo_from_the_command_line(tmp_path):
     assert len(lines) <= MAX_LINES, f"{len(lines)} lines:\n" + "\n".join(lines)
     assert "[eyeray demo] done" in proc.stdout
     summary = json.loads(next(line for line in proc.stdout.splitlines() if line.strip().startswith('{"files_seen"')))
-    assert summary["errors"] == 3 and summary["scored"] == 40
+    assert summary["errors"] == 3 and summary["scored"] + summary["declined"] == 40  # answered, or declined by the gate
     served = next(line for line in proc.stdout.splitlines() if line.strip().startswith("served"))
     assert served.count("-> 200") == 3 and served.count("-> 422") == 1
     scores = next(Path(p) for p in tmp_path.glob("runs/oct-demo-*/scores"))
@@ -40,6 +43,11 @@ def test_eyeray_demo_from_the_command_line(tmp_path):
     by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
     answers = [a.split(" -> ") for a in served.split(None, 1)[1].split("; ")]
     for name, answer in answers:
-        if answer.startswith("200 "):
-            label = answer.removeprefix("200 ").split(" (confidence ")[0]
-            assert label == by_name[name]["label"], (name, answer, by_name[name])
+        if not answer.startswith("200 "):
+            continue
+        row, said = by_name[name], answer.removeprefix("200 ")
+        if row["status"] == "declined":  # the gate's reason instead of a label, on both routes
+            verdict = Verdict(np.array([row["gate"]], object), np.array([row["gate_reason"] or ""], object), np.ones(1))
+            assert said == verdict.answer(0)["reason"], (name, answer, row)
+        else:
+            assert said.split(" (confidence ")[0] == row["label"], (name, answer, row)

@@ -4,6 +4,7 @@ one shared stylesheet, and a template given too little fails instead of printing
 
 from __future__ import annotations
 
+import csv
 from importlib.resources import files
 from pathlib import Path
 
@@ -26,8 +27,12 @@ EVIL_NAME = "<img src=x onerror=alert(1)>.jpg"  # a real file name: no slash in 
 SCHEMA = pa.schema(
     [
         ("path", pa.string()),
+        ("task", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
+        ("gate", pa.string()),
+        ("gate_reason", pa.string()),
+        ("gate_score", pa.float32()),
         ("label", pa.string()),
         ("referral", pa.bool_()),
         ("confidence", pa.float64()),
@@ -45,19 +50,26 @@ def _image(path: Path, seed: int) -> str:
 
 
 def _row(path: str, label: str | None, confidence: float | None, review: bool, **extra) -> dict:
-    row = {"path": path, "status": "ok", "error": None, "label": label, "referral": label in ("CNV", "DME")}
+    row = {"path": path, "task": "oct", "status": "ok", "error": None}
+    row.update(gate="passed", gate_reason=None, gate_score=0.5)
+    row.update(label=label, referral=label in ("CNV", "DME"))
     return {**row, "confidence": confidence, "needs_review": review, "explanations": [], **extra}
 
 
-def _summary(rows: pa.Table, predictions: dict[str, int], errors: dict[str, int], **decision) -> dict:
+def _summary(
+    rows: pa.Table, predictions: dict[str, int], errors: dict[str, int], declined: dict | None = None, **decision
+) -> dict:
     """The shape eyeray.score.pipeline.run hands to the report (summarize + bundles, ensemble, decision)."""
-    scored = rows.num_rows - sum(errors.values())
+    declined = declined or {}
+    scored = rows.num_rows - sum(errors.values()) - sum(declined.values())
     return {
         "task": "oct",
         "bundle_version": "v-test",
         "files_seen": rows.num_rows,
         "rows": rows.num_rows,
         "scored": scored,
+        "declined": sum(declined.values()),
+        "declined_by_reason": declined,
         "errors": sum(errors.values()),
         "errors_by_reason": errors,
         "predictions": predictions,
@@ -73,8 +85,9 @@ def _summary(rows: pa.Table, predictions: dict[str, int], errors: dict[str, int]
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory) -> tuple[dict, str]:
-    """A scoring output folder: five scans (one with a hostile name), one overlay, one failed file."""
+def scored(tmp_path_factory) -> tuple[dict, str, Path]:
+    """A scoring output folder: five scans (one with a hostile name), one overlay, one image the gate
+    declined, one failed file."""
     root = tmp_path_factory.mktemp("score")
     scans = root / "scans"
     scans.mkdir()
@@ -87,7 +100,10 @@ def scored(tmp_path_factory) -> tuple[dict, str]:
         _row(_image(scans / EVIL_NAME, 3), "DME", 0.55, True),
         _row(_image(scans / "normal-1.jpeg", 4), "NORMAL", 0.97, False),
         _row(_image(scans / "normal-2.jpeg", 5), "NORMAL", 0.95, False),
-        {**_row(EVIL_PATH, None, None, False), "status": "error", "error": EVIL_REASON, "referral": None},
+        {**_row(_image(scans / "blank.jpeg", 6), None, None, True), "status": "declined", "referral": None}
+        | {"gate": "ungradable", "gate_reason": "blank or flat image", "gate_score": 0.7},
+        {**_row(EVIL_PATH, None, None, False), "status": "error", "error": EVIL_REASON, "referral": None}
+        | {"gate": None, "gate_score": None},
     ]
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     assert table.column_names == REPORT_COLUMNS
@@ -98,11 +114,17 @@ def scored(tmp_path_factory) -> tuple[dict, str]:
         "target": 0.95,
         "chosen_on": "validation",
     }
+    gate = {"method": "mahalanobis", "threshold": 12.5, "keep": 0.95, "kept_on_validation": 0.951}
     summary = _summary(
-        table, {"CNV": 1, "DME": 2, "DRUSEN": 0, "NORMAL": 2}, {EVIL_REASON: 1}, operating_point=operating_point
+        table,
+        {"CNV": 1, "DME": 2, "DRUSEN": 0, "NORMAL": 2},
+        {EVIL_REASON: 1},
+        {"ungradable: blank or flat image": 1},
+        operating_point=operating_point,
+        gate=[gate],
     )
     uri = score_report.write(str(output), summary, table)
-    return summary, Path(uri).read_text()
+    return summary, Path(uri).read_text(), output
 
 
 @pytest.fixture(scope="module")
@@ -153,32 +175,50 @@ def sweep(tmp_path_factory) -> tuple[Path, str]:
 
 
 def test_scoring_report_has_every_section(scored):
-    summary, page = scored
+    summary, page, _ = scored
     for heading in (
         "<h1>Scoring report: oct</h1>",
         "<h2>Decision</h2>",
-        "<h2>Review queue (3)</h2>",
+        "<h2>Review queue (4)</h2>",
+        "<h2>Declined by the gate (1)</h2>",
         "<h2>Predicted classes</h2>",
         "<h2>Errors</h2>",
         "<h2>Examples per predicted class</h2>",
         "<h3>DRUSEN</h3>",
     ):
         assert heading in page
-    assert "Model: vgg16 1.0.0." in page and "6 files seen, 5 scored, 1 errors" in page
+    assert "Model: vgg16 1.0.0." in page and "7 files seen, 5 answered, 1 declined by the gate, 1 errors" in page
+    assert "Gate: mahalanobis distance to the training images, threshold 12.5 (chosen to keep 95 % of" in page
     assert "referral_sensitivity: refer when p(CNV)+p(DME) ≥ 0.2500 (target 0.95, validation)" in page
-    assert "<b>2</b> of 5 scored images are referred. Test-time augmentation: off." in page
+    assert "<b>2</b> of 5 answered images are referred. Test-time augmentation: off." in page
     assert '<td>DME</td><td class="num">2</td><td class="num">40.0 %</td>' in page
     assert "none predicted" in page  # DRUSEN: no example
     # review queue, least confident first: the overlay (PNG) of cnv-1, then the scans themselves
-    review = page[page.index("Review queue") : page.index("Predicted classes")]
+    review = page[page.index("Review queue") : page.index("Declined by the gate")]
     assert review.index("cnv-1.jpeg") < review.index("dme-1.jpeg") < review.index("&lt;img src=x")
     assert review.count("no overlay (--explain)") == 2 and review.count("<b>refer</b>") == 3
-    # trusted data URIs go out raw: 1 overlay + the class chart as PNG, 2 review scans + 5 examples as JPEG
-    assert page.count('src="data:image/png;base64,') == 2 and page.count('src="data:image/jpeg;base64,') == 7
+    assert "blank.jpeg" not in review  # a declined image has no answer to show there ...
+    declined = page[page.index("Declined by the gate") : page.index("Predicted classes")]
+    assert '<td>ungradable: blank or flat image</td><td class="num">1</td>' in declined
+    assert "blank.jpeg" in declined and "cnv-1.jpeg" not in declined  # ... but its own section
+    # trusted data URIs go out raw: 1 overlay + the class chart as PNG, 2 review scans + 5 examples
+    # + 1 declined scan as JPEG
+    assert page.count('src="data:image/png;base64,') == 2 and page.count('src="data:image/jpeg;base64,') == 8
+
+
+def test_review_queue_csv_lists_the_answered_least_confident_first_then_the_declined(scored):
+    _, _, output = scored
+    lines = (output / score_report.REVIEW_FILE).read_text().splitlines()
+    rows = list(csv.DictReader(lines))
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["cnv-1.jpeg", "dme-1.jpeg", EVIL_NAME, "blank.jpeg"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "declined"]
+    assert [r["confidence"] for r in rows] == ["0.3100", "0.4200", "0.5500", ""]
+    assert [r["declined_because"] for r in rows] == ["", "", "", "ungradable: blank or flat image"]
+    assert rows[3]["labels"] == rows[3]["referral"] == "" and rows[0]["overlays"] == "explanations/a-CNV.png"
 
 
 def test_scoring_report_prints_paths_and_reasons_as_text(scored):
-    _, page = scored
+    _, page, _ = scored
     assert (
         "&lt;script&gt;alert(1)&lt;/script&gt;.jpg" in page and "cannot decode: &lt;b&gt;not an image&lt;/b&gt;" in page
     )
@@ -192,10 +232,12 @@ def test_scoring_report_without_review_or_errors_multi_label():
     labels = pa.field("label", pa.list_(pa.string()))
     row = {**_row("gone/left.jpg", None, 0.9, False), "label": ["D", "G"], "referral": None}
     rows = pa.Table.from_pylist([row], schema=SCHEMA.set(SCHEMA.get_field_index("label"), labels))
-    summary = {**_summary(rows, {"N": 0, "D": 1, "G": 1}, {}, operating_point=None), "referred": None}
+    summary = _summary(rows, {"N": 0, "D": 1, "G": 1}, {}, operating_point=None, gate=[{"verdict": "no gate"}])
+    summary["referred"] = None
     page = score_report.render(summary, rows, score_report.review_queue(rows))
     assert "<h2>Review queue (0)</h2>" in page and "No case is below the review level." in page
     assert "No file failed." in page and "no operating point in the bundle" in page and "referred" not in page
+    assert "The gate declined no image." in page and "Gate: none (made before the gate)." in page
     assert page.count("unavailable: ") == 2  # the file moved since it was scored: D and G each show it
     assert "<h3>N</h3>" in page and "none predicted" in page
 

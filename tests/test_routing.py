@@ -12,9 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from bundles import make_bundle, with_gate
+from corpus import encode, gradient, make_dicom
 from PIL import Image, ImageDraw
 
-from eyeray.data import synthetic
+from eyeray.data import imaging, synthetic
 from eyeray.decision import gate
 from eyeray.model import bundle
 from eyeray.model.bundle import BundleError
@@ -94,6 +95,22 @@ def test_routed_table_gives_a_row_per_file_and_answering_task_in_file_order(task
     assert out["gate"] == gate.OUT_OF_SCOPE and out["label"] == [] and out["probabilities"] is None
     assert out["gate_reason"] == "oct: ungradable (blurred); glaucoma: out_of_distribution (0.70)"
     assert out["needs_review"] and out["confidence"] is None
+
+
+def test_a_dicom_header_names_the_tasks_its_image_may_go_to():
+    """OPT goes to OCT only and OP to the fundus tasks, whatever the gates say; other files and
+    modalities no task claims are left to the gates."""
+    gates = np.array(["passed"] * 5, object)
+    columns = {"path": np.array(list("abcde"), object), "modality": np.array(["OPT", "OP", "", "CT", "XC"], object)}
+    columns.update({f"{t}{routing.SEPARATOR}gate": gates for t in ("oct", "glaucoma", "odir")})
+    routed = routing.routed(columns, ["oct", "glaucoma", "odir"])
+    assert routed["oct"].tolist() == [True, False, True, True, False]
+    assert routed["glaucoma"].tolist() == routed["odir"].tolist() == [False, True, True, True, True]
+    assert imaging.dicom_modality(make_dicom(gradient()[..., 0], modality="OPT")) == "OPT"
+    assert imaging.dicom_modality(make_dicom(gradient()[..., 0])) == ""  # no Modality attribute
+    assert imaging.dicom_modality(encode(gradient(), "PNG")) == ""
+    record = imaging.load_record({"path": "x.dcm", "bytes": make_dicom(gradient()[..., 0], modality="OP")}, 32)
+    assert record["modality"] == "OP" and record["error"] == ""
 
 
 def page(path: Path) -> None:

@@ -3,6 +3,7 @@ across kills and re-runs, ensembles, S3, the report."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -56,9 +57,12 @@ def test_predictor_adds_columns_without_ray(oct_bundle):
         "path": np.array(["a", "b"], dtype=object),
         "image": np.zeros((2, 32, 32, 3), np.uint8),
         "error": np.array(["", "corrupt image"], dtype=object),
+        "height": np.array([32, 0]),
+        "width": np.array([32, 0]),
     }
     out = predictor(batch)
     assert "image" not in out and "model_probabilities" not in out
+    assert out["gate"].tolist() == ["no gate", ""]  # a bundle made before the gate answers, and says so
     assert out["label"][0] in OCT_CLASSES and out["label"][1] == ""
     np.testing.assert_allclose(out["probabilities"][0].sum(), 1, rtol=1e-5)
     assert np.isnan(out["probabilities"][1]).all()
@@ -70,12 +74,14 @@ def test_predictor_runs_its_bundles_compiled_as_configured(oct_bundle):
     test_decode_runs_in_its_own_tasks_beside_the_model_actors; its outputs: test_compiled.)"""
     cfg = ScoreConfig(bundles=[oct_bundle], input="i", output="o", batch_size=8, jit_compile=True, mixed_precision=True)
     args = predictor_args(cfg, 32)
-    assert (args["batch_size"], args["jit_compile"], args["mixed_precision"]) == (8, True, True)
+    assert (args["batch_size"], args["jit_compile"], args["mixed_precision"], args["use_gate"]) == (8, True, True, True)
     args["mixed_precision"] = False
     batch = {
         "path": np.array(list("abc"), dtype=object),
         "image": np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8),
         "error": np.array(["", "", ""], dtype=object),
+        "height": np.array([32, 32, 32]),
+        "width": np.array([32, 32, 32]),
     }
     compiled, default = BundlePredictor(**{**args, "explain": "none"}), BundlePredictor([oct_bundle], explain="none")
     assert compiled.bundles[0].compiled.jit_compile and not default.bundles[0].compiled.jit_compile
@@ -92,6 +98,8 @@ def test_model_actor_reads_no_file_and_overlays_are_drawn_in_their_own_stage(oct
         "path": np.array(["/nonexistent/a.jpeg", "/nonexistent/b.jpeg", "/nonexistent/c.jpeg"], dtype=object),
         "image": images,
         "error": np.array(["", "corrupt image", ""], dtype=object),
+        "height": np.array([496, 0, 496]),
+        "width": np.array([1024, 0, 1024]),
     }
     out = predictor(batch)
     assert "explanations" not in out
@@ -243,9 +251,9 @@ def test_rows_carry_calibrated_decisions_a_review_queue_and_overlays(ray_cluster
     assert decision["operating_point"]["rule"] == "referral_sensitivity" and decision["calibration"] == ["temperature"]
     flagged = [r for r in ok if r["needs_review"]]
     assert summary["needs_review"] == len(flagged) > 0 and summary["referred"] == sum(r["referral"] for r in ok)
-    queue = (output / "review_queue.csv").read_text().splitlines()
-    assert len(queue) == 1 + len(flagged)
-    confidences = [float(line.split(",")[2]) for line in queue[1:]]
+    queue = list(csv.DictReader((output / "review_queue.csv").read_text().splitlines()))
+    assert len(queue) == len(flagged) and {r["status"] for r in queue} == {"ok"}
+    confidences = [float(r["confidence"]) for r in queue]
     assert confidences == sorted(confidences)
     report = (output / "report.html").read_text()
     assert f"Review queue ({len(flagged)})" in report and "referral_sensitivity" in report

@@ -117,7 +117,8 @@ def batch_scores(bundle_uri: str, archive: Path, out: Path) -> dict[str, dict]:
 
 
 def assert_same(answer: dict, row: dict, name: str) -> None:
-    assert row["status"] == "ok", name
+    assert row["status"] == answer["status"] == "ok", name
+    assert answer["gate"]["verdict"] == row["gate"] == "no gate", name  # these bundles were made without one
     assert answer["bundle_version"] == row["bundle_version"], name
     labels = row["label"] if isinstance(row["label"], list) else [row["label"]]
     assert answer["labels"] == labels, name
@@ -520,13 +521,15 @@ def test_decode_upload_uses_the_manifests_preprocessing_and_turns_any_failure_in
 
     manifest = bundle.read_manifest(bundles["oct"])
     png = encode(Image.fromarray(np.arange(40 * 60, dtype=np.uint8).reshape(40, 60)), "PNG")
-    original, image = decode_upload(png, manifest, imaging.DEFAULT_MAX_PIXELS)
+    original, image, size = decode_upload(png, manifest, imaging.DEFAULT_MAX_PIXELS)
     np.testing.assert_array_equal(original, imaging.decode(png))
+    assert size == (40, 60)
     np.testing.assert_array_equal(image, imaging.preprocess(original, 32, "bilinear"))
     nearest = {**manifest, "preprocessing": {**manifest["preprocessing"], "max_pixels": 1000}}
     nearest["preprocessing"]["resize"] = {**manifest["preprocessing"]["resize"], "method": "nearest"}
     small = np.random.default_rng(0).integers(0, 256, (30, 30), np.uint8)
-    _, image = decode_upload(encode(Image.fromarray(small), "PNG"), nearest, 10**9)
+    _, image, size = decode_upload(encode(Image.fromarray(small), "PNG"), nearest, 10**9)
+    assert size == (30, 30)
     np.testing.assert_array_equal(image, imaging.preprocess(imaging.gray_to_rgb(small), 32, "nearest"))
     assert not np.array_equal(image, imaging.preprocess(imaging.gray_to_rgb(small), 32, "bilinear"))
     for limited, service_limit in ((nearest, 10**9), (manifest, 1000)):  # the stricter limit wins
@@ -599,7 +602,7 @@ def test_mixed_thresholds_and_tta_in_one_burst_each_answer_its_own_and_model_sec
                 0, loaded.classes
             )
             name = f"{scan.name} tta={tta} thresholds={thresholds}"
-            for key in ("labels", "label", "referral", "needs_review", "operating_point"):
+            for key in ("status", "labels", "label", "referral", "needs_review", "operating_point", "gate"):
                 assert answer[key] == expected[key], (name, key)
             assert answer["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5), name
             assert answer["confidence"] == pytest.approx(expected["confidence"], abs=1e-5), name

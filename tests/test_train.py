@@ -70,8 +70,12 @@ def test_ray_job_submit_trains_oct_with_two_workers(ray_cluster, tmp_path):
     history = metrics["history"]
     assert [h["epoch"] for h in history] == list(range(1, len(history) + 1))
     assert history[-1]["loss"] < history[0]["loss"]
+    # the gate: fitted on the exported model's features, its threshold keeping >= 95 % of validation
+    assert manifest["gate"]["method"] == "mahalanobis" and manifest["gate"]["kept_on_validation"] >= 0.95
+    assert metrics["gate"]["test_images"] > 0 and metrics["gate"]["test_answered"] >= 0.5, metrics["gate"]
     loaded = bundle.load(str(output / "bundle"))
     bundle.verify(loaded)
+    assert loaded.gate is not None and loaded.gate.threshold == manifest["gate"]["threshold"]
 
 
 def make_data(task: str, root: Path, per_class: int) -> Path:

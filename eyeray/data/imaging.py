@@ -264,7 +264,8 @@ def load_record(
     """Read, decode and preprocess one record's file; errors become `error`, never exceptions.
 
     Uses `record["bytes"]` when present (uploads, `read_binary_files`), else reads `record["path"]`.
-    `extra_sizes` adds `image_<size>` columns from the same decode (ensembles of models whose
+    `modality` is a DICOM file's Modality ("" for other files). `extra_sizes` adds `image_<size>`
+    columns from the same decode (ensembles of models whose
     input sizes differ decode each file once); every size is resized with `method`. The decode is
     only as large as the largest size needs (`decode`'s `min_side`); `height` and `width` are still
     the file's full image size.
@@ -275,6 +276,7 @@ def load_record(
     if data is None:
         data, reason = _read_bytes(record["path"])
     image, full = None, (0, 0)
+    out["modality"] = dicom_modality(data) if data is not None else ""
     if data is not None:
         image, reason, full = decode_with_size(data, max_pixels, max((size, *extra_sizes)))
     if image is None:
@@ -282,6 +284,19 @@ def load_record(
     out.update(image=preprocess(image, size, method), height=full[0], width=full[1], error="")
     out.update({f"image_{s}": preprocess(image, s, method) for s in extra_sizes})
     return out
+
+
+def dicom_modality(data: bytes) -> str:
+    """A DICOM file's Modality (OPT, OP, ...), from its header alone; "" for other files or none."""
+    if not is_dicom(data):
+        return ""
+    import pydicom
+
+    try:
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["Modality"])
+        return str(header.get("Modality", "") or "")
+    except Exception:  # the decode that follows says what is wrong with the file
+        return ""
 
 
 def _failed(out: dict[str, Any], size: int, extra_sizes: tuple[int, ...], reason: str) -> dict[str, Any]:

@@ -199,21 +199,31 @@ def _single_label_auc(spec: TaskSpec, y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y.argmax(axis=1), p, multi_class="ovr", average="macro", labels=labels))
 
 
+def _accuracy(spec: TaskSpec, y, d) -> float:
+    """Single-label: of the decided class; multi-label: label-wise (the flattened matrix)."""
+    if spec.multi_label:
+        return float(accuracy_score(y.ravel(), d.ravel()))
+    return float(accuracy_score(y.argmax(axis=1), d.argmax(axis=1)))
+
+
+def _auc(spec: TaskSpec, y, p, thresholds, notes) -> float | None:
+    """Multi-label: the ODIR flattened AUC; single-label: `_single_label_auc`."""
+    if spec.multi_label:
+        return _guarded("auc", notes, odir_auc, spec, y, p, thresholds)
+    return _guarded("auc", notes, _single_label_auc, spec, y, p)
+
+
 def _summary(spec: TaskSpec, y, p, d, thresholds, mcm, notes) -> dict[str, Any]:
     """accuracy, auc and confusion_matrix: the part that differs between single and multi-label."""
+    out = {"accuracy": _accuracy(spec, y, d), "auc": _auc(spec, y, p, thresholds, notes)}
     if spec.multi_label:
         return {
-            "accuracy": float(accuracy_score(y.ravel(), d.ravel())),  # label-wise (flattened)
-            "auc": _guarded("auc", notes, odir_auc, spec, y, p, thresholds),
+            **out,
             "confusion_matrix": mcm.tolist(),  # per label [[tn, fp], [fn, tp]], spec.classes order
             "thresholds": [float(t) for t in label_thresholds(spec, thresholds)],
         }
     true_idx, pred_idx = y.argmax(axis=1), d.argmax(axis=1)
-    return {
-        "accuracy": float(accuracy_score(true_idx, pred_idx)),
-        "auc": _guarded("auc", notes, _single_label_auc, spec, y, p),
-        "confusion_matrix": confusion_matrix(true_idx, pred_idx, labels=range(spec.num_classes)).tolist(),
-    }
+    return {**out, "confusion_matrix": confusion_matrix(true_idx, pred_idx, labels=range(spec.num_classes)).tolist()}
 
 
 def _macro_f1(spec: TaskSpec, y, d, notes) -> float | None:
@@ -293,4 +303,25 @@ def compute_metrics(
         for key in spec.extra_metrics:
             out[key] = _guarded(key, notes, EXTRA_METRICS[key], spec, y, p, thresholds=thresholds)
     out["notes"] = notes
+    return out
+
+
+def scalar_metrics(
+    spec: TaskSpec, y_true, probs, thresholds: Sequence[float] | float | None = None
+) -> dict[str, float | None]:
+    """accuracy, macro_f1, auc and the task's `extra_metrics`, computed as `compute_metrics` computes
+    them (None: undefined for this data), without the per-class tables and notes: what a bootstrap
+    (eyeray.evaluation.bootstrap) recomputes on every resample."""
+    y, p = check_labels(spec, y_true, probs)
+    d = decisions(spec, p, thresholds)
+    notes: dict[str, str] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        out = {
+            "accuracy": _accuracy(spec, y, d),
+            "macro_f1": _macro_f1(spec, y, d, notes),
+            "auc": _auc(spec, y, p, thresholds, notes),
+        }
+        for key in spec.extra_metrics:
+            out[key] = _guarded(key, notes, EXTRA_METRICS[key], spec, y, p, thresholds=thresholds)
     return out

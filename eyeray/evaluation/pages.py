@@ -1,4 +1,4 @@
-"""HTML pages from the Jinja2 templates in eyeray/templates (the scoring and sweep reports).
+"""HTML pages from the Jinja2 templates in eyeray/templates (the scoring and sweep reports, the model card).
 
 Autoescaping is on, so a file name, an error message or a class name is printed as text, never as
 markup; only what our own code marks with `markupsafe.Markup` (data: URIs of images we encoded)
@@ -8,10 +8,12 @@ instead of leaving a silent gap in a report someone reads to make a decision.
 
 from __future__ import annotations
 
+import base64
 from functools import cache
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
 
 @cache
@@ -29,3 +31,8 @@ def environment() -> jinja2.Environment:
 def render(template: str, **context: Any) -> str:
     """The page `template` (a file name in eyeray/templates) filled with `context`."""
     return environment().get_template(template).render(**context)
+
+
+def data_uri(data: bytes, mime: str) -> Markup:
+    """Image bytes we encoded ourselves as a data: URI: the one kind of value the templates print unescaped."""
+    return Markup(f"data:{mime};base64,{base64.b64encode(data).decode()}")

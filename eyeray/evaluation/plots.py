@@ -34,6 +34,8 @@ CONFUSION_PNG = "confusion_matrix.png"
 ROC_PNG = "roc.png"
 SAMPLES_PNG = "samples.png"
 RELIABILITY_PNG = "reliability.png"
+# the confusion matrix of the decisions at the bundle's operating point (eyeray.train.driver draws it)
+DEPLOYED_CONFUSION_PNG = "confusion_matrix_operating_point.png"
 SAMPLES_PER_ROW = 6
 
 

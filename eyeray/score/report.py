@@ -12,7 +12,6 @@ eyeray/templates/score_report.html; this module prepares the values it prints.
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import json
@@ -21,7 +20,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from markupsafe import Markup
 from PIL import Image
 
 from eyeray import storage
@@ -214,7 +212,7 @@ def _distribution(predictions: dict[str, int]) -> dict[str, Any]:
     plt.close(fig)
     total = sum(counts) or 1
     return {
-        "chart": _data_uri(buf.getvalue(), "image/png"),
+        "chart": pages.data_uri(buf.getvalue(), "image/png"),
         "rows": [{"label": c, "count": n, "share": f"{100 * n / total:.1f} %"} for c, n in predictions.items()],
     }
 
@@ -264,12 +262,7 @@ def _thumbnail(path: str, size: int = THUMBNAIL, fmt: str = "JPEG") -> dict[str,
     image = Image.fromarray(thumbnail)
     buf = io.BytesIO()
     image.save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
-    return {**figure, "src": _data_uri(buf.getvalue(), "image/jpeg" if fmt == "JPEG" else "image/png")}
-
-
-def _data_uri(data: bytes, mime: str) -> Markup:
-    """Image bytes we encoded ourselves: the one kind of value the templates print unescaped."""
-    return Markup(f"data:{mime};base64,{base64.b64encode(data).decode()}")
+    return {**figure, "src": pages.data_uri(buf.getvalue(), "image/jpeg" if fmt == "JPEG" else "image/png")}
 
 
 def _name(path: str) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 
 from eyeray.decision import gate
 from eyeray.model.bundle import BundleError, check_compatible
+from eyeray.tasks import TASKS, get_task
 
 SEPARATOR = "::"  # task-prefixed columns between the model stage and the shard writer: "oct::label"
 
@@ -60,8 +61,17 @@ def group(manifests: list[dict[str, Any]], gate_on: bool = True) -> list[TaskGro
 
 
 def routed(columns: dict[str, np.ndarray], tasks: list[str]) -> dict[str, np.ndarray]:
-    """Per task, whether its gate accepted each row (the task answers it): bool (n,)."""
-    return {t: ~np.isin(np.asarray(columns[f"{t}{SEPARATOR}gate"], object), gate.DECLINING) for t in tasks}
+    """Per task, whether it answers each row: bool (n,). Its gate accepted the image and, for a
+    DICOM file whose header names a modality (`modality`), the task takes that modality
+    (`TaskSpec.dicom_modalities`: OPT to OCT, OP to the fundus tasks); the header is a hint the gate
+    cannot overrule, and the gate still checks what the header lets through."""
+    modality = np.asarray(columns.get("modality", np.full(len(columns["path"]), "", object)), object)
+    out = {}
+    for t in tasks:
+        accepted = ~np.isin(np.asarray(columns[f"{t}{SEPARATOR}gate"], object), gate.DECLINING)
+        known = (modality != "") & np.isin(modality, [m for s in TASKS.values() for m in s.dicom_modalities])
+        out[t] = accepted & (~known | np.isin(modality, get_task(t).dicom_modalities))
+    return out
 
 
 def task_columns(columns: dict[str, np.ndarray], task: str) -> dict[str, np.ndarray]:
@@ -79,4 +89,5 @@ def out_of_scope_reason(columns: dict[str, np.ndarray], tasks: list[str], row: i
         reason = str(columns[f"{t}{SEPARATOR}gate_reason"][row])
         score = float(columns[f"{t}{SEPARATOR}gate_score"][row])
         parts.append(f"{t}: {verdict}" + (f" ({reason})" if reason else f" ({score:.2f})"))
-    return "; ".join(parts)
+    modality = str(columns.get("modality", [""] * (row + 1))[row])
+    return "; ".join(parts) + (f"; DICOM modality {modality}" if modality else "")

@@ -210,11 +210,8 @@ class TaskModel:
         one per request -> one answer each."""
         start = time.perf_counter()
         images = np.stack([image for image, _, _ in requests])
-        probs, features = await asyncio.to_thread(  # the loop keeps queueing
-            self.bundle.infer, images, self.max_batch_size, tta=self.tta
-        )
-        heights, widths = zip(*(size for _, _, size in requests))
-        verdict = self.bundle.verdict(images, features, heights, widths, self.use_gate)
+        sizes = [size for _, _, size in requests]
+        probs, verdict = await asyncio.to_thread(self._infer, images, sizes)  # the loop keeps queueing
         self.model_seconds.observe(time.perf_counter() - start, tags={"task": self.task})
         self.batch_sizes.observe(len(requests), tags={"task": self.task})
         answers: list[dict[str, Any]] = [{} for _ in requests]
@@ -226,6 +223,12 @@ class TaskModel:
             for j, i in enumerate(rows):
                 answers[i] = self._answer(decision, j, len(requests))
         return answers
+
+    def _infer(self, images: np.ndarray, sizes: list[tuple[int, int]]):
+        """The model's probabilities and the gate's verdict (`Bundle.infer`, `Bundle.verdict`)."""
+        probs, features = self.bundle.infer(images, self.max_batch_size, tta=self.tta)
+        heights, widths = zip(*sizes)
+        return probs, self.bundle.verdict(images, features, heights, widths, self.use_gate)
 
     async def explain(
         self, image: np.ndarray, class_name: str | None, thresholds: Any, size: tuple[int, int]

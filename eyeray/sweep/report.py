@@ -22,9 +22,10 @@ from matplotlib.ticker import MaxNLocator
 
 from eyeray import storage
 from eyeray.evaluation import pages
+from eyeray.evaluation.model_card import CARD_FILE
 from eyeray.evaluation.plots import save_figure, series
 from eyeray.model import bundle
-from eyeray.sweep.results import BEST_DIR, SCORE, UNDEFINED_SCORE, trial_output
+from eyeray.sweep.results import BEST_DIR, SCORE, TRIALS_DIR, UNDEFINED_SCORE, trial_output
 from eyeray.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,15 @@ def _ensemble(spec: TaskSpec, ensemble: dict[str, Any] | None, files: list[str])
     }
 
 
+def _winner(spec: TaskSpec, top: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The winner, and its model card: every trial is an `eyeray.train.run`, whose report/index.html
+    is written before its bundle, so a finished trial (one with a bundle) has one."""
+    if top is None:
+        return None
+    card = "/".join((TRIALS_DIR, top["trial_id"], "report", CARD_FILE))
+    return {"trial_id": top["trial_id"], "score": _fmt(top[f"best_val_{spec.selection_metric}"]), "card": card}
+
+
 def _html(cfg, spec: TaskSpec, rows: list[dict[str, Any]], space: dict[str, str], ensemble, files: list[str]) -> str:
     """The page as a string: values are prepared here, eyeray/templates/sweep_report.html prints them."""
     top = winner(rows)
@@ -297,7 +307,7 @@ def _html(cfg, spec: TaskSpec, rows: list[dict[str, Any]], space: dict[str, str]
         "sweep_report.html",
         title=spec.title,
         metric=spec.selection_metric,
-        winner={"trial_id": top["trial_id"], "score": _fmt(top[f"best_val_{spec.selection_metric}"])} if top else None,
+        winner=_winner(spec, top),
         n_trials=len(rows),
         counts=", ".join(f"{sum(r['status'] == s for r in rows)} {s}" for s in STATUSES),
         curves=CURVES_PNG,
