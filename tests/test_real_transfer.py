@@ -8,6 +8,7 @@ input features, this setup started at a training loss of 16-19 and trained at ch
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,19 @@ from eyeray.train.driver import DEPLOYED_CONFUSION_PNG
 pytestmark = pytest.mark.cluster
 
 
-def test_head_learns_on_real_oct_with_pretrained_vgg16(ray_cluster, oct_train, real_vgg16_weights, tmp_path):
+def decoded(paths: list[Path], size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Model inputs and their originals' heights and widths, through the one decode and preprocess."""
+    rows = [imaging.load_record({"path": str(p)}, size) for p in paths]
+    return (
+        np.stack([r["image"] for r in rows]),
+        np.array([r["height"] for r in rows]),
+        np.array([r["width"] for r in rows]),
+    )
+
+
+def test_head_learns_on_real_oct_with_pretrained_vgg16(
+    ray_cluster, oct_train, oct_sample, odir_sample, real_vgg16_weights, tmp_path
+):
     spec = get_task("oct")
     cfg = TrainConfig(
         task="oct",
@@ -63,3 +76,18 @@ def test_head_learns_on_real_oct_with_pretrained_vgg16(ray_cluster, oct_train, r
     assert loaded.manifest["metrics"]["at_operating_point"]["accuracy"] == deployed["accuracy"]
     assert DEPLOYED_CONFUSION_PNG in metrics["plots"]
     assert (tmp_path / "run" / "report" / DEPLOYED_CONFUSION_PNG).stat().st_size > 5000
+
+    # the gate, fitted on the exported model's own features: it keeps OCT scans of patients the
+    # model never saw (oct-sample) and declines real fundus photographs (ODIR-5K)
+    answered = {}
+    for name, paths in (
+        ("oct", sorted(oct_sample.rglob("*.jpeg"))),
+        ("fundus", sorted((odir_sample / "images").glob("*.jpg"))),
+    ):
+        images, heights, widths = decoded(paths, loaded.image_size)
+        probs, features = loaded.infer(images)
+        verdict = loaded.verdict(images, features, heights, widths)
+        answered[name] = float(np.mean(~verdict.declined))
+        if name == "fundus":
+            assert not loaded.decide(probs, verdict=verdict).referral.any()  # no fundus photo is referred
+    assert answered["oct"] >= 0.85 and answered["fundus"] <= 0.03, answered

@@ -18,16 +18,16 @@ FLAT = 4.0  # grey-level std below which the whole image is blank or flat, whate
 MIN_SIDE = 32  # pixels: smaller originals are too small to grade, whatever training saw (sizes vary
 # by device, so the training images' own sizes set no bound)
 QUANTILES = (0.005, 0.995)  # the training images' range of a statistic ...
-MARGIN = 0.25  # ... widened by this share of its width on each side, and at least by its SLACK: a
-# statistic that barely varies in training (no saturated pixels in any OCT scan) must not turn the
-# first image that differs a little into an ungradable one
-# statistic -> (the side that is checked, the reason shown when it is crossed, its SLACK)
+MARGIN = 0.5  # ... widened: a low bound at half its low quantile (blur, darkness and emptiness divide a
+# statistic), a high bound half way from its high quantile to the statistic's ceiling. A spread-based
+# margin failed here: one smooth training scan stretched the sharpness range down to blurred images.
+# statistic -> (the side that is checked, the reason shown when it is crossed, the statistic's ceiling)
 CHECKS = {
-    "brightness": ("both", ("too dark", "over-exposed"), 20.0),  # grey levels
-    "contrast": ("low", ("low contrast",), 5.0),  # grey levels
-    "sharpness": ("low", ("blurred",), 0.05),
-    "clipped": ("high", ("over-exposed",), 0.1),  # share of pixels
-    "content": ("low", ("mostly empty or cropped",), 0.1),  # share of tiles
+    "brightness": ("both", ("too dark", "over-exposed"), 255.0),  # grey levels
+    "contrast": ("low", ("low contrast",), 127.5),  # grey levels
+    "sharpness": ("low", ("blurred",), None),
+    "clipped": ("high", ("over-exposed",), 1.0),  # share of pixels
+    "content": ("low", ("mostly empty or cropped",), 1.0),  # share of tiles
 }
 
 
@@ -55,14 +55,12 @@ def statistics(images: np.ndarray, heights, widths) -> dict[str, np.ndarray]:
 
 
 def ranges(stats: dict[str, np.ndarray]) -> dict[str, list[float]]:
-    """The accepted [low, high] of each statistic: the training images' QUANTILES widened by MARGIN
-    of their width, or by the statistic's SLACK where that is more."""
+    """The accepted [low, high] of each statistic: the training images' QUANTILES, widened by MARGIN."""
     out = {}
-    for name, (_, _, slack) in CHECKS.items():
+    for name, (_, _, ceiling) in CHECKS.items():
         values = np.asarray(stats[name], np.float64)
         lo, hi = np.quantile(values, QUANTILES) if len(values) else (0.0, 0.0)
-        widen = max(MARGIN * (hi - lo), slack)
-        out[name] = [float(lo - widen), float(hi + widen)]
+        out[name] = [float(lo * (1 - MARGIN)), float(hi + (ceiling - hi) * MARGIN if ceiling else hi)]
     return out
 
 
