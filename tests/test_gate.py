@@ -194,3 +194,17 @@ def test_batch_scoring_declines_a_flat_image_and_its_row_has_no_answer(bundles):
         assert row["status"] == ("ok" if row["gate"] == gate.PASSED else "declined")
     answered = [r for r in rows[:5] if r["status"] == "ok"]
     assert len(answered) >= 3 and all(r["label"] in manifest["classes"] and r["confidence"] for r in answered)
+
+
+def test_eyeray_explain_says_what_the_gate_says(bundles, tmp_path):
+    from eyeray.model.gradcam import explain_files
+
+    plain, gated = bundles
+    flat = tmp_path / "flat.png"
+    Image.new("RGB", (200, 200), (90, 90, 90)).save(flat)
+    row = explain_files(gated, [str(flat)], output=str(tmp_path / "out"))[0]
+    assert row["error"] == "" and row["status"] == "declined" and row["labels"] == [] and row["confidence"] is None
+    assert row["gate"]["reason"] == "ungradable: blank or flat image"
+    off = explain_files(gated, [str(flat)], output=str(tmp_path / "off"), use_gate=False)[0]
+    assert off["status"] == "ok" and off["gate"]["verdict"] == gate.OFF and off["labels"]
+    assert explain_files(plain, [str(flat)], output=str(tmp_path / "plain"))[0]["gate"]["verdict"] == gate.NO_GATE

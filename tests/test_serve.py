@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 import yaml
-from bundles import make_bundle
+from bundles import make_bundle, with_gate
 from conftest import free_port
 from PIL import Image
 from test_imaging import make_dicom, tiff_with_a_page_without_dimensions
@@ -628,3 +628,50 @@ def test_mixed_thresholds_and_tta_in_one_burst_each_answer_its_own_and_model_sec
         time.sleep(2)
     assert lines, "eyeray_serve_model_seconds is not exported"
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) >= 2  # at least one model call per application
+
+
+def test_a_gated_bundle_answers_200_declined_for_what_its_gate_refuses_on_predict_and_explain(
+    url, bundles, glaucoma_sample, tmp_path
+):
+    """The image was valid; the model declines: 200 with status declined, no labels, probabilities,
+    confidence or referral, and the gate's reason; an image the gate passes is answered, with the
+    verdict and score `Bundle.verdict` gives for the same decode. The schema documents both."""
+    from ray import serve
+
+    real = sorted((glaucoma_sample / "NRG").iterdir())[:60]
+    images = np.stack([imaging.load_record({"path": str(p)}, 32)["image"] for p in real])
+    gated = with_gate(bundles["glaucoma"], images[:40], images[40:], tmp_path / "gated")
+    flat = encode(Image.new("RGB", (200, 200), (90, 90, 90)), "PNG")
+    serve.run(build_app(ServeArgs(bundles=[gated], **FAST)), name="gated", route_prefix="/gated")
+    try:
+        with httpx.Client(timeout=60) as client:
+            declined = predict(client, f"{url}/gated", "glaucoma", flat)
+            scans = [predict(client, f"{url}/gated", "glaucoma", p.read_bytes()) for p in real[40:45]]
+            explained = client.post(f"{url}/gated/v1/glaucoma/explain", files={"file": ("flat", flat)})
+            schemas = client.get(f"{url}/gated/openapi.json").json()["components"]["schemas"]
+    finally:
+        serve.delete("gated")
+    assert declined.status_code == explained.status_code == 200, (declined.text, explained.text)
+    for answer in (declined.json(), explained.json()):
+        assert answer["status"] == "declined" and answer["needs_review"], answer
+        assert answer["labels"] == [] and answer["probabilities"] == {} and answer["label"] is None
+        assert answer["confidence"] is None and answer["referral"] is None
+        assert (
+            answer["gate"]["verdict"] == "ungradable" and answer["gate"]["reason"] == "ungradable: blank or flat image"
+        )
+    assert explained.json()["overlay_png"]  # what the model looked at, although it does not answer
+    loaded = bundle.load(gated)
+    for path, response in zip(real[40:45], scans):
+        answer = response.json()
+        record = imaging.load_record({"path": str(path)}, 32)
+        probs, features = loaded.infer(record["image"][None])
+        verdict = loaded.verdict(record["image"][None], features, [record["height"]], [record["width"]])
+        assert answer["gate"]["verdict"] == verdict.verdict[0], path.name
+        assert answer["gate"]["score"] == pytest.approx(verdict.score[0], abs=1e-3), path.name
+        assert answer["status"] == ("declined" if verdict.declined[0] else "ok")
+    assert schemas["Prediction"]["properties"]["status"]["enum"] == ["ok", "declined"]
+    assert set(schemas["GateAnswer"]["properties"]["verdict"]["enum"]) >= {
+        "passed",
+        "out_of_distribution",
+        "ungradable",
+    }
