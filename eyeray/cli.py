@@ -119,21 +119,13 @@ def _demo(args: argparse.Namespace) -> int:
     result, summary = out["train"], out["score"]
     print("\n[eyeray demo] done. Look at:")
     print(f"  bundle   {result.bundle}/manifest.json")
-    print(f"  report   {result.report}/metrics.json and the PNG plots beside it")
+    print(f"  report   {result.report}/index.html (the model card), metrics.json and the PNG plots beside it")
     headline = {k: v for k, v in result.metrics.items() if isinstance(v, float)}
     print("  test set " + json.dumps(headline, indent=None))
     print(f"  scores   {out['scores']}/ (Parquet, one row per archive file), report.html and summary.json:")
-    keys = (
-        "files_seen",
-        "scored",
-        "declined",
-        "declined_by_reason",
-        "errors",
-        "errors_by_reason",
-        "predictions",
-        "referred",
-        "needs_review",
-    )
+    from eyeray.score.pipeline import SUMMARY_PRINTED
+
+    keys = [k for k in SUMMARY_PRINTED if k != "wall_seconds"]  # the demo's lines say nothing of time
     print("           " + json.dumps({k: summary[k] for k in keys}))
     print("  served   " + "; ".join(f"{a['file']} -> {a['status']} {_served(a)}" for a in out["serve"]))
     return 0

@@ -621,7 +621,8 @@ def demo(bundle_uri: str, images: list[Path], port: int = 8000, route_prefix: st
             except urllib.error.HTTPError as exc:
                 status, body = exc.code, json.load(exc)
             answers.append({**body, "file": Path(path).name, "status": status})  # status: the HTTP one
-            shown = body.get("labels", body.get("detail")) if body.get("status") != "declined" else body["gate"]
+            declined = body.get("status") == "declined"
+            shown = f"declined: {body['gate']['reason']}" if declined else body.get("labels", body.get("detail"))
             log.info(f"POST {Path(path).name} -> {status} {shown}")
     finally:
         stop("eyeray-demo")
