@@ -464,12 +464,97 @@ def mixed_precision() -> str | None:
     )
 
 
+def gate() -> str | None:
+    bench = load("gate")
+    if not bench:
+        return None
+    default, keep, directions = bench["default"], str(bench["default"]["keep"]), bench["directions"]
+
+    def other(d: dict) -> str:  # the other modality's name in a direction's figures ("fundus", "oct")
+        return next(k.removeprefix("auroc_vs_") for k in d["methods"][default["method"]] if k != "by_keep")
+
+    rows = []
+    for name, d in directions.items():
+        for method, m in d["methods"].items():
+            at = m["by_keep"][keep]
+            rows.append(
+                [
+                    name,
+                    method + (" (default)" if method == default["method"] else ""),
+                    fmt(m[f"auroc_vs_{other(d)}"], 3),
+                    fmt(m["auroc_vs_non_retinal"], 3),
+                    pct(at["inside_answered"]),
+                    pct(at[f"{other(d)}_answered"]),
+                    pct(at["non_retinal_answered"]),
+                    f"{fmt(at['test_accuracy_all'], 3)} → {fmt(at['test_accuracy_answered'], 3)}",
+                ]
+            )
+    keeps = []
+    for k in map(str, bench["keeps"]):
+        shares = [d["methods"][default["method"]]["by_keep"][k] for d in directions.values()]
+        keeps.append(
+            [
+                k,
+                *(
+                    f"{pct(s['inside_answered'])} / {pct(s[f'{other(d)}_answered'])}"
+                    for s, d in zip(shares, directions.values())
+                ),
+            ]
+        )
+    gates = [d["bundle_gate"] for d in directions.values()]
+    names = [*dict.fromkeys(n for g in gates for n in g["sets"]), *gates[0]["degraded"]]
+    own = [
+        [
+            n,
+            *(
+                pct({**g["sets"], **g["degraded"]}[n]["answered"]) if n in {**g["sets"], **g["degraded"]} else ""
+                for g in gates
+            ),
+        ]
+        for n in names
+    ]
+    counts = "; ".join(
+        f"{name}: " + ", ".join(f"{k} {v}" for k, v in d["counts"].items()) for name, d in directions.items()
+    )
+    return (
+        "**The gate** (`python bench/gate.py` → `bench/results/gate.json`). Real images and real pretrained weights "
+        f"(VGG16 with the HED backbone, {bench['image_size']} px), each bundle trained by eyeray's job "
+        f"({bench['epochs']['head']} head + {bench['epochs']['fine_tune']} fine-tune epochs); each method fitted on "
+        f"the training split's features, its threshold keeping {pct(default['keep'])} of the validation split's "
+        "images. Inside: held-out patients' images of the bundle's own modality; other modality: the other task's "
+        "real images; non-retinal: generated text pages, charts, textures, flat colours, noise and screenshots. "
+        f"Images: {counts}.\n\n"
+        + table(
+            [
+                "bundle",
+                "method",
+                "AUROC vs other modality",
+                "AUROC vs non-retinal",
+                "inside answered",
+                "other modality answered",
+                "non-retinal answered",
+                "test accuracy, all → answered",
+            ],
+            rows,
+        )
+        + f"\n\n{default['method']}: inside / other-modality images answered, by the share kept on validation:\n\n"
+        + table(["keep", *directions], keeps)
+        + "\n\nEach bundle's own gate, as training fitted it (distance and image quality), answered:\n\n"
+        + table(["images", *directions], own)
+    )
+
+
+def pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
 def gpu_check() -> str:
     """The GPU check's steps as it reported them, or why there are no GPU figures."""
     bench = load("gpu_check")
     if not bench or not bench.get("gpu"):
         return (
-            "**On a GPU**: not measured: no machine with an NVIDIA GPU has been available to this project yet. "
+            "**On a GPU**: not measured yet: the one GPU machine lent to this project so far (December 2026) had "
+            "neither TensorFlow nor Ray, and no way to install them. "
             "`bash bench/gpu_check.sh` measures it where one is "
             "(see [Running on a GPU cluster](#running-on-a-gpu-cluster))."
         )
@@ -489,6 +574,7 @@ SECTIONS: list[Callable[[], str | None]] = [
     score_throughput,
     serve_load,
     tta,
+    gate,
     gpu_check,
 ]
 
