@@ -85,12 +85,14 @@ class GateSection(_Open):
 
     method: str
     threshold: float = Field(gt=0)
-    keep: float = Field(gt=0, lt=1)  # the share of validation images the threshold was chosen to keep
+    keep: float = Field(gt=0, lt=1)  # the share of held-out images the threshold was chosen to keep
     kept_on_validation: float = Field(ge=0, le=1)
     feature_layer: str
     feature_dims: PositiveInt
     train_images: int = Field(ge=0)
     validation_images: int = Field(ge=0)
+    threshold_images: int = Field(0, ge=0)  # held-out distances the threshold was chosen on (validation + cross-fitted)
+    threshold_from: str = ""
     quality: dict[str, tuple[float, float]] = Field(default_factory=dict)  # statistic -> accepted [low, high]
     file: str
     sha256: str = Field(pattern="^[0-9a-f]{64}$")

@@ -142,7 +142,10 @@ class TrainConfig:
     )
     gate_keep: float = field(
         default=gate.DEFAULT_KEEP,
-        metadata={"help": "share of validation images the gate's threshold keeps (0.5 to 0.999)"},
+        metadata={
+            "help": "share of held-out images (validation, and training images cross-fitted) the gate's "
+            "threshold keeps (0.5 to 0.999)"
+        },
     )
     gate_fit_images: int = field(
         default=2000, metadata={"help": "training images (at most) whose features the gate is fitted on"}
