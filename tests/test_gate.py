@@ -28,7 +28,7 @@ def textured(n: int, seed: int = 0, size: int = 32) -> np.ndarray:
     rng = np.random.default_rng(seed)
     blocks = rng.uniform(-1, 1, (n, 4, 4, 3)) * rng.uniform(60, 90, (n, 1, 1, 1))
     coarse = blocks.repeat(size // 4, axis=1).repeat(size // 4, axis=2)
-    return np.clip(128 + coarse + rng.normal(0, 10, (n, size, size, 1)), 0, 255).astype(np.uint8)
+    return np.clip(128 + coarse + rng.normal(0, 5, (n, size, size, 1)), 0, 255).astype(np.uint8)
 
 
 def stats(images: np.ndarray, side: int = SIDE) -> dict[str, np.ndarray]:
@@ -81,6 +81,7 @@ def test_quality_problems_name_what_is_wrong_with_an_image():
         "too dark": (normal[:3] * 0.25).astype(np.uint8),
         "over-exposed": np.clip(normal[:3].astype(int) + 150, 0, 255).astype(np.uint8),
         "blurred": blurred,
+        "noisy": np.random.default_rng(6).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
     }
     for reason, images in cases.items():
         assert quality.problems(stats(images), accepted).tolist() == [reason] * len(images), reason

@@ -178,6 +178,12 @@ def test_card_has_every_section(oct_card):
     # the operating point, the calibration and the gate's figures
     op = metrics["operating_point"]
     assert f"refer when P(CNV) + P(DME) ≥ {op['threshold']:.4f}" in page and "target 0.95" in page
+    # 80 validation images hold about 40 referable: too few to certify 0.95, and the card says so
+    assert f"Certified: {op['certified']['statement']}." in page and "certify at most" in page
+    test, bound = op["test"], op["certified"]["bound"]
+    low, high = test["sensitivity_ci95"]
+    row = f"<td>test</td><td>{test['sensitivity']:.3f} ({low:.3f} – {high:.3f})</td>"
+    assert row in page and f"<td>0.95</td><td>{bound:.3f}</td></tr>" in page
     assert f"Temperature scaling, T = {metrics['calibration']['temperature']:.3f}" in page
     assert "threshold 41.5, chosen to keep 95.0 % of the validation images: it kept 96.2 % of 80" in page
     assert "it answered 95.0 % and declined 3" in page and "<td>out_of_distribution</td><td>2</td>" in page
@@ -220,6 +226,8 @@ def test_card_for_a_multi_label_task_without_a_gate_or_pictures():
     inputs["metrics"]["gate"] = {"method": "none"}
     page = model_card.render(ODIR, **{**inputs, "samples": None})
     assert "one threshold per label on calibrated probabilities" in page and "<td>N</td><td>0." in page
+    op = inputs["metrics"]["operating_point"]  # how many validation positives each threshold rests on
+    assert f"<td>G</td><td>{op['thresholds'][2]:.4f}</td><td>{op['positives']['G']}</td>" in page
     assert "No gate: this model answers every image" in page and "AUC (flattened labels)" in page
     assert "ODIR-2019 score" in page and "No example images were kept for this run." in page
     assert f"per label gets a label wrong on {inputs['worst'].wrong} of the 60 test images." in page

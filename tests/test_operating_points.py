@@ -41,9 +41,10 @@ def odir_case(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_glaucoma_threshold_gives_95_percent_specificity_on_its_validation_data():
+    """The point-estimate rule (confidence None, as before certification) is AIROGS' own."""
     spec = get_task("glaucoma")
     y, p = glaucoma_case(400, seed=0)
-    op = json.loads(json.dumps(op_.choose(spec, y, p)))  # as stored in the manifest
+    op = json.loads(json.dumps(op_.choose(spec, y, p, confidence=None)))  # as stored in the manifest
     assert (op["rule"], op["target"], op["score"], op["chosen_on"]) == (
         "referral_specificity",
         0.95,
@@ -102,6 +103,86 @@ def test_a_label_without_positives_keeps_the_default_threshold():
     assert op["thresholds"][2] == 0.5 and list(op["notes"]) == ["G"]
 
 
+@pytest.mark.parametrize("k, n", [(0, 1), (1, 1), (34, 34), (33, 34), (120, 130), (5, 9), (59, 59), (0, 40)])
+def test_lower_bound_is_scipys_one_sided_exact_binomial_bound(k, n):
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n, alternative="greater").proportion_ci(confidence_level=0.95, method="exact")
+    assert op_.lower_bound(k, n) == pytest.approx(ci.low, abs=1e-12)
+    two_sided = binomtest(k, n).proportion_ci(confidence_level=0.95, method="exact")
+    assert op_.interval(k, n) == pytest.approx([two_sided.low, two_sided.high], abs=1e-12)
+    with pytest.raises(ValueError, match="successes"):
+        op_.lower_bound(n + 1, n)
+
+
+def separated(positives: int, negatives: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """OCT-shaped labels and probabilities whose referral score P(CNV) + P(DME) is distinct per case
+    and overlaps between the groups, so every threshold is a different (sensitivity, specificity)."""
+    rng = np.random.default_rng(seed)
+    refer = np.r_[np.ones(positives, bool), np.zeros(negatives, bool)]
+    score = np.clip(rng.normal(np.where(refer, 0.7, 0.3), 0.15), 0.001, 0.999)
+    y = np.eye(4)[np.where(refer, 0, 3)]
+    return y, np.stack([score / 2, score / 2, (1 - score) / 2, (1 - score) / 2], axis=1)
+
+
+def test_certified_threshold_is_the_most_specific_whose_lower_bound_meets_the_target():
+    spec = get_task("oct")
+    y, p = separated(300, 300)
+    op = op_.choose(spec, y, p)
+    point = op_.choose(spec, y, p, confidence=None)
+    cert, refer, urgent = op["certified"], op_.referral(op, p), y[:, :2].any(axis=1)
+    caught = int(refer[urgent].sum())
+    assert cert["meets_target"] and cert["trials"] == 300 and cert["successes"] == caught
+    assert cert["bound"] == pytest.approx(op_.lower_bound(caught, 300)) and cert["bound"] >= 0.95
+    assert op_.lower_bound(caught - 1, 300) < 0.95  # one fewer caught would not certify: the most specific
+    assert "certified" not in point and op["threshold"] < point["threshold"]  # it refers more than the old rule
+    assert op_.referral(point, p)[urgent].mean() >= 0.95 > op_.lower_bound(int(op_.referral(point, p)[urgent].sum()), 300)
+    assert "300 referable validation images: sensitivity >= 0.95" in cert["statement"].replace(f"{caught} of ", "")
+
+
+def test_too_few_validation_cases_take_the_most_conservative_threshold_and_say_so():
+    spec = get_task("oct")
+    y, p = separated(34, 66, seed=1)
+    op = op_.choose(spec, y, p)
+    cert, refer, urgent = op["certified"], op_.referral(op, p), y[:, :2].any(axis=1)
+    assert not cert["meets_target"] and (cert["successes"], cert["trials"]) == (34, 34)
+    assert cert["bound"] == pytest.approx(0.05 ** (1 / 34)) and round(cert["bound"], 2) == 0.92
+    assert cert["statement"].startswith("34 referable validation images certify at most 0.916 sensitivity at 95% confidence")
+    score = p[:, :2].sum(axis=1)
+    assert refer[urgent].all() and refer.tolist() == (score >= score[urgent].min()).tolist()  # no more than needed
+    glaucoma = op_.choose(get_task("glaucoma"), *glaucoma_case(60, seed=2))  # about 40 non-referable images
+    g = glaucoma["certified"]
+    assert g["metric"] == "specificity" and not g["meets_target"] and g["successes"] == g["trials"]
+    assert glaucoma["achieved"]["specificity"] == 1.0 and "non-referable validation images certify" in g["statement"]
+
+
+def test_a_validation_split_too_small_to_certify_is_reported_before_training():
+    assert op_.cases_needed(0.95) == 59 and op_.lower_bound(59, 59) >= 0.95 > op_.lower_bound(58, 58)
+    spec = get_task("oct")
+    y = np.eye(4)[[0] * 24 + [1] * 24 + [3] * 52]  # 48 referable
+    text = op_.validation_shortfall(spec, y, 0.95, 0.15)
+    assert text.startswith("the validation split holds 48 referable images: they certify at most 0.939 sensitivity")
+    assert "59 (none missed) are needed for the target 0.95" in text and "--val-fraction about 0.18" in text
+    assert op_.validation_shortfall(spec, np.eye(4)[[0] * 59 + [3] * 10], 0.95, 0.15) is None
+    assert op_.validation_shortfall(spec, y, None, 0.15) is None  # the point-estimate rule: nothing to certify
+    assert op_.validation_shortfall(get_task("odir"), np.zeros((5, 8)), 0.95, 0.15) is None  # no rate target
+    glaucoma = op_.validation_shortfall(get_task("glaucoma"), np.eye(2)[[0] * 18 + [1] * 2], 0.95, 0.15)
+    assert "18 non-referable images: they certify at most 0.847 specificity" in glaucoma
+
+
+def test_certified_specificity_is_the_most_sensitive_threshold_whose_bound_meets_the_target():
+    spec = get_task("glaucoma")
+    y, p = glaucoma_case(3000, seed=7)
+    op, point = op_.choose(spec, y, p), op_.choose(spec, y, p, confidence=None)
+    rg, refer = y[:, 1] == 1, op_.referral(op, p)
+    cleared = int((~refer[~rg]).sum())
+    assert op["certified"]["meets_target"] and op["certified"]["successes"] == cleared
+    assert op_.lower_bound(cleared, int((~rg).sum())) >= 0.95 > op_.lower_bound(cleared - 1, int((~rg).sum()))
+    assert op["threshold"] > point["threshold"]  # refers fewer than the point-estimate rule
+    a = op["achieved"]
+    assert a["non_referable_cleared"] == cleared and a["specificity_ci95"][0] < a["specificity"] < a["specificity_ci95"][1]
+
+
 def test_user_overrides_replace_thresholds_and_drop_the_validation_figures():
     y, p = glaucoma_case(200, seed=3)
     op = op_.choose(get_task("glaucoma"), y, p)
@@ -138,6 +219,11 @@ def test_decide_calibrates_then_applies_the_operating_point_or_falls_back_for_ol
     assert d.referral.tolist() == op_.referral(manifest["operating_point"], calibrated).tolist()
     assert [row == ["RG"] for row in d.labels] == d.referral.tolist()
     assert decide(manifest, p, thresholds=0.0).labels == [["RG"]] * len(p)
+    before_certification = {**manifest, "operating_point": op_.choose(spec, y, calibrated, confidence=None)}
+    assert "certified" not in before_certification["operating_point"]
+    d_before = decide(before_certification, p)  # a bundle's stored threshold decides as it always did
+    threshold = before_certification["operating_point"]["threshold"]
+    assert d_before.referral.tolist() == (calibrated[:, 1] >= threshold).tolist()
     old = {k: v for k, v in manifest.items() if k not in ("calibration", "operating_point")}
     legacy = decide(old, p)  # argmax, refer when the label is a referral class
     np.testing.assert_array_equal(legacy.probabilities, p)

@@ -262,3 +262,10 @@ def test_s3_weights_and_output(capsys, s3_server, glaucoma_sample, weights, tmp_
     assert "--weights s3://preflight/vgg16.weights.h5 does not load into mobilenet_v2" in line
     line = train(capsys, "--data", str(glaucoma_sample), "--weights", "s3://preflight/x.h5", "--output", str(tmp_path))
     assert "--weights s3://preflight/x.h5 does not exist" in line
+
+
+@pytest.mark.parametrize("confidence", [0.3, 1.0, -0.1])
+def test_threshold_confidence_is_zero_or_a_confidence(glaucoma_sample, tmp_path, confidence):
+    cfg = TrainConfig(task="glaucoma", data=str(glaucoma_sample), output=str(tmp_path / "o"))
+    with pytest.raises(SettingError, match=f"^--threshold-confidence must be 0 .+, not {confidence}$"):
+        train_preflight.check(dataclasses.replace(cfg, threshold_confidence=confidence))

@@ -19,13 +19,14 @@ MIN_SIDE = 32  # pixels: smaller originals are too small to grade, whatever trai
 # by device, so the training images' own sizes set no bound)
 QUANTILES = (0.005, 0.995)  # the training images' range of a statistic ...
 MARGIN = 0.5  # ... widened: a low bound at half its low quantile (blur, darkness and emptiness divide a
-# statistic), a high bound half way from its high quantile to the statistic's ceiling. A spread-based
-# margin failed here: one smooth training scan stretched the sharpness range down to blurred images.
+# statistic), a high bound half way from its high quantile to the statistic's ceiling, or at twice it for a
+# statistic without one (noise multiplies sharpness). A spread-based margin failed here: one smooth
+# training scan stretched the sharpness range down to blurred images.
 # statistic -> (the side that is checked, the reason shown when it is crossed, the statistic's ceiling)
 CHECKS = {
     "brightness": ("both", ("too dark", "over-exposed"), 255.0),  # grey levels
     "contrast": ("low", ("low contrast",), 127.5),  # grey levels
-    "sharpness": ("low", ("blurred",), None),
+    "sharpness": ("both", ("blurred", "noisy"), None),  # uniform noise: ~3, fundus photos: < 0.25
     "clipped": ("high", ("over-exposed",), 1.0),  # share of pixels
     "content": ("low", ("mostly empty or cropped",), 1.0),  # share of tiles
 }
@@ -60,7 +61,7 @@ def ranges(stats: dict[str, np.ndarray]) -> dict[str, list[float]]:
     for name, (_, _, ceiling) in CHECKS.items():
         values = np.asarray(stats[name], np.float64)
         lo, hi = np.quantile(values, QUANTILES) if len(values) else (0.0, 0.0)
-        out[name] = [float(lo * (1 - MARGIN)), float(hi + (ceiling - hi) * MARGIN if ceiling else hi)]
+        out[name] = [float(lo * (1 - MARGIN)), float(hi + (ceiling - hi) * MARGIN if ceiling else hi / (1 - MARGIN))]
     return out
 
 

@@ -5,6 +5,16 @@ A screening model is used at a threshold, not at "argmax": AIROGS judges glaucom
 a flat 0.5 per label wastes a multi-label model whose rare labels never reach 0.5. Which rule a
 task uses is data (`TaskSpec.operating_point`, "RULE:TARGET"); the rules are `RULES`.
 
+A rate target is chosen *with a stated confidence* (`CONFIDENCE`): the threshold is the most
+specific (sensitivity rules) or most sensitive (specificity rules) one whose one-sided
+Clopper-Pearson lower bound on the validation data meets the target, not the one whose point
+estimate does. Why: 34 referable validation images at 34 of 34 only show sensitivity >= 0.92 with
+95 % confidence, and a threshold chosen on the point estimate missed 95 % on new patients in two of
+two real runs (issue 25). Where no threshold can certify the target, the rule takes the most
+conservative one (every validation case of the guarded class on the safe side) and says so in the
+manifest's `certified` section: the bound it does certify and the counts behind it.
+`confidence=None` is the earlier point-estimate rule (benchmarks compare the two).
+
 The chosen point is a JSON dict for the manifest (`choose`), read back by `referral` and
 `decisions`, which also take a user override. Thresholds apply to *calibrated* probabilities
 (`eyeray.decision.calibration.apply` first; `decide` does both). A stored threshold sits halfway between
@@ -22,12 +32,13 @@ from typing import Any
 
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
-from sklearn.metrics import precision_recall_curve, precision_recall_fscore_support
+from sklearn.metrics import precision_recall_curve, precision_recall_fscore_support, roc_curve
 
 from eyeray.decision import roc
 from eyeray.tasks import TaskSpec
 
 APPLIES_TO = "calibrated probabilities (apply the manifest's calibration first)"
+CONFIDENCE = 0.95  # one-sided confidence that a chosen threshold meets its rate target
 DEFAULT_LABEL_THRESHOLD = roc.DEFAULT_THRESHOLD
 
 
@@ -62,24 +73,119 @@ def _cut(score: np.ndarray, lowest_referred: float) -> float:
     return float((lowest_referred + below.max()) / 2)
 
 
-def _referral_rule(point: Callable[..., tuple[float, float, float]]) -> Callable[..., dict[str, Any]]:
-    """A rule on the summed probability of `spec.referral_classes`, cut at a ROC point (`roc`)."""
+def lower_bound(successes: int, trials: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson lower confidence bound of a binomial proportion: with this
+    confidence, the true rate is at least this, having seen `successes` of `trials`."""
+    from scipy.stats import beta
 
-    def choose(spec: TaskSpec, y_true, probs, target: float) -> dict[str, Any]:
+    if not 0 <= successes <= trials or trials < 1:
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}")
+    return 0.0 if successes == 0 else float(beta.ppf(1 - confidence, successes, trials - successes + 1))
+
+
+def interval(successes: int, trials: int, confidence: float = CONFIDENCE) -> list[float] | None:
+    """Two-sided Clopper-Pearson interval of a proportion (None without trials): the report's test figures."""
+    from scipy.stats import binomtest
+
+    if trials < 1:
+        return None
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=confidence, method="exact")
+    return [float(ci.low), float(ci.high)]
+
+
+def cases_needed(target: float, confidence: float = CONFIDENCE) -> int:
+    """The fewest cases that can certify `target` at all: n of n must have a lower bound >= target."""
+    return math.ceil(math.log(1 - confidence) / math.log(target))
+
+
+def validation_shortfall(spec: TaskSpec, y_val, confidence: float | None, val_fraction: float) -> str | None:
+    """Before training: a warning when the validation split has too few cases of the guarded group
+    to certify the task's rate target at `confidence`, with a validation share that would; None when
+    it has enough (or the task has no rate target, or confidence is None)."""
+    rule = Rule.parse(spec.operating_point)
+    if confidence is None or rule is None or rule.name not in _GUARDED:
+        return None
+    target = rule.target if rule.target is not None else DEFAULT_TARGETS[rule.name]
+    metric, who, _ = _GUARDED[rule.name]
+    y = np.asarray(y_val)
+    referable = y[:, [spec.class_index(c) for c in spec.referral_classes]].any(axis=1) if len(y) else np.zeros(0, bool)
+    guarded = int(referable.sum() if metric == "sensitivity" else (~referable).sum())
+    needed = cases_needed(target, confidence)
+    if guarded >= needed:
+        return None
+    most = lower_bound(guarded, guarded, confidence) if guarded else 0.0
+    share = f" (--val-fraction about {min(0.5, val_fraction * needed / guarded):.2f})" if guarded else ""
+    return (
+        f"the validation split holds {guarded} {who} images: they certify at most {most:.3f} {metric} at "
+        f"{confidence:.0%} confidence, and {needed} (none missed) are needed for the target {target}. "
+        f"The operating point will be the most conservative threshold; a larger validation split{share} "
+        "would let it certify the target, at the cost of training images"
+    )
+
+
+# the rate each referral rule guards: (metric, who it counts, the ROC point of the point-estimate rule)
+_GUARDED = {
+    "referral_sensitivity": ("sensitivity", "referable", roc.roc_point_at_sensitivity),
+    "referral_specificity": ("specificity", "non-referable", roc.roc_point_at_specificity),
+}
+
+
+def _certified_point(name: str, y: np.ndarray, score: np.ndarray, target: float, confidence: float):
+    """(lowest referred score, certified section) of the certified rule `name` (see the module doc)."""
+    metric, who, _ = _GUARDED[name]
+    roc.require_both_classes(y, f"{metric} at a certified threshold")
+    fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
+    guarded = int(y.sum()) if metric == "sensitivity" else int(len(y) - y.sum())
+    hits = np.rint((tpr if metric == "sensitivity" else 1 - fpr) * guarded).astype(int)
+    bounds = np.array([lower_bound(int(k), guarded, confidence) for k in hits])
+    ok = np.flatnonzero(bounds >= target)
+    # sensitivity grows along the curve (take the first that certifies), specificity falls (the last)
+    best = np.flatnonzero(bounds == bounds.max())
+    i = (ok[0] if metric == "sensitivity" else ok[-1]) if ok.size else (best[0] if metric == "sensitivity" else best[-1])
+    bound = float(bounds[i])
+    certified = {
+        "metric": metric,
+        "confidence": confidence,
+        "method": "one-sided Clopper-Pearson lower bound on the validation split",
+        "bound": bound,
+        "successes": int(hits[i]),
+        "trials": guarded,
+        "meets_target": bool(ok.size),
+        "statement": (
+            f"{hits[i]} of {guarded} {who} validation images: {metric} >= {bound:.3f} "
+            f"at {confidence:.0%} confidence (target {target})"
+            if ok.size
+            else f"{guarded} {who} validation images certify at most {bound:.3f} {metric} at {confidence:.0%} "
+            f"confidence, short of the target {target}: the most conservative threshold was taken"
+        ),
+    }
+    return float(thresholds[i]), certified
+
+
+def _referral_rule(name: str) -> Callable[..., dict[str, Any]]:
+    """A rule on the summed probability of `spec.referral_classes`, cut where its guarded rate is
+    certified at `confidence` (or, with confidence None, where its point estimate meets the target)."""
+
+    def choose(spec: TaskSpec, y_true, probs, target: float, confidence: float | None = CONFIDENCE) -> dict[str, Any]:
         truth, score = roc.referral_case(spec, y_true, probs)
-        lowest_referred, _, _ = point(truth, score, target)
-        return {
+        out = {
             "score": " + ".join(f"P({c})" for c in spec.referral_classes),
             "score_columns": [spec.class_index(c) for c in spec.referral_classes],
-            "threshold": _cut(score, lowest_referred),
         }
+        if confidence is None:
+            lowest_referred, _, _ = _GUARDED[name][2](truth, score, target)
+            return {**out, "threshold": _cut(score, lowest_referred)}
+        lowest_referred, certified = _certified_point(name, truth, score, target, confidence)
+        return {**out, "threshold": _cut(score, lowest_referred), "certified": certified}
 
     return choose
 
 
-def _per_label_f1(spec: TaskSpec, y_true, probs, target: float | None = None) -> dict[str, Any]:
+def _per_label_f1(spec: TaskSpec, y_true, probs, target: float | None = None, confidence=None) -> dict[str, Any]:
     """Per label, the threshold with the highest validation F1 (ties: the lower, more sensitive one).
-    A label without positives in the validation data keeps the default 0.5 (named in `notes`)."""
+    A label without positives in the validation data keeps the default 0.5 (named in `notes`).
+    F1 has no binomial bound, so `confidence` does not apply; `positives` says how many validation
+    cases each threshold rests on."""
     y, p = roc.check_labels(spec, y_true, probs)
     thresholds, notes = [], {}
     for k, name in enumerate(spec.classes):
@@ -94,21 +200,25 @@ def _per_label_f1(spec: TaskSpec, y_true, probs, target: float | None = None) ->
         "labels": list(spec.classes),
         "thresholds": thresholds,
         "referral_columns": [spec.class_index(c) for c in spec.referral_classes],
+        "positives": {c: int(v) for c, v in zip(spec.classes, y.sum(axis=0))},
     }
     return {**out, "notes": notes} if notes else out
 
 
 RULES: dict[str, Callable[..., dict[str, Any]]] = {
-    "referral_specificity": _referral_rule(roc.roc_point_at_specificity),
-    "referral_sensitivity": _referral_rule(roc.roc_point_at_sensitivity),
+    "referral_specificity": _referral_rule("referral_specificity"),
+    "referral_sensitivity": _referral_rule("referral_sensitivity"),
     "per_label_f1": _per_label_f1,
 }
 DEFAULT_TARGETS = {"referral_specificity": roc.TARGET_SPECIFICITY, "referral_sensitivity": 0.95}
 
 
-def choose(spec: TaskSpec, y_true, probs, rule: str | None = None) -> dict[str, Any] | None:
+def choose(
+    spec: TaskSpec, y_true, probs, rule: str | None = None, confidence: float | None = CONFIDENCE
+) -> dict[str, Any] | None:
     """The operating point of `spec` (or `rule`, "RULE:TARGET"), chosen on these (validation)
-    labels and calibrated probabilities; None when the task has no rule.
+    labels and calibrated probabilities; None when the task has no rule. A rate target is met
+    with `confidence` (None: on the point estimate, the rule before certification).
 
     Raises roc.UndefinedMetric when the data cannot define it (e.g. no referable case).
     """
@@ -119,7 +229,7 @@ def choose(spec: TaskSpec, y_true, probs, rule: str | None = None) -> dict[str, 
     op = {
         "rule": parsed.name,
         **({"target": target} if target is not None else {}),
-        **RULES[parsed.name](spec, y_true, probs, target),
+        **RULES[parsed.name](spec, y_true, probs, target, confidence),
         "classes": list(spec.classes),
         "applies_to": APPLIES_TO,
         "chosen_on": "validation",
@@ -171,7 +281,7 @@ def with_override(op: dict[str, Any], thresholds: float | Sequence[float] | dict
         return op
     if op["rule"] == "argmax":
         raise ValueError("this model decides by argmax (no operating point), so it has no thresholds to override")
-    out = {k: v for k, v in op.items() if k not in ("achieved", "chosen_on", "n")}
+    out = {k: v for k, v in op.items() if k not in ("achieved", "chosen_on", "n", "certified")}
     out["chosen_on"] = "user override"
     if not _per_label(op):
         values = np.ravel(np.asarray(thresholds, np.float64)) if not isinstance(thresholds, dict) else []
@@ -233,12 +343,17 @@ def achieved(op: dict[str, Any], y_true, probs) -> dict[str, Any]:
     y = np.asarray(y_true).astype(bool)
     if not _per_label(op):
         truth, refer = y[:, op["score_columns"]].any(axis=1), referral(op, probs)
+        caught, cleared = int((refer & truth).sum()), int((~refer & ~truth).sum())
         return {
             "sensitivity": _rate(refer, truth),
             "specificity": _rate(~refer, ~truth),
             "referred": int(refer.sum()),
             "referable": int(truth.sum()),
             "n": len(y),
+            "referable_referred": caught,
+            "non_referable_cleared": cleared,
+            "sensitivity_ci95": interval(caught, int(truth.sum())),
+            "specificity_ci95": interval(cleared, int((~truth).sum())),
         }
     d = decisions(op, probs)
     default = (np.asarray(probs, np.float64) >= DEFAULT_LABEL_THRESHOLD).astype(int)
@@ -267,7 +382,7 @@ def mean_operating_point(manifests: Sequence[dict[str, Any]]) -> dict[str, Any] 
     ops = [m.get("operating_point") for m in manifests]
     if any(op is None for op in ops) or len({op["rule"] for op in ops}) != 1:
         return None
-    out = {k: v for k, v in ops[0].items() if k not in ("achieved", "n", "notes")}
+    out = {k: v for k, v in ops[0].items() if k not in ("achieved", "n", "notes", "certified", "positives")}
     out["chosen_on"] = "mean of the members' validation thresholds"
     key = "thresholds" if _per_label(ops[0]) else "threshold"
     out[key] = np.mean([np.asarray(op[key], np.float64) for op in ops], axis=0).tolist()

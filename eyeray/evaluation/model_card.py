@@ -315,14 +315,21 @@ def _operating_point(op: Mapping[str, Any] | None) -> dict[str, Any]:
     chosen = f"chosen on the {op.get('chosen_on', 'validation')} split of {op.get('n', '?')} images"
     if "threshold" in op:
         text = f"{op['rule']}{target}: refer when {op.get('score', 'the score')} ≥ {op['threshold']:.4f} ({chosen})."
-        columns = ["split", "sensitivity", "specificity", "referred / referable", "images"]
+        certified = op.get("certified")
+        if certified:
+            text += f" Certified: {certified['statement']}."
+        else:
+            text += " Chosen on the point estimate, with no stated confidence (made before certification)."
+        columns = ["split", "sensitivity (95 % CI)", "specificity (95 % CI)", "referred / referable", "images"]
+        columns += ["target", f"certified {certified['metric']} bound"] if certified else []
         rows = [
             [
                 split,
-                _num(a.get("sensitivity")),
-                _num(a.get("specificity")),
+                _rate_ci(a, "sensitivity"),
+                _rate_ci(a, "specificity"),
                 f"{a.get('referred')} / {a.get('referable')}",
                 a.get("n"),
+                *([op.get("target"), _num(certified["bound"])] if certified else []),
             ]
             for split, a in (("validation", op.get("achieved")), ("test", op.get("test")))
             if a
@@ -332,12 +339,14 @@ def _operating_point(op: Mapping[str, Any] | None) -> dict[str, Any]:
     val, test = op.get("achieved") or {}, op.get("test") or {}
     at_half = next((k for k in test if k.startswith("f1_at_")), None)
     text = f"{op['rule']}{target}: one threshold per label on calibrated probabilities ({chosen})."
-    columns = ["label", "threshold", "validation F1", "test F1", "test precision", "test recall"]
+    positives = op.get("positives") or {}
+    columns = ["label", "threshold", "validation positives", "validation F1", "test F1", "test precision", "test recall"]
     columns += [f"test F1 at {at_half.removeprefix('f1_at_')}"] if at_half else []
     rows = [
         [
             label,
             _num(t, 4),
+            positives.get(label, "?"),
             _num((val.get("f1") or {}).get(label)),
             *(_num((test.get(k) or {}).get(label)) for k in ("f1", "precision", "recall")),
             *([_num(test[at_half].get(label))] if at_half else []),
@@ -345,6 +354,12 @@ def _operating_point(op: Mapping[str, Any] | None) -> dict[str, Any]:
         for label, t in zip(labels, thresholds)
     ]
     return {"text": text, "table": _table(columns, rows)}
+
+
+def _rate_ci(achieved: Mapping[str, Any], rate: str) -> str:
+    """"0.931 (0.873 – 0.968)": a rate with its exact 95 % interval (counts-based; older runs: the rate alone)."""
+    ci = achieved.get(f"{rate}_ci95")
+    return _num(achieved.get(rate)) + (f" ({ci[0]:.3f} – {ci[1]:.3f})" if ci else "")
 
 
 def _gate(section: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictBool, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, StrictBool, ValidationError, field_validator, model_validator
 
 from eyeray.data import imaging
 
@@ -98,6 +98,26 @@ class GateSection(_Open):
     sha256: str = Field(pattern="^[0-9a-f]{64}$")
 
 
+class Certified(_Open):
+    """What a rate-target operating point certifies (`eyeray.decision.operating_points`): the
+    one-sided lower confidence bound of the guarded rate on the validation split, and its counts."""
+
+    metric: Literal["sensitivity", "specificity"]
+    confidence: float = Field(gt=0, lt=1)
+    method: str
+    bound: float = Field(ge=0, le=1)
+    successes: int = Field(ge=0)
+    trials: PositiveInt
+    meets_target: StrictBool  # False: too few validation cases; the most conservative threshold was taken
+    statement: str
+
+    @model_validator(mode="after")
+    def _at_most_trials(self) -> Certified:
+        if self.successes > self.trials:
+            raise ValueError(f"{self.successes} successes of {self.trials} trials")
+        return self
+
+
 class Manifest(_Open):
     """The manifest; required fields are those every bundle has had since format 1."""
 
@@ -166,6 +186,13 @@ class Manifest(_Open):
         if unknown:
             raise ValueError(f"not among classes: {sorted(unknown)}")
         return referral
+
+    @field_validator("operating_point")
+    @classmethod
+    def _certified(cls, op: dict[str, Any] | None) -> dict[str, Any] | None:
+        if op is not None and op.get("certified") is not None:
+            Certified.model_validate(op["certified"])  # made before certification: no such key
+        return op
 
     @field_validator("calibration")
     @classmethod

@@ -132,6 +132,13 @@ class TrainConfig:
     )
     test_fraction: float = field(default=0.15, metadata={"help": "share of patients for test when the layout has none"})
     seed: int = field(default=0, metadata={"help": "seed of the demo data and of the training order"})
+    threshold_confidence: float = field(  # eyeray.decision.operating_points
+        default=0.95,
+        metadata={
+            "help": "one-sided confidence with which the validation split must show a sensitivity or "
+            "specificity target is met (Clopper-Pearson); 0: choose on the point estimate"
+        },
+    )
     gate_method: str = field(  # eyeray.decision.gate
         default=gate.DEFAULT_METHOD,
         metadata={

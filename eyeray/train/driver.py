@@ -71,12 +71,17 @@ def _check_output(cfg: TrainConfig) -> None:
 def _prepare_data(spec: TaskSpec, cfg: TrainConfig):
     from eyeray.data.layouts import read_layout
     from eyeray.data.records import decode_split
+    from eyeray.decision import operating_points
 
     data = cfg.data
     if data is None:
         data = synthetic.demo_dataset(spec, cfg.output, cfg.seed)
     layout = read_layout(spec, data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     log.info(layout.summary())
+    y_val = np.array([r["label"] for r in layout.splits["validation"]])
+    shortfall = operating_points.validation_shortfall(spec, y_val, cfg.threshold_confidence or None, cfg.val_fraction)
+    if shortfall:
+        log.warning(f"operating point: {shortfall}")
     decoded = {
         split: decode_split(records, cfg.image_size, seed=cfg.seed if split == "train" else None)
         for split, records in layout.splits.items()
@@ -218,8 +223,11 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
     compiled = CompiledModel(with_features(model))
     inferred_val = _infer(lambda x: compiled(x, cfg.batch_size), decoded["validation"].images, cfg.batch_size)
     validation = inferred_val.pair
-    fitted = _fit_decisions(spec, validation)
+    fitted = _fit_decisions(spec, validation, cfg.threshold_confidence or None)
     calibration, operating_point, _ = fitted
+    if operating_point and "certified" in operating_point:
+        certified = operating_point["certified"]
+        (log.info if certified["meets_target"] else log.warning)(f"operating point: {certified['statement']}")
 
     training = {
         "config": asdict(cfg),
@@ -338,16 +346,20 @@ def _gate_report(spec: TaskSpec, exported, test: Inferred, section: dict | None)
     return report
 
 
-def _fit_decisions(spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray]) -> tuple[dict, dict | None, str | None]:
-    """Calibration and the operating point, fitted on the validation split. Data too small to
-    choose an operating point leaves it out with a note instead of failing a finished run."""
+def _fit_decisions(
+    spec: TaskSpec, validation: tuple[np.ndarray, np.ndarray], confidence: float | None
+) -> tuple[dict, dict | None, str | None]:
+    """Calibration and the operating point (its rate target met with `confidence`; None: on the
+    point estimate), fitted on the validation split. Data too small to choose an operating point
+    leaves it out with a note instead of failing a finished run."""
     from eyeray.decision import calibration, operating_points
     from eyeray.decision.roc import UndefinedMetric
 
     y_val, p_val = validation
     params = calibration.fit(y_val, p_val, spec.multi_label, spec.classes)
     try:
-        return params, operating_points.choose(spec, y_val, calibration.apply(params, p_val)), None
+        op = operating_points.choose(spec, y_val, calibration.apply(params, p_val), confidence=confidence)
+        return params, op, None
     except UndefinedMetric as exc:
         return params, None, f"not chosen: {exc}"
 
@@ -363,7 +375,7 @@ def _decision_support(
     from eyeray.decision import calibration, operating_points
     from eyeray.evaluation.plots import RELIABILITY_PNG, plot_reliability
 
-    params, op, note = fitted or _fit_decisions(spec, validation)
+    params, op, note = fitted or _fit_decisions(spec, validation, operating_points.CONFIDENCE)
     (y_val, p_val), (y_test, p_test) = validation, test
     val_cal, test_cal = calibration.apply(params, p_val), calibration.apply(params, p_test)
     sections: dict[str, Any] = {

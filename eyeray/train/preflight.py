@@ -31,6 +31,11 @@ def check(config: TrainConfig) -> TrainConfig:
         if getattr(cfg, name) not in allowed:
             flag = "--" + name.replace("_", "-")
             raise SettingError(f"{flag} must be one of {', '.join(allowed)}, not {getattr(cfg, name)!r}")
+    if cfg.threshold_confidence and not 0.5 <= cfg.threshold_confidence < 1.0:
+        raise SettingError(
+            f"--threshold-confidence must be 0 (the point estimate) or at least 0.5 and below 1, "
+            f"not {cfg.threshold_confidence}"
+        )
     if not 0.5 <= cfg.gate_keep < 1.0:
         raise SettingError(f"--gate-keep must be at least 0.5 and below 1, not {cfg.gate_keep}")
     if cfg.gate_fit_images < 2:
