@@ -150,7 +150,9 @@ def one_run(task: str, seed: int, val_fraction: float, weights: str, args, out: 
         "test_accuracy": result.metrics.get("accuracy"),
         "stored_threshold": stored["threshold"] if stored else None,
         "rules": rules,
-        "resplit": resplit(spec, pooled["labels"], np.concatenate([raw["validation"], raw["test"]]), pooled["patients"], seed),
+        "resplit": resplit(
+            spec, pooled["labels"], np.concatenate([raw["validation"], raw["test"]]), pooled["patients"], seed
+        ),
     }
 
 

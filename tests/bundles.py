@@ -61,3 +61,24 @@ def with_gate(uri: str, train: np.ndarray, validation: np.ndarray, out: Path) ->
     section = bundle.add_gate(staged, fitted)
     bundle.publish(staged, str(out), gate=section)
     return str(out)
+
+
+def drawn(task: str, n: int, seed: int, size: int = 32) -> np.ndarray:
+    """Generated images of a task's modality, resized to the model input as scoring does."""
+    from PIL import Image
+
+    from eyeray.data import synthetic
+
+    spec, rng = get_task(task), np.random.default_rng(seed)
+    images = [synthetic.draw(spec, spec.classes[i % spec.num_classes], rng, 64) for i in range(n)]
+    return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.Resampling.BILINEAR)) for x in images])
+
+
+def gated_task_bundles(root: Path) -> dict[str, str]:
+    """An OCT and a glaucoma bundle, each with a gate fitted on generated images of its modality:
+    what a mixed archive is routed by."""
+    out = {}
+    for k, task in enumerate(("oct", "glaucoma")):
+        plain = make_bundle(root / task, task=task, decision=True, seed=k)
+        out[task] = with_gate(plain, drawn(task, 120, 10 + k), drawn(task, 60, 20 + k), root / f"{task}-gated")
+    return out

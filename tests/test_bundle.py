@@ -148,6 +148,7 @@ def test_a_manifest_of_the_wrong_shape_is_refused_naming_the_field(saved, tmp_pa
 
     with pytest.raises(bundle.BundleError, match=r"preprocessing: resize.size \[64, 64\] is not input.shape's"):
         bundle.read_manifest(_rewrite(uri, tmp_path / "mismatch", mismatch))
+
     def overcertified(m):
         certified = {"metric": "sensitivity", "confidence": 0.95, "method": "m", "bound": 0.9, "successes": 35}
         certified.update(trials=34, meets_target=False, statement="s")

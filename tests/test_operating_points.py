@@ -136,7 +136,9 @@ def test_certified_threshold_is_the_most_specific_whose_lower_bound_meets_the_ta
     assert cert["bound"] == pytest.approx(op_.lower_bound(caught, 300)) and cert["bound"] >= 0.95
     assert op_.lower_bound(caught - 1, 300) < 0.95  # one fewer caught would not certify: the most specific
     assert "certified" not in point and op["threshold"] < point["threshold"]  # it refers more than the old rule
-    assert op_.referral(point, p)[urgent].mean() >= 0.95 > op_.lower_bound(int(op_.referral(point, p)[urgent].sum()), 300)
+    assert (
+        op_.referral(point, p)[urgent].mean() >= 0.95 > op_.lower_bound(int(op_.referral(point, p)[urgent].sum()), 300)
+    )
     assert "300 referable validation images: sensitivity >= 0.95" in cert["statement"].replace(f"{caught} of ", "")
 
 
@@ -147,7 +149,9 @@ def test_too_few_validation_cases_take_the_most_conservative_threshold_and_say_s
     cert, refer, urgent = op["certified"], op_.referral(op, p), y[:, :2].any(axis=1)
     assert not cert["meets_target"] and (cert["successes"], cert["trials"]) == (34, 34)
     assert cert["bound"] == pytest.approx(0.05 ** (1 / 34)) and round(cert["bound"], 2) == 0.92
-    assert cert["statement"].startswith("34 referable validation images certify at most 0.916 sensitivity at 95% confidence")
+    assert cert["statement"].startswith(
+        "34 referable validation images certify at most 0.916 sensitivity at 95% confidence"
+    )
     score = p[:, :2].sum(axis=1)
     assert refer[urgent].all() and refer.tolist() == (score >= score[urgent].min()).tolist()  # no more than needed
     glaucoma = op_.choose(get_task("glaucoma"), *glaucoma_case(60, seed=2))  # about 40 non-referable images
@@ -180,7 +184,9 @@ def test_certified_specificity_is_the_most_sensitive_threshold_whose_bound_meets
     assert op_.lower_bound(cleared, int((~rg).sum())) >= 0.95 > op_.lower_bound(cleared - 1, int((~rg).sum()))
     assert op["threshold"] > point["threshold"]  # refers fewer than the point-estimate rule
     a = op["achieved"]
-    assert a["non_referable_cleared"] == cleared and a["specificity_ci95"][0] < a["specificity"] < a["specificity_ci95"][1]
+    assert (
+        a["non_referable_cleared"] == cleared and a["specificity_ci95"][0] < a["specificity"] < a["specificity_ci95"][1]
+    )
 
 
 def test_user_overrides_replace_thresholds_and_drop_the_validation_figures():

@@ -11,36 +11,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from bundles import make_bundle, with_gate
+from bundles import drawn, gated_task_bundles, make_bundle
 from corpus import encode, gradient, make_dicom
 from PIL import Image, ImageDraw
 
-from eyeray.data import imaging, synthetic
+from eyeray.data import imaging
 from eyeray.decision import gate
 from eyeray.model import bundle
 from eyeray.model.bundle import BundleError
 from eyeray.score import ScoreConfig, routing, run, shards
-from eyeray.tasks import get_task
-
-SIZE = 32
-
-
-def drawn(task: str, n: int, seed: int) -> np.ndarray:
-    """Generated images of a task's modality, resized to the model input as scoring does."""
-    spec, rng = get_task(task), np.random.default_rng(seed)
-    images = [synthetic.draw(spec, spec.classes[i % spec.num_classes], rng, 64) for i in range(n)]
-    return np.stack([np.asarray(Image.fromarray(x).resize((SIZE, SIZE), Image.Resampling.BILINEAR)) for x in images])
 
 
 @pytest.fixture(scope="module")
 def task_bundles(tmp_path_factory) -> dict[str, str]:
-    """An OCT and a glaucoma bundle, each with a gate fitted on generated images of its modality."""
-    root = tmp_path_factory.mktemp("routing")
-    out = {}
-    for k, task in enumerate(("oct", "glaucoma")):
-        plain = make_bundle(root / task, task=task, decision=True, seed=k)
-        out[task] = with_gate(plain, drawn(task, 120, 10 + k), drawn(task, 60, 20 + k), root / f"{task}-gated")
-    return out
+    return gated_task_bundles(tmp_path_factory.mktemp("routing"))
 
 
 def test_group_refuses_what_cannot_route(task_bundles, tmp_path):

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 import yaml
-from bundles import make_bundle, with_gate
+from bundles import drawn, gated_task_bundles, make_bundle, with_gate
 from conftest import free_port
-from PIL import Image
+from PIL import Image, ImageDraw
 from test_imaging import make_dicom, tiff_with_a_page_without_dimensions
 
 from eyeray.data import imaging
@@ -675,3 +675,48 @@ def test_a_gated_bundle_answers_200_declined_for_what_its_gate_refuses_on_predic
         "out_of_distribution",
         "ungradable",
     }
+
+
+def test_route_answers_an_upload_by_the_tasks_whose_gate_accepts_it(url, tmp_path):
+    """POST /v1/route: an OCT scan gets the OCT answer, a fundus photo the glaucoma one, a letter and
+    a DICOM whose header contradicts its pixels are out of scope with each task's verdict; a service
+    whose bundles have no gate refuses to route (409)."""
+    from ray import serve
+
+    gated = gated_task_bundles(tmp_path)
+    serve.run(build_app(ServeArgs(bundles=list(gated.values()), **FAST)), name="routed", route_prefix="/routed")
+    letter = Image.new("RGB", (300, 400), "white")
+    for line in range(20):
+        ImageDraw.Draw(letter).text((20, 20 + 18 * line), "Dear colleague, thank you for the referral", fill="black")
+    uploads = {
+        task: [encode(Image.fromarray(x), "PNG") for x in drawn(task, 3, 40 + k)] for k, task in enumerate(gated)
+    }
+    oct_as_fundus = make_dicom(drawn("oct", 1, 50)[0, ..., 0], modality="OP")  # an OCT B-scan said to be a photo
+    try:
+        with httpx.Client(timeout=60) as client:
+            answers = {
+                t: [client.post(f"{url}/routed/v1/route", files={"file": ("x", d)}) for d in u]
+                for t, u in uploads.items()
+            }
+            outside = [
+                client.post(f"{url}/routed/v1/route", files={"file": ("x", d)})
+                for d in (encode(letter, "PNG"), oct_as_fundus)
+            ]
+            schemas = client.get(f"{url}/routed/openapi.json").json()["components"]["schemas"]
+        with api_client() as client:
+            gateless = client.post(f"{url}/v1/route", files={"file": ("x", uploads["oct"][0])})
+    finally:
+        serve.delete("routed")
+    for task, responses in answers.items():
+        for r in responses:
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["status"] == "ok" and [a["task"] for a in body["answers"]] == [task], body
+            assert body["answers"][0]["gate"]["verdict"] == "passed" and body["answers"][0]["labels"]
+    for r in outside:
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "out_of_scope" and body["answers"] == [], body
+        assert body["reason"].startswith("glaucoma: ") and "; oct: " in body["reason"], body
+    assert outside[1].json()["reason"].endswith("; DICOM modality OP")
+    assert schemas["Routed"]["properties"]["status"]["enum"] == ["ok", "out_of_scope"]
+    assert gateless.status_code == 409 and "has none" in gateless.json()["detail"]

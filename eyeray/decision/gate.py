@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from eyeray.data import quality
+from eyeray.tasks import TASKS, get_task
 
 OUT_OF_DISTRIBUTION = "out_of_distribution"
 UNGRADABLE = "ungradable"
@@ -171,6 +172,27 @@ def combine(verdicts: list[Verdict]) -> Verdict:
     scores = np.stack([v.score for v in verdicts])
     score = np.full(scores.shape[1], np.nan) if np.isnan(scores).all() else np.nanmax(scores, axis=0)
     return Verdict(worst, reason, score)
+
+
+def routes_to(task: str, verdicts, modality) -> np.ndarray:
+    """Whether each image goes to `task` when several tasks share a run or a service: bool (n,).
+    Its gate accepted the image and, for a DICOM file whose header names a modality eyeray knows
+    (`modality`; "" for none), the task takes that modality (`TaskSpec.dicom_modalities`: OPT to
+    OCT, OP to the fundus tasks): the header is a hint the gate cannot overrule, and the gate still
+    checks what the header lets through."""
+    verdicts, modality = np.asarray(verdicts, object), np.asarray(modality, object)
+    known = (modality != "") & np.isin(modality, [m for s in TASKS.values() for m in s.dicom_modalities])
+    return ~np.isin(verdicts, DECLINING) & (~known | np.isin(modality, get_task(task).dicom_modalities))
+
+
+def out_of_scope_reason(verdicts: dict[str, tuple[str, str, float | None]], modality: str = "") -> str:
+    """Why no task answered an image, from each task's (verdict, reason, score): e.g.
+    "oct: out_of_distribution (2.30); glaucoma: ungradable (blurred); DICOM modality XC"."""
+    parts = [
+        f"{t}: {verdict}" + (f" ({reason})" if reason else f" ({score:.2f})" if score is not None else "")
+        for t, (verdict, reason, score) in verdicts.items()
+    ]
+    return "; ".join(parts) + (f"; DICOM modality {modality}" if modality else "")
 
 
 def _explain(verdict: str, reason: str) -> str:

@@ -73,6 +73,13 @@ def _cut(score: np.ndarray, lowest_referred: float) -> float:
     return float((lowest_referred + below.max()) / 2)
 
 
+# the rate each referral rule guards: (metric, who it counts, the ROC point of the point-estimate rule)
+_GUARDED = {
+    "referral_sensitivity": ("sensitivity", "referable", roc.roc_point_at_sensitivity),
+    "referral_specificity": ("specificity", "non-referable", roc.roc_point_at_specificity),
+}
+
+
 def lower_bound(successes: int, trials: int, confidence: float = CONFIDENCE) -> float:
     """One-sided Clopper-Pearson lower confidence bound of a binomial proportion: with this
     confidence, the true rate is at least this, having seen `successes` of `trials`."""
@@ -123,13 +130,6 @@ def validation_shortfall(spec: TaskSpec, y_val, confidence: float | None, val_fr
     )
 
 
-# the rate each referral rule guards: (metric, who it counts, the ROC point of the point-estimate rule)
-_GUARDED = {
-    "referral_sensitivity": ("sensitivity", "referable", roc.roc_point_at_sensitivity),
-    "referral_specificity": ("specificity", "non-referable", roc.roc_point_at_specificity),
-}
-
-
 def _certified_point(name: str, y: np.ndarray, score: np.ndarray, target: float, confidence: float):
     """(lowest referred score, certified section) of the certified rule `name` (see the module doc)."""
     metric, who, _ = _GUARDED[name]
@@ -137,11 +137,15 @@ def _certified_point(name: str, y: np.ndarray, score: np.ndarray, target: float,
     fpr, tpr, thresholds = roc_curve(y, score, drop_intermediate=False)
     guarded = int(y.sum()) if metric == "sensitivity" else int(len(y) - y.sum())
     hits = np.rint((tpr if metric == "sensitivity" else 1 - fpr) * guarded).astype(int)
-    bounds = np.array([lower_bound(int(k), guarded, confidence) for k in hits])
+    from scipy.stats import beta
+
+    # lower_bound at every point of the curve at once (thousands of validation images: thousands of points)
+    bounds = np.where(hits > 0, beta.ppf(1 - confidence, np.maximum(hits, 1), guarded - hits + 1), 0.0)
     ok = np.flatnonzero(bounds >= target)
-    # sensitivity grows along the curve (take the first that certifies), specificity falls (the last)
-    best = np.flatnonzero(bounds == bounds.max())
-    i = (ok[0] if metric == "sensitivity" else ok[-1]) if ok.size else (best[0] if metric == "sensitivity" else best[-1])
+    # sensitivity grows along the curve (take the first point that certifies), specificity falls (the last);
+    # none certifies: the same end of the points with the best bound (all of the guarded group safe)
+    candidates = ok if ok.size else np.flatnonzero(bounds == bounds.max())
+    i = candidates[0] if metric == "sensitivity" else candidates[-1]
     bound = float(bounds[i])
     certified = {
         "metric": metric,

@@ -340,7 +340,8 @@ def _operating_point(op: Mapping[str, Any] | None) -> dict[str, Any]:
     at_half = next((k for k in test if k.startswith("f1_at_")), None)
     text = f"{op['rule']}{target}: one threshold per label on calibrated probabilities ({chosen})."
     positives = op.get("positives") or {}
-    columns = ["label", "threshold", "validation positives", "validation F1", "test F1", "test precision", "test recall"]
+    columns = ["label", "threshold", "validation positives", "validation F1"]
+    columns += ["test F1", "test precision", "test recall"]
     columns += [f"test F1 at {at_half.removeprefix('f1_at_')}"] if at_half else []
     rows = [
         [
@@ -357,7 +358,7 @@ def _operating_point(op: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def _rate_ci(achieved: Mapping[str, Any], rate: str) -> str:
-    """"0.931 (0.873 – 0.968)": a rate with its exact 95 % interval (counts-based; older runs: the rate alone)."""
+    """ "0.931 (0.873 – 0.968)": a rate with its exact 95 % interval (counts-based; older runs: the rate alone)."""
     ci = achieved.get(f"{rate}_ci95")
     return _num(achieved.get(rate)) + (f" ({ci[0]:.3f} – {ci[1]:.3f})" if ci else "")
 

@@ -25,7 +25,6 @@ import numpy as np
 
 from eyeray.decision import gate
 from eyeray.model.bundle import BundleError, check_compatible
-from eyeray.tasks import TASKS, get_task
 
 SEPARATOR = "::"  # task-prefixed columns between the model stage and the shard writer: "oct::label"
 
@@ -61,17 +60,10 @@ def group(manifests: list[dict[str, Any]], gate_on: bool = True) -> list[TaskGro
 
 
 def routed(columns: dict[str, np.ndarray], tasks: list[str]) -> dict[str, np.ndarray]:
-    """Per task, whether it answers each row: bool (n,). Its gate accepted the image and, for a
-    DICOM file whose header names a modality (`modality`), the task takes that modality
-    (`TaskSpec.dicom_modalities`: OPT to OCT, OP to the fundus tasks); the header is a hint the gate
-    cannot overrule, and the gate still checks what the header lets through."""
+    """Per task, whether it answers each row: bool (n,), by `eyeray.decision.gate.routes_to` (its
+    gate accepted the image, and a DICOM header's modality, when it names one, is the task's)."""
     modality = np.asarray(columns.get("modality", np.full(len(columns["path"]), "", object)), object)
-    out = {}
-    for t in tasks:
-        accepted = ~np.isin(np.asarray(columns[f"{t}{SEPARATOR}gate"], object), gate.DECLINING)
-        known = (modality != "") & np.isin(modality, [m for s in TASKS.values() for m in s.dicom_modalities])
-        out[t] = accepted & (~known | np.isin(modality, get_task(t).dicom_modalities))
-    return out
+    return {t: gate.routes_to(t, columns[f"{t}{SEPARATOR}gate"], modality) for t in tasks}
 
 
 def task_columns(columns: dict[str, np.ndarray], task: str) -> dict[str, np.ndarray]:
@@ -82,12 +74,9 @@ def task_columns(columns: dict[str, np.ndarray], task: str) -> dict[str, np.ndar
 
 
 def out_of_scope_reason(columns: dict[str, np.ndarray], tasks: list[str], row: int) -> str:
-    """Why no task answered a row: each task's verdict, e.g. "oct: out_of_distribution (2.3); glaucoma: ..."."""
-    parts = []
-    for t in tasks:
-        verdict = str(columns[f"{t}{SEPARATOR}gate"][row])
-        reason = str(columns[f"{t}{SEPARATOR}gate_reason"][row])
-        score = float(columns[f"{t}{SEPARATOR}gate_score"][row])
-        parts.append(f"{t}: {verdict}" + (f" ({reason})" if reason else f" ({score:.2f})"))
-    modality = str(columns.get("modality", [""] * (row + 1))[row])
-    return "; ".join(parts) + (f"; DICOM modality {modality}" if modality else "")
+    """Why no task answered a row: each task's verdict (`eyeray.decision.gate.out_of_scope_reason`)."""
+    verdicts = {
+        t: tuple(columns[f"{t}{SEPARATOR}{k}"][row] for k in ("gate", "gate_reason", "gate_score")) for t in tasks
+    }
+    verdicts = {t: (str(v), str(r), float(s)) for t, (v, r, s) in verdicts.items()}
+    return gate.out_of_scope_reason(verdicts, str(columns.get("modality", [""] * (row + 1))[row]))

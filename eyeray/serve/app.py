@@ -43,7 +43,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from eyeray import __version__
 from eyeray.data import imaging
-from eyeray.decision import operating_points
+from eyeray.decision import gate, operating_points
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW, decide
 from eyeray.model.overlay import overlay_png
 
@@ -142,6 +142,17 @@ class Prediction(BaseModel):
     operating_point: dict[str, Any] | None = Field(description="rule and threshold(s) used, and where they come from")
     bundle_version: str
     batch_size: int = Field(description="requests scored in the same model call as this one")
+
+
+class Routed(BaseModel):
+    status: Literal["ok", "out_of_scope"] = Field(
+        description="ok: at least one task answered; out_of_scope: no task's gate accepted the image"
+    )
+    answers: list[Prediction] = Field(
+        description="one answer per task whose gate accepted the image (and, for DICOM, whose modality its header "
+        "names), as POST /v1/{task}/predict gives it; a fundus photo can get glaucoma and ODIR answers"
+    )
+    reason: str = Field(description="out_of_scope: each task's verdict; empty otherwise")
 
 
 class Explanation(Prediction):
@@ -362,10 +373,12 @@ class Api:
         max_body_bytes: int,
         max_pixels: int,
         thresholds: dict[str, str] | None = None,
+        gate_on: bool = True,
     ):
         from ray.util import metrics
 
         self.models, self.manifests, self.default_thresholds = models, manifests, dict(thresholds or {})
+        self.gate_on = gate_on
         self.max_body_bytes, self.max_pixels = max_body_bytes, max_pixels  # max_pixels: caps each bundle's own
         self.token = read_token()
         if self.token is None:
@@ -405,6 +418,50 @@ class Api:
         alpha: float = Query(0.5, ge=0, le=1, description="heatmap opacity where the heat is highest"),
     ) -> dict[str, Any]:
         return await self._answer(task, request, thresholds, explain=(class_name, alpha))
+
+    @app.post(
+        "/v1/route", response_model=Routed, responses={**REJECTIONS, 409: {"model": Problem}}, openapi_extra=UPLOAD_BODY
+    )
+    async def route(self, request: Request) -> dict[str, Any]:
+        """A mixed archive's upload: every task's model scores it and the tasks whose gate accepts it
+        answer (`eyeray.decision.gate.routes_to`, as `eyeray score` routes with several bundles)."""
+        start, status, label = time.perf_counter(), 500, "-"
+        try:
+            self._authorize(request)
+            without = [f"{t} {m['version']}" for t, m in sorted(self.manifests.items()) if not m.get("gate")]
+            if not self.gate_on or without:
+                why = "the service runs with the gate off" if not self.gate_on else f"{', '.join(without)} has none"
+                raise HTTPException(409, f"routing sends an image to the tasks whose gate accepts it, and {why}")
+            data = await self._read_image(request)
+            modality = await run_in_threadpool(imaging.dicom_modality, data)
+            tasks = sorted(self.models)
+            answers = await asyncio.gather(*(self._score(t, data) for t in tasks))
+            routed = {t: bool(gate.routes_to(t, [a["gate"]["verdict"]], [modality])[0]) for t, a in zip(tasks, answers)}
+            chosen = [a for t, a in zip(tasks, answers) if routed[t]]
+            verdicts = {
+                t: (a["gate"]["verdict"], a["gate"]["reason"], a["gate"]["score"]) for t, a in zip(tasks, answers)
+            }
+            status, label = 200, ",".join(t for t in tasks if routed[t]) or gate.OUT_OF_SCOPE
+            return {
+                "status": "ok" if chosen else gate.OUT_OF_SCOPE,
+                "answers": chosen,
+                "reason": "" if chosen else gate.out_of_scope_reason(verdicts, modality),
+            }
+        except HTTPException as exc:
+            status = exc.status_code
+            raise
+        except Exception as exc:
+            status = 503 if isinstance(exc, RayError) else 500
+            raise
+        finally:
+            tags = {"task": "route", "status": str(status)}
+            self.requests.inc(tags={**tags, "label": label})
+            self.latency.observe(time.perf_counter() - start, tags=tags)
+
+    async def _score(self, task: str, data: bytes) -> dict[str, Any]:
+        """One task's answer for an upload: decoded by its bundle's preprocessing, at its deployment's thresholds."""
+        _, image, size = await run_in_threadpool(decode_upload, data, self.manifests[task], self.max_pixels, False)
+        return await self.models[task].predict.remote((image, self._thresholds(task, None), size))
 
     async def _answer(
         self, task: str, request: Request, thresholds_text: str | None, explain: tuple[str | None, float] | None = None
@@ -540,7 +597,7 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
     if args.ingress_env:
         ingress_actor["runtime_env"] = {"env_vars": dict(args.ingress_env)}
     return Api.options(name=INGRESS, ray_actor_options=ingress_actor).bind(
-        models, manifests, args.max_body_bytes, args.max_pixels, args.thresholds
+        models, manifests, args.max_body_bytes, args.max_pixels, args.thresholds, args.gate
     )
 
 
