@@ -184,6 +184,56 @@ def test_odir_official_score_by_hand():
     json.dumps(m, allow_nan=False)
 
 
+def test_oct_metrics_take_scores_whose_rows_do_not_sum_to_one():
+    """Logits, votes or rounded outputs: the one-vs-rest macro AUC needs no normalised rows; on
+    probabilities it equals scikit-learn's multi_class="ovr" (which refuses anything else)."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    y = np.eye(4)[np.arange(40) % 4]
+    probs = rng.dirichlet(np.ones(4), 40) * 0.5 + 0.5 * y
+    m = compute_metrics(OCT, y, probs)
+    want = roc_auc_score(y.argmax(axis=1), probs, multi_class="ovr", average="macro")
+    assert m["auc"] == pytest.approx(want, abs=1e-12)
+    scaled = probs * np.array([2.0, 3.0, 0.5, 7.0])  # rows no longer sum to 1; each column's order kept
+    assert compute_metrics(OCT, y, scaled)["auc"] == pytest.approx(want, abs=1e-12)
+
+
+def official_odir_metrics(gt_data, pr_data):
+    """ODIR-2019's `ODIR_Metrics`, as the organisers' ODIR_evaluation.py has it (th = 0.5, `pr > th`)."""
+    from sklearn import metrics
+
+    th = 0.5
+    gt = gt_data.flatten()
+    pr = pr_data.flatten()
+    kappa = metrics.cohen_kappa_score(gt, pr > th)
+    f1 = metrics.f1_score(gt, pr > th, average="micro")
+    auc = metrics.roc_auc_score(gt, pr)
+    final_score = (kappa + f1 + auc) / 3.0
+    return kappa, f1, auc, final_score
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_odir_scores_equal_the_official_evaluation_code(seed):
+    """Random cases, and adversarial ones: probabilities of exactly 0.5 (a zero logit), which the
+    official code counts as negative, and a few distinct values only (many ties)."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 40))
+    y = (rng.random((n, 8)) < rng.uniform(0.1, 0.6)).astype(int)
+    y[0, 0], y[1, 0] = 1, 0  # both outcomes, so the AUC is defined
+    kind = seed % 3
+    p = rng.random((n, 8)) if kind == 0 else rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], (n, 8))
+    if kind == 2:
+        p[rng.random((n, 8)) < 0.5] = 0.5
+    m = compute_metrics(ODIR, y, p)
+    want = official_odir_metrics(y, p)
+    got = (m["kappa"], m["f1"], m["auc"], m["odir_score"])
+    if any(v is None for v in got):  # eyeray: None + a note where kappa is undefined (official: NaN)
+        assert np.isnan(want[0]) and m["notes"], (got, want)
+        return
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
 def test_odir_thresholds_change_predictions():
     # O threshold 0.65: patient 1's O (.6) is no longer positive.
     # Flattened: TP 2, FP 0, FN 1, TN 13. po = 240/256, pe = (3*2 + 13*14)/256 = 188/256

@@ -76,9 +76,11 @@ def _positive_case(spec: TaskSpec, y_true, probs) -> tuple[np.ndarray, np.ndarra
 
 
 def _flat_case(spec: TaskSpec, y_true, probs, thresholds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The n*C flattened labels, scores and decisions the ODIR-2019 score is computed on."""
+    """The n*C flattened labels, scores and decisions the ODIR-2019 score is computed on. The
+    decisions are the official evaluation's `pr > th` (ODIR_evaluation.py, `ODIR_Metrics`), not
+    eyeray's `>=`: they differ on a probability of exactly the threshold (a zero logit gives 0.5)."""
     y, p = check_labels(spec, y_true, probs)
-    return y.ravel(), p.ravel(), decisions(spec, p, thresholds).ravel()
+    return y.ravel(), p.ravel(), (p > label_thresholds(spec, thresholds)).astype(int).ravel()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +139,9 @@ def odir_kappa(spec: TaskSpec, y_true, probs, thresholds=None) -> float:
 def odir_f1(spec: TaskSpec, y_true, probs, thresholds=None) -> float:
     """ODIR-2019 'F1': `f1_score(gt, pr > th, average='micro')` on the flattened matrix.
 
-    Micro-averaged over both label values, so it equals the flattened accuracy; kept exactly as
-    the official evaluation code computes it so scores compare with the ODIR leaderboard.
+    Micro-averaged over both label values, so it equals the flattened accuracy; kept as the
+    official evaluation code computes it (`>` included). The challenge scored one row per patient
+    (both eyes); on per-eye rows this is the same formula on other rows, not a leaderboard figure.
     """
     y, _, d = _flat_case(spec, y_true, probs, thresholds)
     return float(f1_score(y, d, average="micro"))
@@ -195,8 +198,9 @@ def _single_label_auc(spec: TaskSpec, y: np.ndarray, p: np.ndarray) -> float:
     absent = [c for c, count in zip(spec.classes, y.sum(axis=0)) if count == 0]
     if absent:
         raise UndefinedMetric(f"one-vs-rest AUC needs every class in y_true; absent: {', '.join(absent)}")
-    labels = list(range(spec.num_classes))
-    return float(roc_auc_score(y.argmax(axis=1), p, multi_class="ovr", average="macro", labels=labels))
+    # the mean of the per-class binary AUCs: scikit-learn's multi_class="ovr" macro AUC, which
+    # refuses scores whose rows do not sum to 1 (an ensemble's votes, logits, rounded outputs)
+    return float(np.mean([roc_auc_score(y[:, k], p[:, k]) for k in range(spec.num_classes)]))
 
 
 def _accuracy(spec: TaskSpec, y, d) -> float:
