@@ -278,6 +278,9 @@ def test_bad_requests_get_4xx_with_a_reason_and_the_service_stays_up(url, oct_sa
             response = client.request(method, f"{url}{path}", content=sample)
             assert response.status_code == status and response.json()["detail"], (path, response.text)
         assert "retina" in client.post(f"{url}/v1/retina/predict", content=sample).json()["detail"]
+        for params, words in (({"alpha": "2"}, "query alpha: "), ({"class": ""}, "query class: ")):
+            response = client.post(f"{url}/v1/oct/explain", params=params, files={"file": ("s", sample)})
+            assert response.status_code == 422 and response.json()["detail"].startswith(words), response.text
         assert client.get(f"{url}/healthz").json()["status"] == "ok"
         answer = predict(client, url, "oct", sample)
         assert answer.status_code == 200 and answer.json()["label"] in get_task("oct").classes

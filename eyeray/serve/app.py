@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -320,6 +321,14 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"internal error ({type(exc).__name__})"}, status_code=500)
 
 
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A bad query parameter: 422 with one `detail` string, as the schema (`Problem`) says, instead
+    of FastAPI's list of errors."""
+    parts = [f"{' '.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+
 def check_thresholds(manifest: dict[str, Any], text: str | None) -> Any:
     """Parse a threshold override and check the bundle can take it (a dry run of its decision)."""
     thresholds = operating_points.parse_thresholds(text)
@@ -413,7 +422,10 @@ class Api:
         request: Request,
         thresholds: str | None = THRESHOLDS_QUERY,
         class_name: str | None = Query(
-            None, alias="class", description="class to explain (default: the decided class the model is most sure of)"
+            None,
+            alias="class",
+            min_length=1,
+            description="class to explain (default: the decided class the model is most sure of)",
         ),
         alpha: float = Query(0.5, ge=0, le=1, description="heatmap opacity where the heat is highest"),
     ) -> dict[str, Any]:
