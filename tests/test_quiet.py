@@ -126,6 +126,22 @@ def test_epoch_line():
     line = epoch_line(metrics, 15, "macro_f1", eta_s=95)
     assert line == "epoch 3/15 head: loss 0.523, val_loss 0.481, val_macro_f1 0.812, 61 img/s, ETA 1:35"
     assert "ETA" not in epoch_line({**metrics, "val_macro_f1": None}, 15, "macro_f1", None)
+    later = epoch_line(metrics, 15, "macro_f1", eta_s=2, untimed="10 fine_tune epochs")
+    assert later.endswith(", ETA 0:02 + 10 fine_tune epochs not timed yet")
+
+
+def test_the_eta_is_per_phase_and_names_the_phases_it_cannot_time_yet():
+    """A head epoch on cached features takes a second and a fine-tuning epoch minutes: the head's
+    pace must not stand for the fine-tuning's (a real run printed "ETA 0:18" with 10 minutes to go)."""
+    from eyeray.train.progress import EpochLog
+
+    two_phase = EpochLog([("head", 10), ("fine_tune", 10)], "macro_f1")
+    assert two_phase.total_epochs == 20
+    assert two_phase.remaining("head", 4, 1.0) == (6.0, "10 fine_tune epochs")
+    assert two_phase.remaining("head", 10, 1.0) == (0.0, "10 fine_tune epochs")
+    assert two_phase.remaining("fine_tune", 12, 60.0) == (480.0, "")
+    assert EpochLog([("head", 3), ("fine_tune", 1)], "f1").remaining("head", 1, 2.0) == (4.0, "1 fine_tune epoch")
+    assert EpochLog([("full", 15)], "macro_f1").remaining("full", 5, 3.0) == (30.0, "")
 
 
 QUIET_PROBE = """

@@ -56,10 +56,12 @@ def _run_config(cfg: TrainConfig, callbacks: list | None = None) -> RunConfig:
 
 def _epoch_log(cfg: TrainConfig):
     """One line per epoch on the driver's console (eyeray.train.progress), a sweep trial's named."""
+    from eyeray.model.build import phases
     from eyeray.train.progress import EpochLog
 
     label = f"{Path(cfg.output).name}: " if "/trials/" in cfg.output.replace(os.sep, "/") else ""
-    return EpochLog(cfg.epochs + cfg.fine_tune_epochs, get_task(cfg.task).selection_metric, label)
+    plan = phases(cfg.weights not in (None, "none"), cfg.epochs, cfg.fine_tune_epochs)
+    return EpochLog(plan, get_task(cfg.task).selection_metric, label)
 
 
 def _check_output(cfg: TrainConfig) -> None:
