@@ -75,6 +75,29 @@ def test_warm_up_traces_every_size_so_calls_trace_nothing(model, images):
     assert run.traces == len(compiled.buckets(BATCH))
 
 
+def test_tensorflows_retracing_warning_is_dropped_for_the_padded_sizes_only(model, images):
+    """A warm-up of batch 16 traces 5 sizes, which TensorFlow's counter calls retracing (a 700-character
+    warning in every Serve replica's log); another function's retracing still gets through."""
+    import logging
+
+    import tensorflow as tf
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    tf_log = logging.getLogger("tensorflow")
+    tf_log.addHandler(handler)
+    try:
+        compiled.CompiledModel(model).warm_up(BATCH)
+        square = tf.function(lambda x: x * x)
+        for n in range(1, 8):  # a new shape every call: real retracing
+            square(tf.zeros((n,)))
+    finally:
+        tf_log.removeHandler(handler)
+    retracing = [r for r in records if "triggered tf.function retracing" in r]
+    assert retracing and not [r for r in retracing if "CompiledModel._forward" in r], retracing
+
+
 MIXED_CHILD = r"""
 import json, sys
 import numpy as np

@@ -64,6 +64,16 @@ def enable_mixed_precision() -> str | None:
     return dtype
 
 
+class _BoundedRetracing(logging.Filter):
+    """Drops TensorFlow's "N of the last M calls to CompiledModel._forward triggered tf.function
+    retracing" warning: those traces are one per padded size by design (`buckets`), not the
+    unbounded retracing the warning is about. Other functions' retracing warnings still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("triggered tf.function retracing" in message and "CompiledModel._forward" in message)
+
+
 def _outputs(out) -> tuple:
     return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
@@ -91,6 +101,9 @@ class CompiledModel:
         self.multi_output = isinstance(model.output_shape, list)
         self.input_dtype = np.dtype(getattr(model.inputs[0], "dtype", "float32") if model.inputs else "float32")
         self._function = tf.function(self._forward, jit_compile=jit_compile, reduce_retracing=False)
+        tf_log = logging.getLogger("tensorflow")
+        if not any(isinstance(f, _BoundedRetracing) for f in tf_log.filters):
+            tf_log.addFilter(_BoundedRetracing())
 
     def _forward(self, images):
         import tensorflow as tf

@@ -94,7 +94,8 @@ def cache_features(cfg: TrainConfig, splits: dict[str, ray.data.Dataset]) -> Cac
             mixed_precision=cfg.mixed_precision,
         ),
         batch_size=cfg.batch_size,
-        concurrency=1,  # one actor also on GPUs: a 2-worker GPU run with one per worker stalled in CI (open)
+        # one actor also on GPUs: a 2-worker GPU run with one per worker stalled in CI (open)
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=1,
         **({"num_gpus": 1} if cfg.use_gpu else {}),
     )
