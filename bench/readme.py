@@ -545,7 +545,7 @@ def gate() -> str | None:
 
 
 def guarded_rate(achieved: dict | None, metric: str) -> str:
-    """"0.971 (33/34)": a run's test sensitivity (or specificity) with its counts."""
+    """ "0.971 (33/34)": a run's test sensitivity (or specificity) with its counts."""
     if not achieved:
         return "–"
     if metric == "sensitivity":

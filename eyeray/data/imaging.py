@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 import warnings
 from typing import Any
 
@@ -49,6 +50,8 @@ DEFAULT_RESIZE = "bilinear"  # what training uses, as the seeds did
 # levels, as the last resize then interpolates rather than averages. 2x is also Pillow's own default
 # for the same trade-off (`Image.thumbnail(reducing_gap=2.0)`).
 DRAFT_MARGIN = 2.0
+# JPEG start-of-frame markers (SOF0-15 less DHT, JPG and DAC; JPEG-LS's SOF55): they carry the image size.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}
 # EXIF orientations that swap width and height (transpose, rotate 90 / 270, transverse).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
@@ -58,7 +61,27 @@ class DecodeError(ValueError):
 
 
 def is_dicom(data: bytes) -> bool:
+    """A DICOM file ("DICM" after the 128-byte preamble) or a bare dataset written without them."""
+    return _has_magic(data) or _looks_like_dataset(data)
+
+
+def _has_magic(data: bytes) -> bool:
     return data[DICOM_MAGIC_OFFSET : DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def _looks_like_dataset(data: bytes) -> bool:
+    """A DICOM dataset without preamble and "DICM" (older files, some PACS exports) starts with a
+    little-endian (0002,00xx) file meta or (0008,00xx) identification element, then either an
+    explicit VR (two capital letters) or an implicit VR's short, even, non-zero length (a TGA with
+    an 8-byte ID has zeros there). Tight enough that no other format or random bytes pass, which
+    pydicom's `force=True` alone would read as DICOM."""
+    if len(data) < 8:
+        return False
+    group, element, length = struct.unpack_from("<HHI", data)
+    if group not in (0x0002, 0x0008) or element > 0x00FF:
+        return False
+    vr = data[4:6]
+    return (vr.isalpha() and vr.isupper()) or (0 < length <= 1024 and length % 2 == 0)
 
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
@@ -123,10 +146,12 @@ def _reason(exc: Exception) -> str:
     return f"image too large (decompression bomb limit): {exc}"
 
 
-def _check_size(size: tuple[int, int], max_pixels: int) -> None:
+def _check_size(size: tuple[int, int], max_pixels: int, frames: int = 1) -> None:
+    """`frames`: a volume counts every frame, whichever one is decoded."""
     w, h = size
-    if w * h > max_pixels:
-        raise DecodeError(f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
+    if w * h * frames > max_pixels:
+        shape = f"{frames} frames of {w}x{h}" if frames > 1 else f"{w}x{h}"
+        raise DecodeError(f"image too large: {shape} = {w * h * frames} pixels > limit {max_pixels}")
     if w < 1 or h < 1:
         raise DecodeError(f"image has no pixels: {w}x{h}")
 
@@ -141,10 +166,11 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return gray_to_rgb(arr)
 
 
-def scale_to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Min-max scale a high-bit-depth image into 0..255 (12/16-bit OCT and DICOM)."""
+def scale_to_uint8(arr: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    """Scale a high-bit-depth image into 0..255 (12/16-bit OCT and DICOM): `value_range` (lo, hi)
+    onto 0..255, or by default its own min-max."""
     arr = arr.astype(np.float64)
-    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    lo, hi = value_range or (float(np.nanmin(arr)), float(np.nanmax(arr)))
     if hi <= lo:
         return np.zeros(arr.shape, np.uint8)
     return np.round((arr - lo) * (255.0 / (hi - lo))).astype(np.uint8)
@@ -159,32 +185,157 @@ def gray_to_rgb(arr: np.ndarray) -> np.ndarray:
 
 
 def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
+    """Render a DICOM image as a viewer shows it (`_render_dicom`); a file eyeray cannot render
+    faithfully is a `DecodeError` with the reason, never a wrong picture."""
     try:
-        import pydicom
-        from pydicom.pixels import apply_voi_lut
+        from pydicom import pixels
+        from pydicom.encaps import get_frame
     except ImportError:  # pragma: no cover - pydicom is a core dependency
         raise DecodeError("DICOM support needs pydicom") from None
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
-        if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-            raise DecodeError("DICOM without pixel data (a report, structured document or key object)")
-        _check_size((int(ds.Columns), int(ds.Rows)), max_pixels)
-        arr = ds.pixel_array
-    except DecodeError:
-        raise
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            ds = _read_dicom(data)
     except Exception as exc:  # pydicom raises many types for bad or unsupported files
         raise DecodeError(f"unreadable DICOM: {exc}") from None
-    if getattr(ds, "NumberOfFrames", 1) not in (None, 1) and arr.ndim >= 3 and arr.shape[0] > 1:
-        arr = arr[arr.shape[0] // 2]  # a volume: the central frame
-    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    if photometric.startswith("MONOCHROME"):
-        arr = apply_voi_lut(arr, ds)  # the window the modality intended, when it set one
-        arr = scale_to_uint8(arr)
-        if photometric == "MONOCHROME1":  # 0 means white
-            arr = 255 - arr
-    elif arr.dtype != np.uint8:
-        arr = scale_to_uint8(arr)
-    return gray_to_rgb(arr)
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if warned:  # a truncated file reads as a dataset without its last elements, and a warning
+            raise DecodeError(f"unreadable DICOM: {warned[-1].message}")
+        raise DecodeError("DICOM without pixel data (a report, structured document or key object)")
+    if "PixelData" not in ds:
+        raise DecodeError("DICOM float pixel data (a parametric map) is not supported")
+    rows, columns = _header_int(ds, "Rows"), _header_int(ds, "Columns")
+    frames = _header_int(ds, "NumberOfFrames", 1) or 1  # pydicom reads 0 and empty as one frame too
+    _check_size((columns, rows), max_pixels, frames)  # before anything is decoded or expanded
+    uid = _transfer_syntax(ds)
+    try:
+        decoder = pixels.get_decoder(uid)
+    except NotImplementedError:
+        raise DecodeError(f"no decoder for transfer syntax {uid} ({uid.name}) in pydicom") from None
+    if not decoder.is_available:
+        needs = "; or ".join(decoder.missing_dependencies)
+        raise DecodeError(f"no decoder for transfer syntax {uid} ({uid.name}); install {needs}")
+    index = frames // 2  # a volume: its central frame, decoded alone
+    options = pixels.as_pixel_options(ds, number_of_frames=frames)
+    try:
+        if uid.is_encapsulated:
+            offsets = options.get("extended_offsets")
+            _check_stream_size(
+                get_frame(ds.PixelData, index, extended_offsets=offsets, number_of_frames=frames), rows, columns
+            )
+        arr, decoded = decoder.as_array(ds, index=index, **options)
+        return gray_to_rgb(_render_dicom(arr, ds, str(decoded["photometric_interpretation"]), index))
+    except DecodeError:
+        raise
+    except Exception as exc:  # a corrupt stream, a plugin's failure, a malformed LUT
+        raise DecodeError(f"unreadable DICOM: {exc}") from None
+
+
+def _check_stream_size(frame: bytes, rows: int, columns: int) -> None:
+    """A JPEG, JPEG-LS or JPEG 2000 decoder allocates what the frame's own header declares, whatever
+    the DICOM header (which `_check_size` checked) says; they must agree, or a small file is a
+    decompression bomb. RLE and other streams are decoded into the DICOM header's size."""
+    size = None
+    if frame[:2] == b"\xff\xd8":  # JPEG and JPEG-LS: walk the marker segments to the start of frame
+        i = 2
+        while size is None and i + 9 <= len(frame) and frame[i] == 0xFF:
+            if frame[i + 1] in _JPEG_SOF:
+                size = struct.unpack_from(">HH", frame, i + 5)  # Y, X
+            i += 1 if frame[i + 1] == 0xFF else 2 + struct.unpack_from(">H", frame, i + 2)[0]
+    elif (at := frame.find(b"\xff\x4f\xff\x51")) >= 0 and at + 24 <= len(frame):  # JPEG 2000: SOC, SIZ
+        width, height, x0, y0 = struct.unpack_from(">IIII", frame, at + 8)
+        size = (height - y0, width - x0)
+    if size is not None and tuple(size) != (rows, columns):
+        raise DecodeError(f"DICOM frame's compressed stream is {size[1]}x{size[0]}, its header {columns}x{rows}")
+
+
+def _read_dicom(data: bytes, **kwargs: Any) -> Any:
+    """`pydicom.dcmread`; `force` only for a dataset without the preamble and "DICM" (`is_dicom`)."""
+    import pydicom
+
+    return pydicom.dcmread(io.BytesIO(data), force=not _has_magic(data), **kwargs)
+
+
+def _header_int(ds: Any, keyword: str, default: int | None = None) -> int:
+    value = ds.get(keyword, default)
+    if value is None:
+        raise DecodeError(f"DICOM pixel data without {keyword}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise DecodeError(f"DICOM with an invalid {keyword}: {value!r}") from None
+
+
+def _transfer_syntax(ds: Any) -> Any:
+    """The file meta's transfer syntax; a dataset written without file meta has none, but its
+    uncompressed pixel data is in the encoding pydicom read the dataset with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    uid = ds.get("file_meta", {}).get("TransferSyntaxUID")
+    if uid:
+        return uid
+    implicit, little = ds.original_encoding
+    if ds["PixelData"].is_undefined_length or little is None:
+        raise DecodeError("compressed DICOM pixel data without a transfer syntax (no file meta)")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = (
+        (ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian) if little else ExplicitVRBigEndian
+    )
+    return ds.file_meta.TransferSyntaxUID
+
+
+def _render_dicom(arr: np.ndarray, ds: Any, photometric: str, index: int) -> np.ndarray:
+    """One decoded frame -> uint8, in the order the standard renders it: grey through the modality
+    LUT (rescale), the VOI LUT or window, then MONOCHROME1's inversion; palette through its colour
+    LUT. pydicom's decoders already return YBR (FULL, 422, ICT, RCT) as RGB and say so in
+    `photometric`; any other colour space is refused."""
+    from pydicom import pixels
+
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB"):
+        raise DecodeError(f"unsupported DICOM photometric interpretation {photometric}")
+    if arr.ndim != (3 if photometric == "RGB" else 2):
+        raise DecodeError(f"DICOM {photometric} with pixels shaped {arr.shape}")
+    if photometric == "PALETTE COLOR":
+        rgb = pixels.apply_color_lut(arr, ds)  # 8- or 16-bit entries
+        return (rgb >> (8 * rgb.dtype.itemsize - 8)).astype(np.uint8)
+    if photometric == "RGB":  # 16-bit samples are 8-bit ones scaled up (v * 257): their high byte, as viewers show
+        return arr if arr.dtype.itemsize == 1 else (arr >> (_header_int(ds, "BitsStored") - 8)).astype(np.uint8)
+    _lift_functional_groups(ds, index)
+    out = _apply_voi(pixels.apply_modality_lut(arr, ds), ds)
+    return 255 - out if photometric == "MONOCHROME1" else out  # 0 means white
+
+
+def _lift_functional_groups(ds: Any, index: int) -> None:
+    """Enhanced multi-frame files (ophthalmic tomography, enhanced CT and MR) keep the rescale and
+    window in functional groups, shared or per frame, where pydicom's LUT functions do not look:
+    copy the frame's onto the dataset."""
+    for groups, i in (("SharedFunctionalGroupsSequence", 0), ("PerFrameFunctionalGroupsSequence", index)):
+        items = ds.get(groups) or []
+        for name in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
+            for item in (items[i].get(name) or []) if i < len(items) else []:
+                ds.update(item)
+
+
+def _apply_voi(arr: np.ndarray, ds: Any) -> np.ndarray:
+    """The VOI LUT (preferred, as pydicom's `apply_voi_lut` does) or window, its whole output range
+    mapped onto 0..255 as a viewer shows it: a slice that lies entirely above its window is white,
+    not stretched or black. Min-max when the file sets neither."""
+    from pydicom import pixels
+
+    luts = ds.get("VOILUTSequence")
+    if luts and "LUTDescriptor" in luts[0] and "LUTData" in luts[0]:
+        entries, first = luts[0].LUTDescriptor[:2]
+        lo_hi = pixels.apply_voi(np.arange(first, first + (entries or 2**16)), ds)  # every entry
+        arr = pixels.apply_voi(arr, ds)
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        with np.errstate(over="ignore"):  # SIGMOID's exp at the infinities: its two limits
+            lo_hi = pixels.apply_windowing(np.array([-np.inf, np.inf]), ds)
+        arr = pixels.apply_windowing(arr, ds)
+    else:
+        return scale_to_uint8(arr)
+    lo, hi = float(np.min(lo_hi)), float(np.max(lo_hi))
+    return scale_to_uint8(np.clip(arr, lo, hi), (lo, hi))
 
 
 def decode_value(
@@ -290,10 +441,8 @@ def dicom_modality(data: bytes) -> str:
     """A DICOM file's Modality (OPT, OP, ...), from its header alone; "" for other files or none."""
     if not is_dicom(data):
         return ""
-    import pydicom
-
     try:
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["Modality"])
+        header = _read_dicom(data, stop_before_pixels=True, specific_tags=["Modality"])
         return str(header.get("Modality", "") or "")
     except Exception:  # the decode that follows says what is wrong with the file
         return ""
