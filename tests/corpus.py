@@ -26,6 +26,9 @@ def gradient(h: int = 40, w: int = 60) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
+STUDY_UID = "1.2.826.0.1.3680043.8.498.1"  # the study every corpus DICOM belongs to
+
+
 def make_dicom(
     pixels: np.ndarray | None,
     photometric: str = "MONOCHROME2",
@@ -46,6 +49,8 @@ def make_dicom(
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.PatientID = "TEST-0001"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, generate_uid()
+    ds.ImageLaterality, ds.AcquisitionDateTime = "R", "20261204101500"
     if modality is not None:
         ds.Modality = modality
     if pixels is not None:

@@ -279,3 +279,23 @@ def test_what_eyeray_cannot_render_is_refused_not_guessed(monkeypatch):
         "no decoder for transfer syntax 1.2.840.10008.1.2.4.80 (JPEG-LS Lossless Image Compression); "
         "install pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"
     )
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "OT-PAL-8-face.dcm"])
+def test_identifiers_come_from_the_header_as_pydicom_reads_them(name):
+    """The columns a hospital sends a result back with, on real files (one without a preamble)."""
+    ds = pydicom.dcmread(path(name), force=True)
+    ids = imaging.dicom_identifiers(read(name))
+    assert set(ids) == set(imaging.DICOM_IDENTIFIERS)
+    keywords = {"patient_id": "PatientID", "study_uid": "StudyInstanceUID", "sop_uid": "SOPInstanceUID"}
+    for column, keyword in keywords.items():
+        assert ids[column] == str(ds.get(keyword, "") or "").strip(), column
+    assert ids["series_uid"] == str(ds.get("SeriesInstanceUID", "") or "") and ids["modality"] == ds.get("Modality", "")
+
+    def text(*keywords: str) -> str:
+        return "".join(str(ds.get(k, "") or "").strip() for k in keywords)
+
+    acquired = text("AcquisitionDateTime") or text("AcquisitionDate", "AcquisitionTime")
+    assert ids["acquired_at"] == (acquired or text("ContentDate", "ContentTime"))
+    assert ids["laterality"] == (text("ImageLaterality") or text("Laterality"))
+    assert imaging.dicom_identifiers(b"\x89PNG\r\n\x1a\n" + b"\0" * 64) == imaging.NO_IDENTIFIERS

@@ -38,6 +38,8 @@ SCHEMA = pa.schema(
         ("confidence", pa.float64()),
         ("needs_review", pa.bool_()),
         ("explanations", pa.list_(pa.string())),
+        ("patient_id", pa.string()),
+        ("study_uid", pa.string()),
     ]
 )
 STYLESHEET = files("eyeray").joinpath("templates", "style.css").read_text().strip()
@@ -96,7 +98,7 @@ def scored(tmp_path_factory) -> tuple[dict, str, Path]:
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(output / "explanations" / "a-CNV.png")
     rows = [
         _row(_image(scans / "cnv-1.jpeg", 1), "CNV", 0.31, True, explanations=["explanations/a-CNV.png"]),
-        _row(_image(scans / "dme-1.jpeg", 2), "DME", 0.42, True),
+        _row(_image(scans / "dme-1.jpeg", 2), "DME", 0.42, True, patient_id="PAT-7", study_uid="1.2.3.4"),
         _row(_image(scans / EVIL_NAME, 3), "DME", 0.55, True),
         _row(_image(scans / "normal-1.jpeg", 4), "NORMAL", 0.97, False),
         _row(_image(scans / "normal-2.jpeg", 5), "NORMAL", 0.95, False),
@@ -196,6 +198,7 @@ def test_scoring_report_has_every_section(scored):
     # review queue, least confident first: the overlay (PNG) of cnv-1, then the scans themselves
     review = page[page.index("Review queue") : page.index("Declined by the gate")]
     assert review.index("cnv-1.jpeg") < review.index("dme-1.jpeg") < review.index("&lt;img src=x")
+    assert "dme-1.jpeg · patient PAT-7 · study 1.2.3.4" in review  # a clinician finds the case by them
     assert review.count("no overlay (--explain)") == 2 and review.count("<b>refer</b>") == 3
     assert "blank.jpeg" not in review  # a declined image has no answer to show there ...
     declined = page[page.index("Declined by the gate") : page.index("Predicted classes")]
@@ -215,6 +218,7 @@ def test_review_queue_csv_lists_the_answered_least_confident_first_then_the_decl
     assert [r["confidence"] for r in rows] == ["0.3100", "0.4200", "0.5500", ""]
     assert [r["declined_because"] for r in rows] == ["", "", "", "ungradable: blank or flat image"]
     assert rows[3]["labels"] == rows[3]["referral"] == "" and rows[0]["overlays"] == "explanations/a-CNV.png"
+    assert [r["patient_id"] for r in rows] == ["", "PAT-7", "", ""] and rows[1]["study_uid"] == "1.2.3.4"
 
 
 def test_scoring_report_prints_paths_and_reasons_as_text(scored):

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 from bundles import make_bundle
-from corpus import gradient, write_bad_corpus
+from corpus import STUDY_UID, gradient, write_bad_corpus
 from PIL import Image
 
 from eyeray import faults, storage
@@ -119,7 +119,7 @@ def test_model_actor_reads_no_file_and_overlays_are_drawn_in_their_own_stage(oct
         assert all(Image.open(tmp_path / f).size == original.size for f in files)
 
 
-def test_real_samples_and_bad_file_corpus_give_one_row_per_file(ray_cluster, oct_bundle, oct_sample, tmp_path):
+def test_real_samples_and_bad_file_corpus_give_one_row_per_file(ray_cluster, oct_bundle, oct_sample, tmp_path, capfd):
     archive = tmp_path / "archive"
     shutil.copytree(oct_sample, archive / "oct")
     expected = write_bad_corpus(archive / "odd")
@@ -141,6 +141,13 @@ def test_real_samples_and_bad_file_corpus_give_one_row_per_file(ray_cluster, oct
             assert row["status"] == status, (rel, row["error"])
             assert bool(row["error"]) == (status == "error") and (row["label"] is None) == (status == "error")
     assert "pixel data" in by_rel["odd/no-pixels.dcm"]["error"] and "too large" in by_rel["odd/bomb.png"]["error"]
+    # a DICOM row names its patient, study, series, instance, laterality and acquisition, an error row too
+    scan, empty = by_rel["odd/scan.dcm"], by_rel["odd/no-pixels.dcm"]
+    assert (scan["patient_id"], scan["study_uid"], scan["laterality"]) == ("TEST-0001", STUDY_UID, "R")
+    assert scan["acquired_at"] == "20261204101500" and scan["sop_uid"] and scan["series_uid"] != scan["sop_uid"]
+    assert empty["patient_id"] == "TEST-0001" and empty["sop_uid"] != scan["sop_uid"]
+    assert by_rel["odd/DICOMFILE"]["patient_id"] == "TEST-0001"  # DICOM by content, whatever the name
+    assert all(r[c] is None for p, r in by_rel.items() if p.startswith("oct/") for c in imaging.DICOM_IDENTIFIERS)
     real = {p: r for p, r in by_rel.items() if p.startswith("oct/")}
     assert len(real) == 101 and all(r["status"] == "ok" and r["label"] in OCT_CLASSES for r in real.values())
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-4 for r in real.values())
@@ -153,6 +160,9 @@ def test_real_samples_and_bad_file_corpus_give_one_row_per_file(ray_cluster, oct
     report = (tmp_path / "scored" / "report.html").read_text()
     assert "decompression bomb" in report and "without pixel data" in report
     assert report.count("data:image/jpeg;base64") == sum(min(4, n) for n in summary["predictions"].values())
+
+    seen = capfd.readouterr()
+    assert "TEST-0001" not in seen.out + seen.err and STUDY_UID not in seen.out + seen.err  # nothing logs them
 
     again = run(cfg)
     assert again["scored_this_run"] == 0 and len(read_rows(output)) == len(files)

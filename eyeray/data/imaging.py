@@ -415,7 +415,8 @@ def load_record(
     """Read, decode and preprocess one record's file; errors become `error`, never exceptions.
 
     Uses `record["bytes"]` when present (uploads, `read_binary_files`), else reads `record["path"]`.
-    `modality` is a DICOM file's Modality ("" for other files). `extra_sizes` adds `image_<size>`
+    A DICOM file's identifiers (`DICOM_IDENTIFIERS`: modality, patient, study, series, instance,
+    laterality, acquisition time) become columns, "" for other files. `extra_sizes` adds `image_<size>`
     columns from the same decode (ensembles of models whose
     input sizes differ decode each file once); every size is resized with `method`. The decode is
     only as large as the largest size needs (`decode`'s `min_side`); `height` and `width` are still
@@ -427,7 +428,7 @@ def load_record(
     if data is None:
         data, reason = _read_bytes(record["path"])
     image, full = None, (0, 0)
-    out["modality"] = dicom_modality(data) if data is not None else ""
+    out.update(dicom_identifiers(data) if data is not None else NO_IDENTIFIERS)
     if data is not None:
         image, reason, full = decode_with_size(data, max_pixels, max((size, *extra_sizes)))
     if image is None:
@@ -437,15 +438,40 @@ def load_record(
     return out
 
 
+# What every row from a DICOM file carries, so a hospital can send the result back (column ->
+# the attributes that fill it, the first one present winning); "" for other files and absent ones.
+DICOM_IDENTIFIERS: dict[str, tuple[str, ...]] = {
+    "modality": ("Modality",),
+    "patient_id": ("PatientID",),
+    "study_uid": ("StudyInstanceUID",),
+    "series_uid": ("SeriesInstanceUID",),
+    "sop_uid": ("SOPInstanceUID",),
+    "laterality": ("ImageLaterality", "Laterality"),  # image level (OP, OPT) before series level
+    "acquired_at": ("AcquisitionDateTime", "AcquisitionDate+AcquisitionTime", "ContentDate+ContentTime"),
+}
+NO_IDENTIFIERS = dict.fromkeys(DICOM_IDENTIFIERS, "")
+
+
+def dicom_identifiers(data: bytes) -> dict[str, str]:
+    """A DICOM file's identifiers (`DICOM_IDENTIFIERS`), from its header alone, as DICOM writes them
+    (dates and times as DT: YYYYMMDDHHMMSS); every value "" for other files."""
+    if not is_dicom(data):
+        return dict(NO_IDENTIFIERS)
+    keywords = sorted({k for names in DICOM_IDENTIFIERS.values() for name in names for k in name.split("+")})
+    try:
+        header = _read_dicom(data, stop_before_pixels=True, specific_tags=keywords)
+    except Exception:  # the decode that follows says what is wrong with the file
+        return dict(NO_IDENTIFIERS)
+
+    def value(name: str) -> str:
+        return "".join(str(header.get(k, "") or "").strip() for k in name.split("+"))
+
+    return {column: next((v for v in map(value, names) if v), "") for column, names in DICOM_IDENTIFIERS.items()}
+
+
 def dicom_modality(data: bytes) -> str:
     """A DICOM file's Modality (OPT, OP, ...), from its header alone; "" for other files or none."""
-    if not is_dicom(data):
-        return ""
-    try:
-        header = _read_dicom(data, stop_before_pixels=True, specific_tags=["Modality"])
-        return str(header.get("Modality", "") or "")
-    except Exception:  # the decode that follows says what is wrong with the file
-        return ""
+    return dicom_identifiers(data)["modality"]
 
 
 def _failed(out: dict[str, Any], size: int, extra_sizes: tuple[int, ...], reason: str) -> dict[str, Any]:

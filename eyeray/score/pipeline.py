@@ -55,6 +55,8 @@ REPORT_COLUMNS = [
     "confidence",
     "needs_review",
     "explanations",
+    "patient_id",
+    "study_uid",
 ]
 SUMMARY_PRINTED = (
     "files_seen",

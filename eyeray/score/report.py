@@ -53,6 +53,7 @@ def review_queue(rows: pa.Table) -> list[dict[str, Any]]:
         return []
     flagged = rows.filter(pc.fill_null(rows.column("needs_review"), False))
     columns = ["path", "status", "confidence", "label", "referral", "gate", "gate_reason", "gate_score", "explanations"]
+    columns += [c for c in ("patient_id", "study_uid") if c in rows.column_names]  # runs before identifiers lack them
     answered = flagged.filter(_is(flagged, "ok")).sort_by([("confidence", "ascending"), ("path", "ascending")])
     declined = flagged.filter(_is(flagged, "declined")).sort_by([("gate_score", "descending"), ("path", "ascending")])
     return answered.select(columns).to_pylist() + declined.select(columns).to_pylist()
@@ -61,11 +62,14 @@ def review_queue(rows: pa.Table) -> list[dict[str, Any]]:
 def _write_csv(uri: str, queue: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["rank", "path", "status", "confidence", "labels", "referral", "declined_because", "overlays"])
+    header = ["rank", "patient_id", "study_uid", "path", "status", "confidence", "labels", "referral"]
+    writer.writerow([*header, "declined_because", "overlays"])
     for rank, row in enumerate(queue, 1):
         writer.writerow(
             [
                 rank,
+                row.get("patient_id") or "",
+                row.get("study_uid") or "",
                 row["path"],
                 row["status"],
                 "" if row["confidence"] is None else f"{row['confidence']:.4f}",
@@ -162,8 +166,7 @@ def _declined(summary: dict[str, Any], queue: list[dict[str, Any]]) -> dict[str,
     shown = [row for row in queue if row["status"] == "declined"][:DECLINED_SHOWN]
     caption = {"refer": False, "note": None}
     figures = [
-        {**_thumbnail(row["path"]), "name": _name(row["path"]), "detail": _declined_because(row), **caption}
-        for row in shown
+        {**_thumbnail(row["path"]), "name": _name(row), "detail": _declined_because(row), **caption} for row in shown
     ]
     reasons = summary.get("declined_by_reason", {})
     return {
@@ -180,7 +183,7 @@ def _review(queue: list[dict[str, Any]], output: str | None) -> list[dict[str, A
     figures = []
     for row in queue[:REVIEW_SHOWN]:
         caption = {
-            "name": _name(row["path"]),
+            "name": _name(row),
             "detail": f"{_labels(row['label'])} · confidence {row['confidence']:.2f}",
             "refer": bool(row["referral"]),
         }
@@ -248,14 +251,14 @@ def _examples(rows: pa.Table, classes: list[str]) -> list[dict[str, Any]]:
             break
     caption = {"detail": None, "refer": False, "note": None}
     return [
-        {"label": label, "figures": [{**_thumbnail(p), "name": _name(p), **caption} for p in paths]}
+        {"label": label, "figures": [{**_thumbnail(p), "name": _name({"path": p}), **caption} for p in paths]}
         for label, paths in picked.items()
     ]
 
 
 def _thumbnail(path: str, size: int = THUMBNAIL, fmt: str = "JPEG") -> dict[str, Any]:
     """A small inlined copy of the image at `path`, or why it could not be read again."""
-    figure = {"alt": _name(path), "src": None, "unavailable": None}
+    figure = {"alt": _name({"path": path}), "src": None, "unavailable": None}
     thumbnail, reason = imaging.read_thumbnail(path, size)
     if thumbnail is None:  # moved or changed since it was scored
         return {**figure, "unavailable": reason}
@@ -265,8 +268,11 @@ def _thumbnail(path: str, size: int = THUMBNAIL, fmt: str = "JPEG") -> dict[str,
     return {**figure, "src": pages.data_uri(buf.getvalue(), "image/jpeg" if fmt == "JPEG" else "image/png")}
 
 
-def _name(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
+def _name(row: dict[str, Any]) -> str:
+    """A figure's caption: the file's name, and for a DICOM file its patient and study, which a
+    clinician finds the case by."""
+    ids = [f"{what} {row[key]}" for key, what in (("patient_id", "patient"), ("study_uid", "study")) if row.get(key)]
+    return " · ".join([row["path"].rsplit("/", 1)[-1], *ids])
 
 
 def _is(rows: pa.Table, status: str):

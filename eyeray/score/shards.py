@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from eyeray import storage
+from eyeray.data import imaging
 from eyeray.decision import gate
 
 PART_PREFIX = "part-"
@@ -78,6 +79,11 @@ def shard_table(
         "explanations": _split(batch["explanations"]),
         "decision": pa.array([decision] * n, pa.string()),
         "scored_at": pa.array([_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")] * n, pa.string()),
+        # a DICOM file's identifiers, null for other files: what sending a result back needs
+        **{
+            name: pa.array([str(v) or None for v in batch.get(name, [""] * n)], pa.string())
+            for name in imaging.DICOM_IDENTIFIERS
+        },
     }
     if len(members) > 1:
         per_model = np.asarray(batch["model_probabilities"]).reshape(n, len(members), len(classes))
@@ -187,8 +193,11 @@ def committed(output: str, key: str, columns: list[str]) -> pa.Table:
     paths = fs.glob(f"{root}/{PART_PREFIX}{key}-*.parquet") if fs.exists(root) else []
     if not paths:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    dataset = pads.dataset(paths, format="parquet", filesystem=storage.pyarrow_filesystem(output))
-    return dataset.to_table(columns=columns)
+    filesystem = storage.pyarrow_filesystem(output)
+    dataset = pads.dataset(paths, format="parquet", filesystem=filesystem)
+    # shards an earlier eyeray wrote may lack newer columns (the DICOM identifiers): those read as nulls
+    schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()])
+    return pads.dataset(paths, schema=schema, format="parquet", filesystem=filesystem).to_table(columns=columns)
 
 
 def clear_incomplete(output: str) -> int:
