@@ -109,9 +109,12 @@ size = loaded.image_size
 images = np.random.default_rng(1).integers(0, 256, (5, size, size, 3), np.uint8)
 plain = np.asarray(loaded.model(images, training=False), np.float32)  # eager: the graph rewrite does not touch it
 out = loaded.predict(images, 16)
+top2 = np.sort(plain, axis=1)[:, -2:]
+decisive = top2[:, 1] - top2[:, 0] > 0.04  # 2 x BFLOAT16_ATOL: beyond what bfloat16's rounding moves
 print("RESULT " + json.dumps({
     "hardware": mixed_precision_dtype(), "precision": loaded.compiled.precision, "dtype": str(out.dtype),
-    "max_diff": float(np.abs(out - plain).max()), "labels_equal": bool((out.argmax(1) == plain.argmax(1)).all()),
+    "max_diff": float(np.abs(out - plain).max()),
+    "labels_equal": bool((out.argmax(1) == plain.argmax(1))[decisive].all()),
     "sum_error": float(np.abs(out.sum(axis=1) - 1).max()),
 }))
 """
