@@ -23,6 +23,7 @@ on. Nothing from a request body (pixels, file names) is logged.
 # in replicas that receive the routes serialised by value.
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -437,8 +438,7 @@ class Api:
     async def route(self, request: Request) -> dict[str, Any]:
         """A mixed archive's upload: every task's model scores it and the tasks whose gate accepts it
         answer (`eyeray.decision.gate.routes_to`, as `eyeray score` routes with several bundles)."""
-        start, status, label = time.perf_counter(), 500, "-"
-        try:
+        with self._counted("route") as outcome:
             self._authorize(request)
             without = [f"{t} {m['version']}" for t, m in sorted(self.manifests.items()) if not m.get("gate")]
             if not self.gate_on or without:
@@ -453,21 +453,29 @@ class Api:
             verdicts = {
                 t: (a["gate"]["verdict"], a["gate"]["reason"], a["gate"]["score"]) for t, a in zip(tasks, answers)
             }
-            status, label = 200, ",".join(t for t in tasks if routed[t]) or gate.OUT_OF_SCOPE
+            outcome.update(status=200, label=",".join(t for t in tasks if routed[t]) or gate.OUT_OF_SCOPE)
             return {
                 "status": "ok" if chosen else gate.OUT_OF_SCOPE,
                 "answers": chosen,
                 "reason": "" if chosen else gate.out_of_scope_reason(verdicts, modality),
             }
+
+    @contextlib.contextmanager
+    def _counted(self, task: str):
+        """Count and time one request by its outcome (the metrics' status and label, set through the
+        yielded dict on success; an HTTPException's code, or 503/500, on failure)."""
+        start, outcome = time.perf_counter(), {"status": 500, "label": "-"}
+        try:
+            yield outcome
         except HTTPException as exc:
-            status = exc.status_code
+            outcome["status"] = exc.status_code
             raise
         except Exception as exc:
-            status = 503 if isinstance(exc, RayError) else 500
+            outcome["status"] = 503 if isinstance(exc, RayError) else 500
             raise
         finally:
-            tags = {"task": "route", "status": str(status)}
-            self.requests.inc(tags={**tags, "label": label})
+            tags = {"task": task, "status": str(outcome["status"])}
+            self.requests.inc(tags={**tags, "label": outcome["label"]})
             self.latency.observe(time.perf_counter() - start, tags=tags)
 
     async def _score(self, task: str, data: bytes) -> dict[str, Any]:
@@ -479,8 +487,7 @@ class Api:
         self, task: str, request: Request, thresholds_text: str | None, explain: tuple[str | None, float] | None = None
     ) -> dict[str, Any]:
         """Auth, checks, decode + preprocess here; the model call (or Grad-CAM) in the task's replicas."""
-        start, status, label = time.perf_counter(), 500, "-"
-        try:
+        with self._counted(task if task in self.models else "unknown") as outcome:
             self._authorize(request)
             if task not in self.models:
                 raise HTTPException(404, f"unknown task {task!r}; this service has: {', '.join(sorted(self.models))}")
@@ -500,19 +507,9 @@ class Api:
                 answer, heatmap = await self.models[task].explain.remote(image, explain[0], thresholds, size)
                 png = await run_in_threadpool(overlay_png, original, heatmap, explain[1])
                 answer["overlay_png"] = base64.b64encode(png).decode()
-            status = 200
             label = "|".join(answer["labels"]) or ("declined" if answer["status"] == "declined" else "none")
+            outcome.update(status=200, label=label)
             return answer
-        except HTTPException as exc:
-            status = exc.status_code
-            raise
-        except Exception as exc:
-            status = 503 if isinstance(exc, RayError) else 500
-            raise
-        finally:
-            tags = {"task": task if task in self.models else "unknown", "status": str(status)}
-            self.requests.inc(tags={**tags, "label": label})
-            self.latency.observe(time.perf_counter() - start, tags=tags)
 
     def _thresholds(self, task: str, text: str | None) -> Any:
         """The request's override, else the deployment's; checked against the bundle (422 if it cannot take it)."""
