@@ -18,10 +18,10 @@ REPORTED = ("accuracy", "macro_f1", "auc")
 
 def _probabilities(loaded, records: list[dict]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """path -> probabilities, path -> label, for one bundle over the test records."""
-    from eyeray.data.records import decoded_dataset
+    from eyeray.data.records import decoded, decoded_dataset
 
     probs, labels = {}, {}
-    ds = decoded_dataset(records, loaded.image_size).filter(lambda row: row["error"] == "")
+    ds = decoded_dataset(records, loaded.image_size).filter(expr=decoded())
     for batch in ds.iter_batches(batch_size=32):
         for path, label, p in zip(batch["path"], batch["label"], loaded.predict(batch["image"])):
             probs[str(path)], labels[str(path)] = p, label
