@@ -136,13 +136,10 @@ def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(outside))], np.r_[inside, outside]))
 
 
-def train_bundle(task: str, data: Path, weights: str, args, out: str) -> tuple[str, dict]:
-    """Train with eyeray's job, or reuse a bundle an earlier run left in `out` (--work)."""
-    from eyeray.model import bundle
-
-    if Path(out, "bundle", "manifest.json").exists():
-        return f"{out}/bundle", {"reused": True, "gate": bundle.read_manifest(f"{out}/bundle").get("gate")}
-    cfg = TrainConfig(
+def recipe(task: str, data: Path, out: str, weights: str, args, **settings) -> TrainConfig:
+    """eyeray's training job as the benchmarks run it: VGG16 with `weights`, at --image-size, for
+    --head-epochs + --fine-tune-epochs, with any other `settings` (seed, validation share, ...)."""
+    return TrainConfig(
         task=task,
         data=str(data),
         output=out,
@@ -151,7 +148,17 @@ def train_bundle(task: str, data: Path, weights: str, args, out: str) -> tuple[s
         image_size=args.image_size,
         epochs=args.head_epochs,
         fine_tune_epochs=args.fine_tune_epochs,
+        **settings,
     )
+
+
+def train_bundle(task: str, data: Path, weights: str, args, out: str) -> tuple[str, dict]:
+    """Train with eyeray's job, or reuse a bundle an earlier run left in `out` (--work)."""
+    from eyeray.model import bundle
+
+    if Path(out, "bundle", "manifest.json").exists():
+        return f"{out}/bundle", {"reused": True, "gate": bundle.read_manifest(f"{out}/bundle").get("gate")}
+    cfg = recipe(task, data, out, weights, args)
     start = time.perf_counter()
     result = run(cfg)
     return result.bundle, {"seconds": round(time.perf_counter() - start, 1), "gate": result.metrics.get("gate")}

@@ -36,13 +36,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gate import SHARED, decode  # noqa: E402
+from bench.gate import SHARED, decode, recipe  # noqa: E402
 from bench.hed_vgg16 import convert  # noqa: E402
 from eyeray.data.layouts import read_layout  # noqa: E402
 from eyeray.decision import calibration, operating_points  # noqa: E402
 from eyeray.decision.roc import UndefinedMetric  # noqa: E402
 from eyeray.tasks import get_task  # noqa: E402
-from eyeray.train import TrainConfig, run  # noqa: E402
+from eyeray.train import run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = {"oct": SHARED / "oct-train", "glaucoma": SHARED / "glaucoma-sample"}
@@ -107,18 +107,7 @@ def one_run(task: str, seed: int, val_fraction: float, weights: str, args, out: 
     from eyeray.model import bundle
 
     spec = get_task(task)
-    cfg = TrainConfig(
-        task=task,
-        data=str(DATA[task]),
-        output=out,
-        backbone="vgg16",
-        weights=weights,
-        image_size=args.image_size,
-        epochs=args.head_epochs,
-        fine_tune_epochs=args.fine_tune_epochs,
-        seed=seed,
-        val_fraction=val_fraction,
-    )
+    cfg = recipe(task, DATA[task], out, weights, args, seed=seed, val_fraction=val_fraction)
     start = time.perf_counter()
     result = run(cfg)
     seconds = time.perf_counter() - start
