@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 
 from eyeray.config_cli import add_config_arguments, config_from_args
+from eyeray.dicomweb import PacsError
 from eyeray.log import setup
 
 
@@ -44,6 +45,9 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     setup(verbose=args.verbose)
     try:
         return args.func(args)
+    except PacsError as exc:  # the PACS stayed down or slow through Ray's retries: what to do is in the line
+        print(f"eyeray: error: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         from eyeray.preflight import SettingError, one_line
 

@@ -69,6 +69,45 @@ def make_dicom(
     return buf.getvalue()
 
 
+OPT_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # Ophthalmic Tomography Image Storage
+
+
+def make_oct_volume(bscans: list[np.ndarray], jpeg2000: bool = False, patient_id: str = "TEST-0001") -> bytes:
+    """An Ophthalmic Tomography Image Storage file holding `bscans` (8-bit grey, one size) as its
+    frames, uncompressed or JPEG 2000 (lossless, through pylibjpeg-openjpeg), as an OCT device
+    exports a cube."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+    frames = np.stack(bscans).astype(np.uint8)
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = OPT_STORAGE
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = OPT_STORAGE, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = "OPT", patient_id
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, generate_uid()
+    ds.ImageLaterality, ds.AcquisitionDateTime = "L", "20261204103000"
+    ds.NumberOfFrames, (ds.Rows, ds.Columns) = len(frames), frames.shape[1:]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = frames.tobytes()
+    if jpeg2000:
+        ds.compress(JPEG2000Lossless, frames, encoding_plugin="pylibjpeg")
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def real_bscans(root: Path, names: list[str], size: tuple[int, int] = (512, 496)) -> list[np.ndarray]:
+    """Real OCT B-scans (the Kermany sample's JPEGs under `root`, by file name), grey, all `size`
+    (width, height) as one device's cube would be."""
+    found = {p.name: p for p in root.rglob("*.jpeg")}
+    return [np.asarray(Image.open(found[n]).convert("L").resize(size)) for n in names]
+
+
 def _grey(h: int = 48, w: int = 64) -> np.ndarray:
     return gradient(h, w)[:, :, 0]
 

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "eyeray"
 # Lower layers never import higher ones; units in one layer do not import each other.
 # A unit is a subpackage (eyeray.data) or a top-level module (eyeray.storage).
 LAYERS = [
-    {"eyeray", "eyeray.tasks", "eyeray.storage", "eyeray.log", "eyeray.config_cli"},
+    {"eyeray", "eyeray.tasks", "eyeray.storage", "eyeray.dicomweb", "eyeray.log", "eyeray.config_cli"},
     {"eyeray.preflight"},  # SettingError and the shared checks (storage) every route's preflight uses
     {"eyeray.faults", "eyeray.data", "eyeray.cluster"},  # cluster: how every route connects to Ray
     {"eyeray.decision"},

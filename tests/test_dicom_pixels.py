@@ -223,11 +223,15 @@ def test_a_tga_that_starts_like_a_dicom_tag_stays_a_tga():
     assert (imaging.decode(buf.getvalue()) == (10, 200, 30)).all()
 
 
-def test_multi_frame_size_limit_counts_every_frame():
-    data = read("emri_small.dcm")  # 10 frames of 64 x 64
-    with pytest.raises(DecodeError, match="image too large: 10 frames of 64x64 = 40960 pixels > limit 4097"):
-        imaging.decode(data, max_pixels=64 * 64 + 1)
-    assert imaging.decode(data, max_pixels=64 * 64 * 10).shape == (64, 64, 3)
+def test_multi_frame_files_are_checked_per_frame_and_by_frame_count_before_decoding():
+    data = read("emri_small.dcm")  # 10 frames of 64 x 64, decoded one at a time
+    with pytest.raises(DecodeError, match="image too large: 64x64 = 4096 pixels > limit 4095"):
+        imaging.decode(data, max_pixels=64 * 64 - 1)
+    assert imaging.decode(data, max_pixels=64 * 64).shape == (64, 64, 3)
+    ds = pydicom.dcmread(path("emri_small.dcm"))
+    ds.NumberOfFrames = imaging.MAX_FRAMES + 1  # forged: the pixel data holds 10; nothing is decoded
+    with pytest.raises(DecodeError, match=f"DICOM with {imaging.MAX_FRAMES + 1} frames: more than eyeray's limit"):
+        imaging.decode(saved(ds))
 
 
 def test_a_volume_decodes_its_central_frame_alone():

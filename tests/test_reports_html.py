@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from eyeray.data import imaging
 from eyeray.evaluation import pages
 from eyeray.score import report as score_report
 from eyeray.score.pipeline import REPORT_COLUMNS
@@ -38,8 +39,10 @@ SCHEMA = pa.schema(
         ("confidence", pa.float64()),
         ("needs_review", pa.bool_()),
         ("explanations", pa.list_(pa.string())),
-        ("patient_id", pa.string()),
-        ("study_uid", pa.string()),
+        ("frame", pa.int32()),
+        ("frames", pa.int32()),
+        ("probabilities", pa.map_(pa.string(), pa.float32())),
+        *[(name, pa.string()) for name in imaging.DICOM_IDENTIFIERS],
     ]
 )
 STYLESHEET = files("eyeray").joinpath("templates", "style.css").read_text().strip()

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from bundles import make_bundle
-from corpus import STUDY_UID, gradient, write_bad_corpus
+from corpus import STUDY_UID, gradient, make_oct_volume, real_bscans, write_bad_corpus
 from PIL import Image
 
 from eyeray import faults, storage
@@ -24,7 +25,7 @@ from eyeray.data import imaging
 from eyeray.data.files import list_inputs
 from eyeray.decision import operating_points
 from eyeray.model import bundle
-from eyeray.score import ScoreConfig, overlays, run
+from eyeray.score import ScoreConfig, overlays, run, shards
 from eyeray.score.pipeline import pipeline, predictor_args, version_key
 from eyeray.score.predictor import BundlePredictor
 from eyeray.tasks import get_task
@@ -382,7 +383,8 @@ def test_decode_runs_in_its_own_tasks_beside_the_model_actors(ray_cluster, oct_b
         jit_compile=True,
         mixed_precision=True,
     )
-    ds = pipeline(cfg, pa.array(list_inputs(cfg.input)), [bundle.read_manifest(oct_bundle)])
+    todo = shards.remaining(cfg.output, "none yet", pa.array(list_inputs(cfg.input)))
+    ds = pipeline(cfg, todo, [bundle.read_manifest(oct_bundle)])
     assert sum(r["rows"] for r in ds.take_all()) == 40
     stats = ds.stats()
     assert "MapBatches(load_batch)->MapBatches(BundlePredictor)" not in stats
@@ -518,3 +520,65 @@ def test_stale_tmp_shards_are_removed_and_a_rerun_scores_each_file_exactly_once(
     paths = [r["path"] for r in read_rows(str(output))]
     assert len(paths) == len(set(paths)) == 40
     assert sorted(paths) == sorted(str(p) for p in archive.iterdir())
+
+
+def test_a_volume_is_scored_bscan_by_bscan_answered_once_and_resumed_by_frame(
+    ray_cluster, oct_bundle, oct_sample, tmp_path
+):
+    """Two OCT cubes built from real B-scans (JPEG 2000 and uncompressed) and a JPEG: one row per
+    B-scan with its frame, one answer per cube in _volumes.parquet, Grad-CAM for the driving
+    B-scans; a run that lost some of a cube's shards re-scores only those B-scans."""
+    archive, output = tmp_path / "archive", tmp_path / "scored"
+    archive.mkdir()
+    cnv = real_bscans(oct_sample, [f"CNV-6552587-{i}.jpeg" for i in (1, 2, 3, 4, 6)])
+    normal = real_bscans(oct_sample, [f"NORMAL-75834-{i}.jpeg" for i in (1, 2, 3)])
+    (archive / "cnv-cube.dcm").write_bytes(make_oct_volume(cnv, jpeg2000=True))
+    (archive / "normal-cube.dcm").write_bytes(make_oct_volume(normal, patient_id="TEST-0002"))
+    shutil.copy(oct_sample / "DME" / "DME-247204-1.jpeg", archive / "scan.jpeg")
+    # everyone referred (threshold 0) with the gate off: every B-scan drives its cube's answer
+    cfg = ScoreConfig(
+        bundles=[oct_bundle],
+        input=str(archive),
+        output=str(output),
+        batch_size=2,
+        rows_per_shard=3,
+        thresholds="0",
+        gate="off",
+    )
+    summary = run(cfg)
+    rows = shard_rows(output)
+    keys = [(Path(r["path"]).name, r["frame"]) for r in rows]
+    assert sorted(keys, key=str) == sorted(
+        [("cnv-cube.dcm", i) for i in range(5)] + [("normal-cube.dcm", i) for i in range(3)] + [("scan.jpeg", None)],
+        key=str,
+    )
+    assert summary["files_seen"] == 3 and summary["rows"] == 9
+    assert summary["volumes"] == {"volumes": 2, "referred": 2, "cleared": 0, "declined": 0, "errors": 0}
+    cube_rows = {r["frame"]: r for r in rows if r["path"].endswith("cnv-cube.dcm")}
+    assert {r["frames"] for r in cube_rows.values()} == {5} and {r["modality"] for r in cube_rows.values()} == {"OPT"}
+    volumes_table = pq.read_table(output / "_volumes.parquet").to_pylist()
+    assert [Path(v["path"]).name for v in volumes_table] == ["cnv-cube.dcm", "normal-cube.dcm"]
+    cube = volumes_table[0]
+    score = {f: r["probabilities"]["CNV"] + r["probabilities"]["DME"] for f, r in cube_rows.items()}
+    assert cube["referral"] and cube["status"] == "ok" and cube["patient_id"] == "TEST-0001"
+    assert cube["driving_frames"] == sorted(score, key=lambda f: (-score[f], f))  # highest referral score first
+    assert cube["labels"] == [cube_rows[cube["driving_frames"][0]]["label"]]
+    assert len(cube["explanations"]) == 5 and all((output / f).exists() for f in cube["explanations"])
+    top = Image.open(output / cube_rows[cube["driving_frames"][0]]["explanations"][0])
+    assert top.size == (512, 496)  # drawn on its own B-scan, at the B-scan's size
+    assert "Volumes (2)" in (output / "report.html").read_text()
+
+    # A run killed after some shards: drop the committed shards holding some of the cube's B-scans.
+    lost = [p for p in output.glob("part-*.parquet") if "cnv-cube.dcm" in str(pq.read_table(p).column("path"))][:1]
+    lost_rows = sum(pq.read_table(p).num_rows for p in lost)
+    for p in lost:
+        p.unlink()
+    again = run(cfg)
+    assert again["scored_this_run"] == lost_rows and again["rows"] == 9
+    keys_again = [(r["path"], r["frame"]) for r in shard_rows(output)]
+    assert len(keys_again) == len(set(keys_again)) == 9
+    assert pq.read_table(output / "_volumes.parquet").num_rows == 2
+
+
+def shard_rows(output: Path) -> list[dict]:
+    return pads.dataset(sorted(output.glob("part-*.parquet")), format="parquet").to_table().to_pylist()

@@ -23,6 +23,8 @@ import io
 import math
 import struct
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,10 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 # About 8000 x 8000: far above fundus cameras (~12 MP) and OCT B-scans, far below what a
 # crafted "decompression bomb" file asks the decoder to allocate.
 DEFAULT_MAX_PIXELS = 64_000_000
+# Frames per DICOM file, checked before any is decoded: well above the B-scan count of OCT cube
+# scans (tens to a few hundred), far below what a forged NumberOfFrames would have eyeray decode.
+# Each frame is held to `max_pixels` on its own: frames are decoded one at a time.
+MAX_FRAMES = 2048
 DICOM_MAGIC_OFFSET = 128
 # Resize methods a manifest may name (`preprocessing.resize.method`) -> PIL resample filters.
 RESIZE_METHODS = {
@@ -42,6 +48,7 @@ RESIZE_METHODS = {
     "hamming": Image.Resampling.HAMMING,
 }
 DEFAULT_RESIZE = "bilinear"  # what training uses, as the seeds did
+Reader = Callable[[str], bytes]  # a file's bytes by its URI, where storage cannot read it (a PACS)
 # A JPEG decoded for a model input of side S is drafted (DCT-scaled by 1/2, 1/4 or 1/8) only as far as
 # keeps both its sides >= DRAFT_MARGIN * S, so `preprocess` still downsamples by >= 2x. Measured on the
 # real samples (bench/decode_speed.py; tests/test_decode_draft.py): at 2x, preprocess(reduced) is within
@@ -146,12 +153,10 @@ def _reason(exc: Exception) -> str:
     return f"image too large (decompression bomb limit): {exc}"
 
 
-def _check_size(size: tuple[int, int], max_pixels: int, frames: int = 1) -> None:
-    """`frames`: a volume counts every frame, whichever one is decoded."""
+def _check_size(size: tuple[int, int], max_pixels: int) -> None:
     w, h = size
-    if w * h * frames > max_pixels:
-        shape = f"{frames} frames of {w}x{h}" if frames > 1 else f"{w}x{h}"
-        raise DecodeError(f"image too large: {shape} = {w * h * frames} pixels > limit {max_pixels}")
+    if w * h > max_pixels:
+        raise DecodeError(f"image too large: {w}x{h} = {w * h} pixels > limit {max_pixels}")
     if w < 1 or h < 1:
         raise DecodeError(f"image has no pixels: {w}x{h}")
 
@@ -184,12 +189,40 @@ def gray_to_rgb(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
-    """Render a DICOM image as a viewer shows it (`_render_dicom`); a file eyeray cannot render
-    faithfully is a `DecodeError` with the reason, never a wrong picture."""
+@dataclass
+class DicomImage:
+    """A DICOM file opened for its pixels: the dataset, its decoder and how many frames it holds.
+    Frames are decoded one at a time (`frame`), so a volume never needs all of them in memory."""
+
+    dataset: Any
+    decoder: Any
+    options: dict[str, Any]
+    frames: int
+
+    def frame(self, index: int) -> np.ndarray:
+        """Frame `index` (0-based) as a viewer shows it (`_render_dicom`), RGB uint8."""
+        from pydicom.encaps import get_frame
+
+        ds, rows, columns = self.dataset, int(self.dataset.Rows), int(self.dataset.Columns)
+        try:
+            if self.decoder.UID.is_encapsulated:
+                offsets = self.options.get("extended_offsets")
+                stream = get_frame(ds.PixelData, index, extended_offsets=offsets, number_of_frames=self.frames)
+                _check_stream_size(stream, rows, columns)
+            arr, decoded = self.decoder.as_array(ds, index=index, **self.options)
+            return gray_to_rgb(_render_dicom(arr, ds, str(decoded["photometric_interpretation"]), index))
+        except DecodeError:
+            raise
+        except Exception as exc:  # a corrupt stream, a plugin's failure, a malformed LUT
+            raise DecodeError(f"unreadable DICOM: {exc}") from None
+
+
+def open_dicom(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> DicomImage:
+    """Read a DICOM file's header and find its decoder; every frame's size and the number of frames
+    are checked here, before any pixel is decoded. A file eyeray cannot render faithfully is a
+    `DecodeError` with the reason, never a wrong picture."""
     try:
         from pydicom import pixels
-        from pydicom.encaps import get_frame
     except ImportError:  # pragma: no cover - pydicom is a core dependency
         raise DecodeError("DICOM support needs pydicom") from None
     try:
@@ -206,7 +239,9 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
         raise DecodeError("DICOM float pixel data (a parametric map) is not supported")
     rows, columns = _header_int(ds, "Rows"), _header_int(ds, "Columns")
     frames = _header_int(ds, "NumberOfFrames", 1) or 1  # pydicom reads 0 and empty as one frame too
-    _check_size((columns, rows), max_pixels, frames)  # before anything is decoded or expanded
+    _check_size((columns, rows), max_pixels)  # one frame: frames are decoded one at a time
+    if frames > MAX_FRAMES:
+        raise DecodeError(f"DICOM with {frames} frames: more than eyeray's limit of {MAX_FRAMES} per file")
     uid = _transfer_syntax(ds)
     try:
         decoder = pixels.get_decoder(uid)
@@ -215,20 +250,17 @@ def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
     if not decoder.is_available:
         needs = "; or ".join(decoder.missing_dependencies)
         raise DecodeError(f"no decoder for transfer syntax {uid} ({uid.name}); install {needs}")
-    index = frames // 2  # a volume: its central frame, decoded alone
-    options = pixels.as_pixel_options(ds, number_of_frames=frames)
     try:
-        if uid.is_encapsulated:
-            offsets = options.get("extended_offsets")
-            _check_stream_size(
-                get_frame(ds.PixelData, index, extended_offsets=offsets, number_of_frames=frames), rows, columns
-            )
-        arr, decoded = decoder.as_array(ds, index=index, **options)
-        return gray_to_rgb(_render_dicom(arr, ds, str(decoded["photometric_interpretation"]), index))
-    except DecodeError:
-        raise
-    except Exception as exc:  # a corrupt stream, a plugin's failure, a malformed LUT
+        options = pixels.as_pixel_options(ds, number_of_frames=frames)
+    except Exception as exc:
         raise DecodeError(f"unreadable DICOM: {exc}") from None
+    return DicomImage(ds, decoder, options, frames)
+
+
+def _decode_dicom(data: bytes, max_pixels: int) -> np.ndarray:
+    """A DICOM file's one image; a volume's central frame, decoded alone (`iter_frames` gives every frame)."""
+    image = open_dicom(data, max_pixels)
+    return image.frame(image.frames // 2)
 
 
 def _check_stream_size(frame: bytes, rows: int, columns: int) -> None:
@@ -365,33 +397,57 @@ def decode_with_size(
 
 
 def read_value(
-    uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+    uri: str, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None, reader: Reader | None = None
 ) -> tuple[np.ndarray | None, str]:
     """Read (local or s3://) and decode one file, every failure as a value, as `decode_value`:
     a missing, unreadable or undecodable file is (None, reason)."""
-    data, reason = _read_bytes(uri)
+    data, reason = _read_bytes(uri, reader)
     return decode_value(data, max_pixels, min_side) if data is not None else (None, reason)
 
 
-def _read_bytes(uri: str) -> tuple[bytes | None, str]:
-    from eyeray import storage
+def _read_bytes(uri: str, reader: Reader | None = None) -> tuple[bytes | None, str]:
+    """The file's bytes, by `reader` when given (a PACS: `eyeray.dicomweb.reader`), else from local
+    or s3:// storage; a failure is (None, reason). A PACS that is down or slow (`PacsUnavailable`)
+    raises instead: the Ray task reading it is retried, and the file is not written off as an error."""
+    from eyeray import dicomweb, storage
 
     try:
-        return storage.read_bytes(uri), ""
-    except Exception as exc:  # missing file, permission, network
+        return (reader(uri) if reader is not None else storage.read_bytes(uri)), ""
+    except dicomweb.PacsUnavailable:
+        raise
+    except Exception as exc:  # missing file, permission, network, a PACS's refusal
         return None, f"unreadable file: {type(exc).__name__}: {exc}"
 
 
-def read_thumbnail(uri: str, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray | None, str]:
+def read_thumbnail(
+    uri: str, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS, frame: int = -1, reader: Reader | None = None
+) -> tuple[np.ndarray | None, str]:
     """`read_value`, shrunk to at most `max_side` pixels a side, aspect ratio kept: an original read
     again for a person to look at (report thumbnails, Grad-CAM overlays). Decoded at a reduced scale
-    when the file is much larger (`decode`'s `min_side`): the thumbnail needs no more."""
-    original, reason = read_value(uri, max_pixels, min_side=max_side)
+    when the file is much larger (`decode`'s `min_side`): the thumbnail needs no more. `frame` >= 0:
+    that frame of a multi-frame DICOM file (a volume's B-scan)."""
+    if frame < 0:
+        original, reason = read_value(uri, max_pixels, min_side=max_side, reader=reader)
+    else:
+        original, reason = _read_frame(uri, max_pixels, frame, reader)
     if original is None:
         return None, reason
     image = Image.fromarray(original)
     image.thumbnail((max_side, max_side))
     return np.asarray(image), ""
+
+
+def _read_frame(uri: str, max_pixels: int, frame: int, reader: Reader | None) -> tuple[np.ndarray | None, str]:
+    data, reason = _read_bytes(uri, reader)
+    if data is None:
+        return None, reason
+    try:
+        volume = open_dicom(data, max_pixels)
+        if not 0 <= frame < volume.frames:
+            return None, f"no frame {frame} in a file of {volume.frames}"
+        return volume.frame(frame), ""
+    except DecodeError as exc:
+        return None, str(exc)
 
 
 def preprocess(image: np.ndarray, size: int, method: str = DEFAULT_RESIZE) -> np.ndarray:
@@ -411,6 +467,7 @@ def load_record(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     extra_sizes: tuple[int, ...] = (),
     method: str = DEFAULT_RESIZE,
+    reader: Reader | None = None,
 ) -> dict[str, Any]:
     """Read, decode and preprocess one record's file; errors become `error`, never exceptions.
 
@@ -420,19 +477,83 @@ def load_record(
     columns from the same decode (ensembles of models whose
     input sizes differ decode each file once); every size is resized with `method`. The decode is
     only as large as the largest size needs (`decode`'s `min_side`); `height` and `width` are still
-    the file's full image size.
+    the file's full image size. A volume gives its central frame (`load_frames` gives every one).
     """
-    out = dict(record)
-    data = out.pop("bytes", None)
-    reason = ""
-    if data is None:
-        data, reason = _read_bytes(record["path"])
+    out, data, reason = _read_record(record, reader)
     image, full = None, (0, 0)
-    out.update(dicom_identifiers(data) if data is not None else NO_IDENTIFIERS)
     if data is not None:
         image, reason, full = decode_with_size(data, max_pixels, max((size, *extra_sizes)))
     if image is None:
         return _failed(out, size, extra_sizes, reason)
+    return _loaded(out, image, full, size, extra_sizes, method)
+
+
+def load_frames(
+    record: dict[str, Any],
+    size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    extra_sizes: tuple[int, ...] = (),
+    method: str = DEFAULT_RESIZE,
+    reader: Reader | None = None,
+) -> list[dict[str, Any]]:
+    """`load_record`, one record per frame: a multi-frame DICOM file (an OCT volume: one B-scan per
+    frame) gives a record per frame, `frame` its 0-based index and `frames` the file's count; any
+    other file one record with `frame` -1 (`frames` 1, or 0 when it failed before its frames were
+    counted). Frames are decoded one at a time; one that fails is an error record beside the others.
+    `record["done_frames"]`: frames an interrupted run already committed, skipped (resume)."""
+    skip = record.get("done_frames")
+    done = set() if skip is None else {int(i) for i in skip}
+    record = {k: v for k, v in record.items() if k != "done_frames"}
+    out, data, reason = _read_record(record, reader)
+    if data is None:
+        return [{**_failed(out, size, extra_sizes, reason), "frame": -1, "frames": 0}]
+    if not is_dicom(data):
+        row = load_record({**record, "bytes": data}, size, max_pixels, extra_sizes, method)
+        return [{**row, "frame": -1, "frames": 0 if row["error"] else 1}]
+    try:
+        volume = open_dicom(data, max_pixels)
+    except DecodeError as exc:
+        return [{**_failed(out, size, extra_sizes, str(exc)), "frame": -1, "frames": 0}]
+    except Exception as exc:  # a decoder bug on one odd file must not fail its batch
+        return [
+            {
+                **_failed(out, size, extra_sizes, f"undecodable file: {type(exc).__name__}: {exc}"),
+                "frame": -1,
+                "frames": 0,
+            }
+        ]
+    rows = []
+    for index in range(volume.frames) if volume.frames > 1 else [-1]:
+        if index in done:
+            continue
+        row = {**out, "frame": index, "frames": volume.frames}
+        try:
+            image = volume.frame(max(index, 0))
+        except DecodeError as exc:
+            rows.append(_failed(row, size, extra_sizes, str(exc)))
+            continue
+        except Exception as exc:
+            rows.append(_failed(row, size, extra_sizes, f"undecodable file: {type(exc).__name__}: {exc}"))
+            continue
+        rows.append(_loaded(row, image, image.shape[:2], size, extra_sizes, method))
+    return rows
+
+
+def _read_record(record: dict[str, Any], reader: Reader | None) -> tuple[dict[str, Any], bytes | None, str]:
+    """The record without its bytes, with the DICOM identifiers; the file's bytes (None and the
+    reason when it cannot be read)."""
+    out = dict(record)
+    data = out.pop("bytes", None)
+    reason = ""
+    if data is None:
+        data, reason = _read_bytes(record["path"], reader)
+    out.update(dicom_identifiers(data) if data is not None else NO_IDENTIFIERS)
+    return out, data, reason
+
+
+def _loaded(
+    out: dict[str, Any], image: np.ndarray, full: tuple[int, int], size: int, extra_sizes: tuple[int, ...], method: str
+) -> dict[str, Any]:
     out.update(image=preprocess(image, size, method), height=full[0], width=full[1], error="")
     out.update({f"image_{s}": preprocess(image, s, method) for s in extra_sizes})
     return out
@@ -487,11 +608,23 @@ def load_batch(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     extra_sizes: tuple[int, ...] = (),
     method: str = DEFAULT_RESIZE,
+    every_frame: bool = False,
+    reader: Reader | None = None,
 ) -> dict[str, np.ndarray]:
-    """`load_record` over a Ray Data batch (dict of columns) -> dict of columns."""
+    """`load_record` over a Ray Data batch (dict of columns) -> dict of columns; `every_frame`:
+    `load_frames`, so a volume becomes one row per frame (batch scoring)."""
     n = len(next(iter(batch.values())))
-    rows = [load_record({k: v[i] for k, v in batch.items()}, size, max_pixels, extra_sizes, method) for i in range(n)]
-    return {key: _column([row[key] for row in rows]) for key in rows[0]} if rows else dict(batch)
+    records = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+    if every_frame:
+        rows = [row for r in records for row in load_frames(r, size, max_pixels, extra_sizes, method, reader)]
+    else:
+        rows = [load_record(r, size, max_pixels, extra_sizes, method, reader) for r in records]
+    return {key: _column([row[key] for row in rows]) for key in rows[0]} if rows else _empty(batch)
+
+
+def _empty(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch whose every frame was already scored (resume): no rows, the input's columns."""
+    return {k: v[:0] for k, v in batch.items() if k != "done_frames"}
 
 
 def _column(values: list[Any]) -> np.ndarray:

@@ -39,13 +39,18 @@ class ExplainPlan:
     def active(self) -> bool:
         return self.review or self.referred or self.top_k > 0
 
-    def pairs(self, decision, needs_review: np.ndarray, classes: Sequence[str]) -> list[tuple[int, int]]:
+    def pairs(
+        self, decision, needs_review: np.ndarray, classes: Sequence[str], in_volume: np.ndarray | None = None
+    ) -> list[tuple[int, int]]:
         """(row, class index) to explain: top-K classes of every answered row, else the explained
-        class of the answered rows selected (referred and/or needing review)."""
+        class of the answered rows selected (referred and/or needing review). `in_volume`: rows that
+        are a volume's B-scans, whose referred ones are always explained (they drive the volume's
+        answer, `eyeray.decision.volume`) while the plan is active."""
         n, answered = len(decision.labels), ~decision.declined  # a declined image has no class to explain
         if self.top_k:
             order = np.argsort(-decision.probabilities, axis=1)[:, : self.top_k]
             return [(int(i), int(k)) for i in np.flatnonzero(answered) for k in order[i]]
         refer = decision.referral if decision.referral is not None else np.zeros(n, bool)
-        chosen = ((self.review & needs_review) | (self.referred & refer)) & answered
+        driving = refer & (in_volume if in_volume is not None else np.zeros(n, bool))
+        chosen = ((self.review & needs_review) | (self.referred & refer) | driving) & answered
         return [(int(i), explained_class(decision, int(i), classes)) for i in np.flatnonzero(chosen)]

@@ -34,20 +34,25 @@ def draw(
     key: str,
     max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
     prefix: str = "",
+    reader: imaging.Reader | None = None,
 ) -> dict[str, np.ndarray]:
-    """Ray Data batch function: write OUTPUT/explanations/KEY/<hash of path>-<class>.png for every
-    explained row and class, and replace the heatmap columns by `explanations` (the overlays'
-    paths relative to OUTPUT). Names hash the path and class, so a retried batch overwrites its
-    own files. A file that cannot be read again keeps its row, without an overlay. `prefix`: one
-    task's columns in a routed run (`eyeray.score.routing`, "oct::"); its name goes in the file names."""
+    """Ray Data batch function: write OUTPUT/explanations/KEY/<hash of path>[-f<frame>]-<class>.png for
+    every explained row (a volume's B-scan: its frame) and class, and replace the heatmap columns by
+    `explanations` (the overlays' paths relative to OUTPUT). Names hash the path and class, so a
+    retried batch overwrites its own files. A file that cannot be read again keeps its row, without
+    an overlay. `prefix`: one task's columns in a routed run (`eyeray.score.routing`, "oct::"); its
+    name goes in the file names. `reader`: how the originals are read (a PACS's), when storage cannot."""
     maps, explained = batch.pop(prefix + HEATMAPS), batch.pop(prefix + EXPLAINED)
     tag = prefix.replace(":", "") + "-" if prefix else ""
     written = []
-    for path, heat, names in zip(batch["path"], maps, explained):
+    frames = batch.get("frame", np.full(len(batch["path"]), -1))
+    for path, frame, heat, names in zip(batch["path"], frames, maps, explained):
         files = []
-        original = imaging.read_thumbnail(str(path), OVERLAY_MAX_SIDE, max_pixels)[0] if names else None
+        original = (
+            imaging.read_thumbnail(str(path), OVERLAY_MAX_SIDE, max_pixels, int(frame), reader)[0] if names else None
+        )
         if original is not None:  # None: gone or changed since it was scored
-            digest = hashlib.sha1(str(path).encode()).hexdigest()[:16]
+            digest = hashlib.sha1(str(path).encode()).hexdigest()[:16] + (f"-f{int(frame)}" if frame >= 0 else "")
             for heatmap, name in zip(heat, str(names).split(LABEL_SEPARATOR)):
                 relative = f"{EXPLANATIONS_DIR}/{key}/{digest}-{tag}{name}.png"
                 storage.write_bytes(

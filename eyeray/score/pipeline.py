@@ -24,14 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from eyeray import cluster, faults, storage
+from eyeray import cluster, dicomweb, faults, storage
 from eyeray.data import imaging
 from eyeray.data.files import list_inputs
 from eyeray.decision import operating_points
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
 from eyeray.decision.ensemble import METHODS, combine
 from eyeray.decision.gate import OUT_OF_SCOPE
-from eyeray.score import overlays, preflight, routing, shards
+from eyeray.preflight import SettingError
+from eyeray.score import overlays, preflight, routing, shards, volumes, write_back
 from eyeray.score.explain_plan import ExplainPlan
 from eyeray.score.predictor import BundlePredictor
 
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 DECODE_CPUS = 1  # per decode task: decoding one JPEG or DICOM is single-threaded
+PACS_RETRIES = 4  # a read task whose PACS is down or slow (PacsUnavailable) is retried by Ray this often
 # TensorFlow, Keras and the Ray worker itself. Measured: a VGG16 actor peaked at 1.0 GiB on CPU
 # (Ray Data's memory issue detector); with 4x the weights on top, Ray's detector stays quiet.
 ACTOR_RUNTIME_BYTES = 5 << 28  # 1.25 GiB
@@ -55,8 +57,10 @@ REPORT_COLUMNS = [
     "confidence",
     "needs_review",
     "explanations",
-    "patient_id",
-    "study_uid",
+    "frame",
+    "frames",
+    "probabilities",
+    *imaging.DICOM_IDENTIFIERS,
 ]
 SUMMARY_PRINTED = (
     "files_seen",
@@ -68,6 +72,7 @@ SUMMARY_PRINTED = (
     "predictions",
     "referred",
     "needs_review",
+    "volumes",
     "wall_seconds",
 )
 
@@ -83,7 +88,12 @@ class ScoreConfig:
             "help": "model bundle folder or s3:// URI (from training); repeat for an ensemble of one task",
         }
     )
-    input: str = field(metadata={"help": "archive to score: local folder or s3://bucket/prefix (recursive)"})
+    input: str = field(
+        metadata={
+            "help": "archive to score: local folder, s3://bucket/prefix (recursive), or a PACS's DICOMweb root "
+            "(http(s)://host/dicom-web: its instances, filtered by --study-date and --modality)"
+        }
+    )
     output: str = field(metadata={"help": "results folder or s3:// URI (Parquet shards, summary.json, report.html)"})
     ensemble: str = field(
         default="mean",
@@ -141,6 +151,30 @@ class ScoreConfig:
             "none, review, referred, top-K (every row, its K most probable classes), or a comma list"
         },
     )
+    study_date: str | None = field(
+        default=None,
+        metadata={"metavar": "YYYYMMDD[-YYYYMMDD]", "help": "DICOMweb --input: studies of this date or range"},
+    )
+    modality: list[str] = field(
+        default_factory=list,
+        metadata={"metavar": "MODALITY", "help": "DICOMweb --input: instances of this modality (OPT, OP); repeat"},
+    )
+    pacs_token_file: str | None = field(
+        default=None, metadata={"help": "DICOMweb: a file holding the bearer token (read at each request)"}
+    )
+    pacs_user: str | None = field(default=None, metadata={"help": "DICOMweb: HTTP basic auth user"})
+    pacs_password_file: str | None = field(
+        default=None, metadata={"help": "DICOMweb: a file holding the basic auth password"}
+    )
+    pacs_timeout: float = field(default=30.0, metadata={"help": "DICOMweb: seconds to connect, and per read"})
+    write_back: bool = field(
+        default=False,
+        metadata={
+            "help": "DICOMweb --input: store a DICOM SR of each instance's (or volume's) answer and a Secondary "
+            "Capture of its Grad-CAM overlay into its study, as new series over STOW-RS (idempotent by UID); "
+            "every answered image gets an overlay"
+        },
+    )
     block_batches: int = field(default=4, repr=False, metadata={"cli": False})  # files per read task, in batches
 
     def __post_init__(self):
@@ -159,6 +193,21 @@ class ScoreConfig:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
             raise ValueError("gpus_per_actor and cpus_per_actor must not be negative")
+        if self.pacs is None and (self.study_date or self.modality or self.write_back):
+            raise ValueError(
+                "--study-date, --modality and --write-back need a DICOMweb --input (http(s)://.../dicom-web)"
+            )
+        if self.write_back and ExplainPlan.parse(self.explain).top_k == 0:
+            self.explain = "top-1"  # the overlay each written-back instance carries
+
+    @property
+    def pacs(self) -> dicomweb.Pacs | None:
+        """The DICOMweb service `input` names, with its authentication; None for a folder or s3://."""
+        if not dicomweb.is_dicomweb(self.input):
+            return None
+        return dicomweb.Pacs(
+            self.input, self.pacs_token_file, self.pacs_user, self.pacs_password_file, self.pacs_timeout
+        )
 
     @property
     def decision_options(self) -> dict[str, Any]:
@@ -203,22 +252,29 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     fs, root = storage.filesystem(cfg.output)
     fs.makedirs(root, exist_ok=True)
     shards.clear_incomplete(cfg.output)
-    found = pa.array(list_inputs(cfg.input), pa.string())
-    done = shards.committed(cfg.output, key, ["path"]).column("path")
-    todo = found.filter(pc.invert(pc.is_in(found, value_set=done.combine_chunks())))
+    try:
+        found = pa.array(inputs(cfg), pa.string())
+    except dicomweb.PacsError as exc:  # before Ray starts: one line, as for any --input that cannot be read
+        raise SettingError(f"--input {exc}") from None
+    todo = shards.remaining(cfg.output, key, found)
+    started = pc.sum(pc.is_valid(todo.column("done_frames"))).as_py() or 0
     log.info(
         f"{len(found)} files in {cfg.input}; {len(found) - len(todo)} already scored "
-        f"(version {key}); scoring {len(todo)}"
+        f"(version {key}); scoring {len(todo)}" + (f", {started} of them volumes a run had started" if started else "")
     )
     written = 0
     if len(todo):
         cluster.connect()
         check_resources(cfg)
-        written = sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests).iter_rows())
+        written = _scored(cfg, todo, manifests)
     rows = shards.committed(cfg.output, key, REPORT_COLUMNS)  # read once: the summary and the report
     summary = summarize(
         rows, manifests, key, files_seen=len(found), scored_now=written, seconds=time.perf_counter() - start
     )
+    volume_rows = volumes.answers(rows, manifests)  # empty when no file had several frames
+    if volume_rows.num_rows:
+        volumes.write(cfg.output, volume_rows)
+        summary["volumes"] = volumes.summary(volume_rows)
     summary["bundles"] = [
         {"uri": uri, "version": m["version"], "backbone": m["backbone"]} for uri, m in zip(cfg.bundles, manifests)
     ]
@@ -226,10 +282,54 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     summary["decision"] = decision
     summary["inference_this_run"] = {"jit_compile": cfg.jit_compile, "mixed_precision": cfg.mixed_precision}
     fs.pipe(f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
+    if cfg.write_back:
+        rows_back = shards.committed(cfg.output, key, write_back.ROW_COLUMNS)
+        results = write_back.results(rows_back, volume_rows, write_back.models(manifests, decision), key)
+        summary["written_back"] = write_back.write(cfg.pacs, cfg.output, results)
     if cfg.report:
-        score_report.write(cfg.output, summary, rows)
-    log.info("summary: " + json.dumps({k: summary[k] for k in SUMMARY_PRINTED}))
+        score_report.write(cfg.output, summary, rows, volume_rows, reader=_reader(cfg))
+    log.info("summary: " + json.dumps({k: summary[k] for k in SUMMARY_PRINTED if k in summary}))
     return summary
+
+
+def inputs(cfg: ScoreConfig) -> list[str]:
+    """The files to score: under a folder or s3:// prefix, or a PACS's instances (QIDO-RS, by
+    --study-date and --modality) as their WADO-RS URIs, which the rows keep as `path`."""
+    if cfg.pacs is None:
+        return list_inputs(cfg.input)
+    found = dicomweb.search_instances(cfg.pacs, study_date=cfg.study_date, modalities=tuple(cfg.modality))
+    return [instance.uri for instance in found]
+
+
+def _reader(cfg: ScoreConfig) -> imaging.Reader | None:
+    """How the decode, overlay and report stages read a file: from the PACS, or (None) from storage."""
+    return None if cfg.pacs is None else dicomweb.reader(cfg.pacs)
+
+
+def _scored(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict[str, Any]]) -> int:
+    """Run the pipeline; the rows it committed. A PACS that stays down or slow through Ray's retries
+    stops the run with one line saying so: what was committed stays, and a re-run resumes."""
+    try:
+        return sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests).iter_rows())
+    except Exception as exc:
+        cause = _pacs_cause(exc)
+        if cause is None:
+            raise
+        raise dicomweb.PacsUnavailable(
+            f"{cause} (after {PACS_RETRIES} retries); the rows committed so far stay, run the same command again "
+            "to score the rest"
+        ) from None
+
+
+def _pacs_cause(exc: BaseException) -> dicomweb.PacsUnavailable | None:
+    """The PacsUnavailable behind a Ray or Ray Data error, if that is what stopped the pipeline."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, dicomweb.PacsUnavailable):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
 
 
 def decode_options(manifests: list[dict[str, Any]]) -> dict[str, Any]:
@@ -250,18 +350,21 @@ def decode_options(manifests: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.data.Dataset:
-    """The Ray Data pipeline over the files to score: one row (file name, rows) per committed shard."""
+def pipeline(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict]) -> ray.data.Dataset:
+    """The Ray Data pipeline over the files to score (`shards.remaining`): one row (file name, rows)
+    per committed shard. A volume becomes one row per B-scan in the decode tasks."""
     key, members = version_key(manifests, cfg.ensemble, cfg.decision_options), [m["version"] for m in manifests]
     loading = decode_options(manifests)
     sizes = [loading["size"], *loading["extra_sizes"]]
     block = cfg.batch_size * cfg.block_batches
-    ds = ray.data.from_arrow([pa.table({"path": todo.slice(i, block)}) for i in range(0, len(todo), block)])
+    ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, len(todo), block)])
+    reading = {"max_retries": PACS_RETRIES, "retry_exceptions": [dicomweb.PacsUnavailable]} if cfg.pacs else {}
     ds = ds.map_batches(
         imaging.load_batch,
-        fn_kwargs=loading,
+        fn_kwargs={**loading, "every_frame": True, "reader": _reader(cfg)},
         batch_size=cfg.batch_size,
         num_cpus=DECODE_CPUS,
+        **reading,
     )
     ds = ds.map_batches(
         BundlePredictor,
@@ -278,8 +381,15 @@ def pipeline(cfg: ScoreConfig, todo: pa.Array, manifests: list[dict]) -> ray.dat
         for prefix in [f"{t}{routing.SEPARATOR}" for t in tasks] if routed else [""]:
             ds = ds.map_batches(
                 overlays.draw,
-                fn_kwargs={"output": cfg.output, "key": key, "max_pixels": loading["max_pixels"], "prefix": prefix},
+                fn_kwargs={
+                    "output": cfg.output,
+                    "key": key,
+                    "max_pixels": loading["max_pixels"],
+                    "prefix": prefix,
+                    "reader": _reader(cfg),
+                },
                 batch_size=cfg.batch_size,
+                **reading,
             )
     ds = ds.map_batches(
         shards.write_shard,

@@ -100,7 +100,8 @@ class BundlePredictor:
         out["confidence"] = _spread(ok, sure, np.nan, np.float32)
         out["needs_review"] = _spread(ok, review, False, bool)
         if self.plan.active:
-            maps, names = self._heatmaps(group.task, bundles, images, decision, review)
+            in_volume = np.asarray(batch.get("frame", np.full(len(ok), -1)))[ok] >= 0
+            maps, names = self._heatmaps(group.task, bundles, images, decision, review, in_volume)
             out[overlays.HEATMAPS] = overlays.heatmap_column(_spread_list(ok, maps, np.zeros((0, 1, 1), np.float16)))
             out[overlays.EXPLAINED] = _spread(ok, names, "", object)
         else:
@@ -115,13 +116,13 @@ class BundlePredictor:
             )
         return out
 
-    def _heatmaps(self, task: str, bundles, images, decision, review) -> tuple[list[np.ndarray], list[str]]:
+    def _heatmaps(self, task: str, bundles, images, decision, review, in_volume) -> tuple[list[np.ndarray], list[str]]:
         """Per decoded row: the Grad-CAM maps (k, h, w) of the classes the plan selects, and those
         classes' names; the overlay stage (`eyeray.score.overlays`) draws them on the originals."""
         from eyeray.model.gradcam import GradCam, ensemble_heatmaps
 
         classes, n = bundles[0].classes, len(decision.labels)
-        pairs = self.plan.pairs(decision, review, classes)
+        pairs = self.plan.pairs(decision, review, classes, in_volume)
         maps, names = [np.zeros((0, 1, 1), np.float32)] * n, [""] * n
         if not pairs:
             return maps, names

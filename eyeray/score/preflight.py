@@ -1,5 +1,6 @@
 """Scoring settings checked before Ray starts: every --bundle readable and valid (and combinable, or
-routable: `eyeray.score.routing`), --input there, --output writable. Each failure is a one-line
+routable: `eyeray.score.routing`), --input there (a folder or s3://; a PACS answers when listed),
+--output writable. Each failure is a one-line
 SettingError."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def check(cfg) -> list[dict[str, Any]]:
         raise SettingError(f"--bundle: {exc}; score them one at a time") from exc
     if len({m["task"] for m in manifests}) > 1 and cfg.thresholds is not None:
         raise SettingError("--thresholds overrides one task's operating point: score the tasks one at a time")
-    check_exists(cfg.input, "--input", "; give the folder or file to score")
+    if cfg.pacs is None:  # a PACS is checked by listing it (eyeray.score.pipeline.inputs)
+        check_exists(cfg.input, "--input", "; give the folder or file to score")
     check_writable(cfg.output, "--output")
     return manifests

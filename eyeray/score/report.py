@@ -35,11 +35,19 @@ DECLINED_SHOWN = 24  # thumbnails of declined images; all of them are in REVIEW_
 THUMBNAIL = 160
 
 
-def write(output: str, summary: dict[str, Any], rows: pa.Table) -> str:
-    """Write OUTPUT/report.html and OUTPUT/review_queue.csv from the summary and the committed rows."""
+def write(
+    output: str,
+    summary: dict[str, Any],
+    rows: pa.Table,
+    volumes: pa.Table | None = None,
+    reader: imaging.Reader | None = None,
+) -> str:
+    """Write OUTPUT/report.html and OUTPUT/review_queue.csv from the summary and the committed rows
+    (and the volume answers, `eyeray.score.volumes`). `reader`: how the scored files are read
+    again for thumbnails (a PACS's), when storage cannot."""
     queue = review_queue(rows)
     _write_csv(storage.join(output, REVIEW_FILE), queue)
-    page = render(summary, rows, queue, output)
+    page = render(summary, rows, queue, output, volumes, reader)
     uri = storage.join(output, REPORT_FILE)
     fs, path = storage.filesystem(uri)
     fs.pipe(path, page.encode())
@@ -53,7 +61,7 @@ def review_queue(rows: pa.Table) -> list[dict[str, Any]]:
         return []
     flagged = rows.filter(pc.fill_null(rows.column("needs_review"), False))
     columns = ["path", "status", "confidence", "label", "referral", "gate", "gate_reason", "gate_score", "explanations"]
-    columns += [c for c in ("patient_id", "study_uid") if c in rows.column_names]  # runs before identifiers lack them
+    columns += [c for c in ("patient_id", "study_uid", "frame") if c in rows.column_names]  # older runs lack them
     answered = flagged.filter(_is(flagged, "ok")).sort_by([("confidence", "ascending"), ("path", "ascending")])
     declined = flagged.filter(_is(flagged, "declined")).sort_by([("gate_score", "descending"), ("path", "ascending")])
     return answered.select(columns).to_pylist() + declined.select(columns).to_pylist()
@@ -62,7 +70,7 @@ def review_queue(rows: pa.Table) -> list[dict[str, Any]]:
 def _write_csv(uri: str, queue: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    header = ["rank", "patient_id", "study_uid", "path", "status", "confidence", "labels", "referral"]
+    header = ["rank", "patient_id", "study_uid", "path", "frame", "status", "confidence", "labels", "referral"]
     writer.writerow([*header, "declined_because", "overlays"])
     for rank, row in enumerate(queue, 1):
         writer.writerow(
@@ -71,6 +79,7 @@ def _write_csv(uri: str, queue: list[dict[str, Any]]) -> None:
                 row.get("patient_id") or "",
                 row.get("study_uid") or "",
                 row["path"],
+                "" if row.get("frame") is None else row["frame"],
                 row["status"],
                 "" if row["confidence"] is None else f"{row['confidence']:.4f}",
                 _labels(row["label"]),
@@ -95,7 +104,12 @@ def _labels(label) -> str:
 
 
 def render(
-    summary: dict[str, Any], rows: pa.Table, queue: list[dict[str, Any]] | None = None, output: str | None = None
+    summary: dict[str, Any],
+    rows: pa.Table,
+    queue: list[dict[str, Any]] | None = None,
+    output: str | None = None,
+    volumes: pa.Table | None = None,
+    reader: imaging.Reader | None = None,
 ) -> str:
     """The page as a string: values are prepared here, eyeray/templates/score_report.html prints them."""
     queue = queue or []
@@ -109,15 +123,42 @@ def render(
         decision=_decision(summary),
         review={
             "total": len(queue),
-            "figures": _review([row for row in queue if row["status"] == "ok"], output),
+            "figures": _review([row for row in queue if row["status"] == "ok"], output, reader),
             "more": max(0, len(queue) - REVIEW_SHOWN),
             "file": REVIEW_FILE,
         },
         distribution=_distribution(summary["predictions"]),
-        declined=_declined(summary, queue),
+        declined=_declined(summary, queue, reader),
         errors=_errors(summary, rows),
-        examples=_examples(rows, list(summary["predictions"])),
+        examples=_examples(rows, list(summary["predictions"]), reader),
+        volumes=_volumes(volumes, output, reader),
     )
+
+
+def _volumes(volumes: pa.Table | None, output: str | None, reader: imaging.Reader | None) -> dict[str, Any] | None:
+    """Each volume's answer (`eyeray.decision.volume`), the referred first, with the overlay of its
+    top driving B-scan."""
+    if volumes is None or not volumes.num_rows:
+        return None
+    from eyeray.decision.volume import NAMED, RULE
+
+    rank = {"ok": 1, "declined": 2, "error": 3}
+    ordered = sorted(volumes.to_pylist(), key=lambda v: (not v["referral"], rank[v["status"]], v["path"]))
+    shown = []
+    for v in ordered[:REVIEW_SHOWN]:
+        answer = "refer" if v["referral"] else ("not referred" if v["status"] == "ok" else v["status"])
+        detail = f"{answer} · {', '.join(v['labels']) or 'no label'} · {v['reason']}"
+        caption = {"name": _name(v), "detail": detail, "refer": bool(v["referral"]), "note": None}
+        if v["explanations"] and output is not None:
+            shown.append({**_thumbnail(storage.join(output, v["explanations"][0]), size=240, fmt="PNG"), **caption})
+        elif v["driving_frames"] and v["status"] == "ok":
+            first = v["driving_frames"][0]
+            shown.append(
+                {**_thumbnail(v["path"], frame=first, reader=reader), **caption, "note": f"B-scan {first}, no overlay"}
+            )
+        else:
+            shown.append({"alt": v["path"], "src": None, "unavailable": v["reason"], **caption})
+    return {"rule": RULE, "named": NAMED, "figures": shown, "total": volumes.num_rows}
 
 
 def _decision(summary: dict[str, Any]) -> dict[str, Any]:
@@ -161,12 +202,18 @@ def _gate_words(gate: dict[str, Any]) -> str:
     )
 
 
-def _declined(summary: dict[str, Any], queue: list[dict[str, Any]]) -> dict[str, Any]:
+def _declined(summary: dict[str, Any], queue: list[dict[str, Any]], reader: imaging.Reader | None) -> dict[str, Any]:
     """The declined images: counts by reason, and thumbnails of the first DECLINED_SHOWN."""
     shown = [row for row in queue if row["status"] == "declined"][:DECLINED_SHOWN]
     caption = {"refer": False, "note": None}
     figures = [
-        {**_thumbnail(row["path"]), "name": _name(row), "detail": _declined_because(row), **caption} for row in shown
+        {
+            **_thumbnail(row["path"], frame=row.get("frame"), reader=reader),
+            "name": _name(row),
+            "detail": _declined_because(row),
+            **caption,
+        }
+        for row in shown
     ]
     reasons = summary.get("declined_by_reason", {})
     return {
@@ -178,7 +225,7 @@ def _declined(summary: dict[str, Any], queue: list[dict[str, Any]]) -> dict[str,
     }
 
 
-def _review(queue: list[dict[str, Any]], output: str | None) -> list[dict[str, Any]]:
+def _review(queue: list[dict[str, Any]], output: str | None, reader: imaging.Reader | None) -> list[dict[str, Any]]:
     """The least confident cases, each with its Grad-CAM overlay (or the scan itself when there is none)."""
     figures = []
     for row in queue[:REVIEW_SHOWN]:
@@ -193,7 +240,13 @@ def _review(queue: list[dict[str, Any]], output: str | None) -> list[dict[str, A
                 {**_thumbnail(storage.join(output, overlays[0]), size=240, fmt="PNG"), **caption, "note": None}
             )
         else:
-            figures.append({**_thumbnail(row["path"]), **caption, "note": "no overlay (--explain)"})
+            figures.append(
+                {
+                    **_thumbnail(row["path"], frame=row.get("frame"), reader=reader),
+                    **caption,
+                    "note": "no overlay (--explain)",
+                }
+            )
     return figures
 
 
@@ -238,28 +291,38 @@ def _errors(summary: dict[str, Any], rows: pa.Table) -> list[dict[str, Any]]:
     ]
 
 
-def _examples(rows: pa.Table, classes: list[str]) -> list[dict[str, Any]]:
+def _examples(rows: pa.Table, classes: list[str], reader: imaging.Reader | None) -> list[dict[str, Any]]:
     """A few thumbnails per predicted class, read back through the same decoder as scoring."""
-    picked: dict[str, list[str]] = {c: [] for c in classes}
-    for batch in rows.filter(_is(rows, "ok")).select(["path", "label"]).to_batches(max_chunksize=4096):
+    picked: dict[str, list[dict[str, Any]]] = {c: [] for c in classes}
+    columns = ["path", "label", *(["frame"] if "frame" in rows.column_names else [])]
+    for batch in rows.filter(_is(rows, "ok")).select(columns).to_batches(max_chunksize=4096):
         for row in batch.to_pylist():  # batch by batch: an archive of millions is never one Python list
             labels = row["label"] if isinstance(row["label"], list) else [row["label"]]
             for label in labels:
                 if label in picked and len(picked[label]) < EXAMPLES_PER_CLASS:
-                    picked[label].append(row["path"])
+                    picked[label].append(row)
         if all(len(p) >= EXAMPLES_PER_CLASS for p in picked.values()):
             break
     caption = {"detail": None, "refer": False, "note": None}
     return [
-        {"label": label, "figures": [{**_thumbnail(p), "name": _name({"path": p}), **caption} for p in paths]}
-        for label, paths in picked.items()
+        {
+            "label": label,
+            "figures": [
+                {**_thumbnail(r["path"], frame=r.get("frame"), reader=reader), "name": _name(r), **caption}
+                for r in chosen
+            ],
+        }
+        for label, chosen in picked.items()
     ]
 
 
-def _thumbnail(path: str, size: int = THUMBNAIL, fmt: str = "JPEG") -> dict[str, Any]:
-    """A small inlined copy of the image at `path`, or why it could not be read again."""
-    figure = {"alt": _name({"path": path}), "src": None, "unavailable": None}
-    thumbnail, reason = imaging.read_thumbnail(path, size)
+def _thumbnail(
+    path: str, size: int = THUMBNAIL, fmt: str = "JPEG", frame: int | None = None, reader: imaging.Reader | None = None
+) -> dict[str, Any]:
+    """A small inlined copy of the image at `path` (a volume's B-scan: its `frame`), or why it
+    could not be read again."""
+    figure = {"alt": _name({"path": path, "frame": frame}), "src": None, "unavailable": None}
+    thumbnail, reason = imaging.read_thumbnail(path, size, frame=-1 if frame is None else frame, reader=reader)
     if thumbnail is None:  # moved or changed since it was scored
         return {**figure, "unavailable": reason}
     image = Image.fromarray(thumbnail)
@@ -272,7 +335,8 @@ def _name(row: dict[str, Any]) -> str:
     """A figure's caption: the file's name, and for a DICOM file its patient and study, which a
     clinician finds the case by."""
     ids = [f"{what} {row[key]}" for key, what in (("patient_id", "patient"), ("study_uid", "study")) if row.get(key)]
-    return " · ".join([row["path"].rsplit("/", 1)[-1], *ids])
+    frame = [f"B-scan {row['frame']}"] if row.get("frame") is not None else []
+    return " · ".join([row["path"].rsplit("/", 1)[-1], *frame, *ids])
 
 
 def _is(rows: pa.Table, status: str):

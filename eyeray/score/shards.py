@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
@@ -51,6 +52,7 @@ def shard_table(
     declined = ok & np.isin(np.asarray(batch["gate"], object), gate.DECLINING)
     answered = ok & ~declined
     gate_score = np.asarray(batch["gate_score"], np.float32)
+    frame = np.asarray(batch.get("frame", np.full(n, -1)), np.int32)
     labels = [str(x) if a else "" for x, a in zip(batch["label"], answered)]  # a declined row has none
     if manifest["multi_label"]:
         label = _split(labels)
@@ -58,6 +60,9 @@ def shard_table(
         label = pa.array([x or None for x in labels], pa.string())
     columns = {
         "path": pa.array([str(p) for p in batch["path"]], pa.string()),
+        # a volume's B-scan (0-based frame) and its file's frame count; null frame: a single image
+        "frame": pa.array(frame, pa.int32(), mask=frame < 0),
+        "frames": pa.array(np.asarray(batch.get("frames", np.ones(n)), np.int32)),
         "status": pa.array(np.where(ok, np.where(declined, "declined", "ok"), "error"), pa.string()),
         "error": pa.array([str(e) or None for e in batch["error"]], pa.string()),
         "gate": pa.array([str(v) or None for v in batch["gate"]], pa.string()),
@@ -176,7 +181,8 @@ def write_shard(
         table = routed_table(batch, routed_manifests, key, decision)
     else:
         table = shard_table(batch, manifest, key, members, decision)
-    digest = hashlib.sha1("\n".join(sorted(table.column("path").to_pylist())).encode()).hexdigest()[:16]
+    rows = zip(table.column("path").to_pylist(), table.column("frame").to_pylist())
+    digest = hashlib.sha1("\n".join(sorted(f"{p}#{f}" for p, f in rows)).encode()).hexdigest()[:16]
     name = f"{PART_PREFIX}{key}-{digest}.parquet"
     fs, root = storage.filesystem(output)
     tmp, final = f"{root}/{TMP_PREFIX}{name}", f"{root}/{name}"
@@ -197,7 +203,39 @@ def committed(output: str, key: str, columns: list[str]) -> pa.Table:
     dataset = pads.dataset(paths, format="parquet", filesystem=filesystem)
     # shards an earlier eyeray wrote may lack newer columns (the DICOM identifiers): those read as nulls
     schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()])
-    return pads.dataset(paths, schema=schema, format="parquet", filesystem=filesystem).to_table(columns=columns)
+    present = [c for c in columns if c in schema.names]  # a column no shard has yet (frame): all nulls
+    table = pads.dataset(paths, schema=schema, format="parquet", filesystem=filesystem).to_table(columns=present)
+    for name in columns:
+        if name not in present:
+            table = table.append_column(name, pa.nulls(table.num_rows))
+    return table.select(columns)
+
+
+def remaining(output: str, key: str, found: pa.Array) -> pa.Table:
+    """What a run of scoring version `key` still has to score of the files `found`: a table of
+    `path` and `done_frames`, the frames of a volume an interrupted run already committed (null for
+    a file not started). A file is done when its row is committed; a volume when every frame's is
+    (a volume's rows may span shards, and a killed run may have committed only some)."""
+    rows = committed(output, key, ["path", "frame", "frames"])
+    if not rows.num_rows:
+        return pa.table({"path": found, "done_frames": pa.nulls(len(found), pa.list_(pa.int32()))})
+    framed = rows.filter(pc.is_valid(rows.column("frame")))
+    single = rows.filter(pc.is_null(rows.column("frame"))).column("path")
+    if not framed.num_rows:  # no volumes (or shards from before volumes were scored by frame)
+        todo = found.filter(pc.invert(pc.is_in(found, value_set=single.combine_chunks())))
+        return pa.table({"path": todo, "done_frames": pa.nulls(len(todo), pa.list_(pa.int32()))})
+    counts = framed.group_by("path").aggregate([("frame", "count_distinct"), ("frames", "max")])
+    whole = pc.greater_equal(counts.column("frame_count_distinct"), counts.column("frames_max"))
+    done = pa.concat_arrays([single.combine_chunks(), counts.column("path").filter(whole).combine_chunks()])
+    todo = found.filter(pc.invert(pc.is_in(found, value_set=done)))
+    partial = counts.column("path").filter(pc.invert(whole)).combine_chunks()
+    started: dict[str, list[int]] = {}
+    if len(partial):
+        mine = framed.filter(pc.is_in(framed.column("path"), value_set=partial))
+        for path, frame in zip(mine.column("path").to_pylist(), mine.column("frame").to_pylist()):
+            started.setdefault(path, []).append(frame)
+    done_frames = [sorted(set(started[p])) if p in started else None for p in todo.to_pylist()]
+    return pa.table({"path": todo, "done_frames": pa.array(done_frames, pa.list_(pa.int32()))})
 
 
 def clear_incomplete(output: str) -> int:
