@@ -72,10 +72,16 @@ def make_dicom(
 OPT_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.5.4"  # Ophthalmic Tomography Image Storage
 
 
-def make_oct_volume(bscans: list[np.ndarray], jpeg2000: bool = False, patient_id: str = "TEST-0001") -> bytes:
+def make_oct_volume(
+    bscans: list[np.ndarray],
+    jpeg2000: bool = False,
+    patient_id: str = "TEST-0001",
+    study_uid: str = STUDY_UID,
+    study_date: str = "20261204",
+) -> bytes:
     """An Ophthalmic Tomography Image Storage file holding `bscans` (8-bit grey, one size) as its
     frames, uncompressed or JPEG 2000 (lossless, through pylibjpeg-openjpeg), as an OCT device
-    exports a cube."""
+    exports a cube; one B-scan makes a single-frame instance."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
@@ -87,8 +93,8 @@ def make_oct_volume(bscans: list[np.ndarray], jpeg2000: bool = False, patient_id
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = OPT_STORAGE, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "OPT", patient_id
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, generate_uid()
+    ds.Modality, ds.PatientID, ds.PatientName = "OPT", patient_id, "Test^Patient"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.StudyDate = study_uid, generate_uid(), study_date
     ds.ImageLaterality, ds.AcquisitionDateTime = "L", "20261204103000"
     ds.NumberOfFrames, (ds.Rows, ds.Columns) = len(frames), frames.shape[1:]
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"

@@ -1,7 +1,8 @@
 """A real Orthanc PACS for tests: started on 127.0.0.1 with free ports and its own storage folder,
 with the DICOMweb plugin, and stopped by its own process id.
 
-Not a test module. `running_orthanc(tmp_dir)` is a context manager; the `Orthanc` binary comes from
+Not a test module. `running_orthanc(tmp_dir)` is a context manager (and `http_server`, a real HTTP
+server in a thread, puts faults or a gateway in front of it); the `Orthanc` binary comes from
 the Debian packages `orthanc orthanc-dicomweb` that `.ci/run` installs.
 """
 
@@ -12,9 +13,11 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,45 @@ def running_orthanc(
         finally:
             _stop(process)
         return
+
+
+@contextlib.contextmanager
+def http_server(handle: Callable[[BaseHTTPRequestHandler, bytes], tuple[int, dict[str, str], bytes]]) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 answering every GET/POST with handle(request, body) -> (status,
+    headers, body); yields its root URL and shuts down (its own thread) on exit."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            status, headers, payload = handle(self, self.rfile.read(length) if length else b"")
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        do_GET = do_POST = serve
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads, server.block_on_close = True, False
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def forward(target: str, request: BaseHTTPRequestHandler, body: bytes, path: str | None = None):
+    """Pass one request on to Orthanc (`target` is its REST root) and its answer back."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() in ("accept", "content-type")}
+    answer = requests.request(request.command, target + (path or request.path), headers=headers, data=body, timeout=30)
+    return answer.status_code, {k: v for k, v in answer.headers.items() if k.lower() == "content-type"}, answer.content

@@ -6,21 +6,18 @@ rewriting requests) or play a faulty PACS."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import pickle
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 
 import numpy as np
 import pydicom
 import pytest
-import requests
-from orthanc import OrthancServer, running_orthanc
+from orthanc import OrthancServer, forward, http_server, running_orthanc
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
@@ -97,48 +94,6 @@ def loaded(orthanc) -> dict[tuple[str, str], set[str]]:
             orthanc.upload(data)
             expected.setdefault((letter, modality), set()).add(sop_uid(data))
     return expected
-
-
-@contextlib.contextmanager
-def http_server(handle: Callable[[BaseHTTPRequestHandler, bytes], tuple[int, dict[str, str], bytes]]) -> Iterator[str]:
-    """A real HTTP server on 127.0.0.1 answering every GET/POST with handle(request, body) -> (status,
-    headers, body); yields its root URL and shuts down (its own thread) on exit."""
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def serve(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            status, headers, payload = handle(self, self.rfile.read(length) if length else b"")
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                self.send_response(status)
-                for name, value in headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        do_GET = do_POST = serve
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads, server.block_on_close = True, False
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def forward(target: str, request: BaseHTTPRequestHandler, body: bytes, path: str | None = None):
-    """Pass one request on to Orthanc (`target` is its REST root) and its answer back."""
-    headers = {k: v for k, v in request.headers.items() if k.lower() in ("accept", "content-type")}
-    answer = requests.request(request.command, target + (path or request.path), headers=headers, data=body, timeout=30)
-    return answer.status_code, {k: v for k, v in answer.headers.items() if k.lower() == "content-type"}, answer.content
 
 
 def assert_no_identifiers(message: str, pacs_url: str, *uids: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 from bundles import make_bundle
+from conftest import free_port
 
 from eyeray.cli import main, score_main, sweep_main, train_main
 from eyeray.model.build import BACKBONES
@@ -197,6 +198,20 @@ def test_scoring_with_a_missing_bundle_or_input(capsys, tmp_path):
     # config validation (ScoreConfig) is a setting too
     line = refused(capsys, score_main, ["--bundle", bundle, "--input", str(archive), "--output", "o", "--actors", "0"])
     assert line == "eyeray: error: actors must be at least 1, not 0"
+    # a PACS: listing it is the check; one that does not answer, or a PACS flag without one, is one line
+    closed = free_port()
+    pacs = f"http://127.0.0.1:{closed}/dicom-web"
+    line = refused(capsys, score_main, ["--bundle", bundle, "--input", pacs, "--output", str(tmp_path / "o")])
+    assert line == (
+        f"eyeray: error: --input PACS {pacs} unreachable for the QIDO-RS instance search: connection refused"
+    )
+    line = refused(
+        capsys, score_main, ["--bundle", bundle, "--input", str(archive), "--output", "o", "--modality", "OPT"]
+    )
+    assert (
+        line
+        == "eyeray: error: --study-date, --modality and --write-back need a DICOMweb --input (http(s)://.../dicom-web)"
+    )
 
 
 def test_sweep_data_and_output(capsys, glaucoma_sample, tmp_path):

@@ -316,8 +316,8 @@ def _scored(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict[str, Any]]) -
         if cause is None:
             raise
         raise dicomweb.PacsUnavailable(
-            f"{cause} (after {PACS_RETRIES} retries); the rows committed so far stay, run the same command again "
-            "to score the rest"
+            f"{str(cause).splitlines()[0]} (after {PACS_RETRIES} retries); the rows committed so far stay, "
+            "run the same command again to score the rest"
         ) from None
 
 
@@ -326,9 +326,10 @@ def _pacs_cause(exc: BaseException) -> dicomweb.PacsUnavailable | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, dicomweb.PacsUnavailable):
+        cause = getattr(exc, "cause", None)  # a RayTaskError: the exception its task raised
+        if isinstance(exc, dicomweb.PacsUnavailable) and not isinstance(cause, dicomweb.PacsUnavailable):
             return exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        exc = cause or exc.__cause__ or exc.__context__
     return None
 
 
@@ -352,7 +353,18 @@ def decode_options(manifests: list[dict[str, Any]]) -> dict[str, Any]:
 
 def pipeline(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict]) -> ray.data.Dataset:
     """The Ray Data pipeline over the files to score (`shards.remaining`): one row (file name, rows)
-    per committed shard. A volume becomes one row per B-scan in the decode tasks."""
+    per committed shard. A volume becomes one row per B-scan in the decode tasks. Errors raised in
+    its stages reach the driver as themselves, not as Ray Data's UserCodeException (the datasets
+    copy the context they are built in), so `run` tells a PACS outage from a bug."""
+    context = ray.data.DataContext.get_current()
+    saved, context.raise_original_map_exception = context.raise_original_map_exception, True
+    try:
+        return _stages(cfg, todo, manifests)
+    finally:
+        context.raise_original_map_exception = saved
+
+
+def _stages(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict]) -> ray.data.Dataset:
     key, members = version_key(manifests, cfg.ensemble, cfg.decision_options), [m["version"] for m in manifests]
     loading = decode_options(manifests)
     sizes = [loading["size"], *loading["extra_sizes"]]
