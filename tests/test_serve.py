@@ -16,10 +16,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from bundles import drawn, gated_task_bundles, make_bundle, with_gate
 from conftest import free_port
+from corpus import make_oct_volume, real_bscans
 from PIL import Image, ImageDraw
 from test_imaging import make_dicom, tiff_with_a_page_without_dimensions
 
@@ -705,6 +707,8 @@ def test_route_answers_an_upload_by_the_tasks_whose_gate_accepts_it(url, tmp_pat
                 for d in (encode(letter, "PNG"), oct_as_fundus)
             ]
             schemas = client.get(f"{url}/routed/openapi.json").json()["components"]["schemas"]
+            cube = make_oct_volume([drawn("oct", 2, 60)[i, ..., 0] for i in range(2)])
+            volume = client.post(f"{url}/routed/v1/route", content=cube, headers={"Content-Type": "application/dicom"})
         with api_client() as client:
             gateless = client.post(f"{url}/v1/route", files={"file": ("x", uploads["oct"][0])})
     finally:
@@ -733,3 +737,41 @@ def test_route_answers_an_upload_by_the_tasks_whose_gate_accepts_it(url, tmp_pat
     assert outside[1].json()["reason"].endswith("; DICOM modality OP")
     assert schemas["Routed"]["properties"]["status"]["enum"] == ["ok", "out_of_scope"]
     assert gateless.status_code == 409 and "has none" in gateless.json()["detail"]
+    assert volume.status_code == 422  # a volume is answered by /predict, B-scan by B-scan, never by one frame
+    assert volume.json()["detail"] == "this upload is a volume of 2 frames: /v1/{task}/predict answers volumes"
+
+
+def test_a_volume_upload_is_answered_as_batch_scoring_answers_it(url, bundles, oct_sample, tmp_path):
+    """An OCT cube (JPEG 2000, real B-scans) posted to /predict: every B-scan answered as batch scoring
+    answers its row, and the volume's answer is the one batch scoring writes to _volumes.parquet."""
+    names = ["CNV-6552587-1.jpeg", "CNV-6552587-2.jpeg", "NORMAL-75834-1.jpeg", "DME-247204-1.jpeg"]
+    cube = make_oct_volume(real_bscans(oct_sample, names, size=(256, 248)), jpeg2000=True)
+    with api_client() as client:
+        response = predict(client, url, "oct", cube, raw=True)
+        explained = client.post(f"{url}/v1/oct/explain", content=cube, headers={"Content-Type": "application/dicom"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert [b["frame"] for b in answer["bscans"]] == [0, 1, 2, 3] and answer["frames"] == 4
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "cube.dcm").write_bytes(cube)
+    from eyeray.score import ScoreConfig, run
+
+    out = tmp_path / "scores"
+    run(ScoreConfig(bundles=[bundles["oct"]], input=str(archive), output=str(out), cpus_per_actor=0.5))
+    rows = {
+        r["frame"]: r
+        for r in pads.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table().to_pylist()
+    }
+    for scan in answer["bscans"]:
+        row = rows[scan["frame"]]
+        assert_same(scan, row, f"B-scan {scan['frame']}")
+    (volume,) = pq.read_table(out / "_volumes.parquet").to_pylist()
+    assert answer["driving_frames"] == volume["driving_frames"] and answer["reason"] == volume["reason"]
+    assert (answer["status"], answer["referral"], answer["labels"]) == (
+        volume["status"],
+        volume["referral"],
+        volume["labels"],
+    )
+    assert explained.status_code == 422
+    assert explained.json()["detail"].startswith("this upload is a volume of 4 frames: /explain takes one image")

@@ -39,6 +39,22 @@ class BScan:
     reason: str = ""  # declined or error: why
 
 
+def from_answer(frame: int, answer: dict) -> BScan:
+    """A B-scan from its answer as the decision layer gives it (`Decision.answer`: what Serve returns
+    for one image), or from {"status": "error", "error": reason} for one that could not be decoded."""
+    gate = answer.get("gate") or {}
+    reason = answer.get("error") or (f"{gate.get('verdict')}: {gate.get('reason')}" if gate.get("reason") else "")
+    return BScan(
+        frame,
+        answer["status"],
+        tuple(answer.get("labels") or ()),
+        answer.get("probabilities") or {},
+        answer.get("referral"),
+        bool(answer.get("needs_review")),
+        reason or str(gate.get("verdict") or ""),
+    )
+
+
 @dataclass(frozen=True)
 class VolumeAnswer:
     status: str  # ok, declined or error

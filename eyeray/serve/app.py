@@ -45,7 +45,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from eyeray import __version__
 from eyeray.data import imaging
-from eyeray.decision import gate, operating_points
+from eyeray.decision import gate, operating_points, volume
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW, decide
 from eyeray.model.overlay import overlay_png
 
@@ -144,6 +144,33 @@ class Prediction(BaseModel):
     operating_point: dict[str, Any] | None = Field(description="rule and threshold(s) used, and where they come from")
     bundle_version: str
     batch_size: int = Field(description="requests scored in the same model call as this one")
+
+
+class VolumePrediction(BaseModel):
+    """The answer for an uploaded OCT volume (a multi-frame DICOM): each B-scan scored as one image,
+    one answer by the rule in `rule` (`eyeray.decision.volume`)."""
+
+    task: str
+    status: Literal["ok", "declined"] = Field(
+        description="ok: the volume is referred, or cleared with every B-scan answered; declined: some B-scans "
+        "could not be answered and none of the others was referred, so no answer is given"
+    )
+    labels: list[str] = Field(description="the top driving B-scan's labels (empty when declined)")
+    probabilities: dict[str, float] = Field(description="the top driving B-scan's calibrated probabilities")
+    referral: bool | None = Field(description="refer: any B-scan referred; null when declined or no referral rule")
+    needs_review: bool
+    driving_frames: list[int] = Field(description="B-scans (0-based frames) behind the answer, the most severe first")
+    reason: str = Field(description="the answer in words, e.g. '3 of 49 B-scans referred: frames 20, 21, 19'")
+    rule: str = Field(description="how B-scans make the volume's answer")
+    frames: int
+    answered: int
+    declined: int
+    errors: int
+    bscans: list[dict[str, Any]] = Field(
+        description="each B-scan's answer with its `frame`, as /predict answers one image; one that could not "
+        "be decoded has status error and `error`"
+    )
+    bundle_version: str
 
 
 class Routed(BaseModel):
@@ -358,6 +385,28 @@ def decode_upload(
     return original, imaging.preprocess(original, size, pre["resize"]["method"]), full
 
 
+def frame_count(data: bytes, max_pixels: int) -> int:
+    """Frames in a DICOM upload, from its header; 1 for any other upload or one that cannot be read
+    (the one-image path then says what is wrong with it, as a 422)."""
+    if not imaging.is_dicom(data):
+        return 1
+    try:
+        return imaging.open_dicom(data, max_pixels).frames
+    except Exception:
+        return 1
+
+
+def decode_volume(data: bytes, manifest: dict[str, Any], max_pixels: int) -> list[dict[str, Any]] | None:
+    """A multi-frame DICOM upload (an OCT volume) as one preprocessed record per B-scan
+    (`imaging.load_frames`, as batch scoring decodes it); None for any other upload (one image)."""
+    pre = manifest["preprocessing"]
+    limit = min(max_pixels, int(pre["max_pixels"]))
+    if frame_count(data, limit) < 2:
+        return None
+    size = int(pre["resize"]["size"][0])
+    return imaging.load_frames({"path": "upload", "bytes": data}, size, limit, method=pre["resize"]["method"])
+
+
 THRESHOLDS_QUERY = Query(
     None,
     description="override the bundle's operating point: 0.3 (referral rules), "
@@ -412,7 +461,12 @@ class Api:
         self._authorize(request)
         return {"models": [{"task": task, "manifest": m} for task, m in sorted(self.manifests.items())]}
 
-    @app.post("/v1/{task}/predict", response_model=Prediction, responses=REJECTIONS, openapi_extra=UPLOAD_BODY)
+    @app.post(
+        "/v1/{task}/predict",
+        response_model=Prediction | VolumePrediction,
+        responses=REJECTIONS,
+        openapi_extra=UPLOAD_BODY,
+    )
     async def predict(self, task: str, request: Request, thresholds: str | None = THRESHOLDS_QUERY) -> dict[str, Any]:
         return await self._answer(task, request, thresholds)
 
@@ -445,6 +499,11 @@ class Api:
                 why = "the service runs with the gate off" if not self.gate_on else f"{', '.join(without)} has none"
                 raise HTTPException(409, f"routing sends an image to the tasks whose gate accepts it, and {why}")
             data = await self._read_image(request)
+            if (frames := await run_in_threadpool(frame_count, data, self.max_pixels)) > 1:
+                raise HTTPException(
+                    422,
+                    f"this upload is a volume of {frames} frames: /v1/{{task}}/predict answers volumes",
+                )
             modality = await run_in_threadpool(imaging.dicom_modality, data)
             tasks = sorted(self.models)
             answers = await asyncio.gather(*(self._score(t, data) for t in tasks))
@@ -498,6 +557,17 @@ class Api:
                     422, f"class {explain[0]!r} is not a class of {task}: {', '.join(manifest['classes'])}"
                 )
             data = await self._read_image(request)
+            bscans = await run_in_threadpool(decode_volume, data, manifest, self.max_pixels)
+            if bscans is not None:
+                if explain is not None:
+                    raise HTTPException(
+                        422,
+                        f"this upload is a volume of {bscans[0]['frames']} frames: /explain takes one image; "
+                        "/predict answers the volume and names the B-scans behind its answer",
+                    )
+                answer = await self._volume(task, bscans, thresholds)
+                outcome.update(status=200, label="|".join(answer["labels"]) or answer["status"])
+                return answer
             original, image, size = await run_in_threadpool(
                 decode_upload, data, manifest, self.max_pixels, overlay=explain is not None
             )
@@ -510,6 +580,27 @@ class Api:
             label = "|".join(answer["labels"]) or ("declined" if answer["status"] == "declined" else "none")
             outcome.update(status=200, label=label)
             return answer
+
+    async def _volume(self, task: str, bscans: list[dict[str, Any]], thresholds: Any) -> dict[str, Any]:
+        """Each decoded B-scan scored as one image (the replicas batch them), one answer by the volume rule."""
+        decoded = [b for b in bscans if not b["error"]]
+        answers = await asyncio.gather(
+            *(self.models[task].predict.remote((b["image"], thresholds, (b["height"], b["width"]))) for b in decoded)
+        )
+        by_frame = {b["frame"]: a for b, a in zip(decoded, answers)}
+        scans = [
+            {"frame": b["frame"], **by_frame[b["frame"]]}
+            if not b["error"]
+            else {"frame": b["frame"], "status": "error", "error": b["error"]}
+            for b in bscans
+        ]
+        manifest = self.manifests[task]
+        answer = volume.aggregate(
+            [volume.from_answer(b["frame"], b) for b in scans], manifest.get("referral_classes") or ()
+        )
+        if answer.status == "error":
+            raise HTTPException(422, f"no B-scan of this volume could be decoded: {answer.reason}")
+        return {"task": task, **answer.answer(), "bscans": scans, "bundle_version": manifest["version"]}
 
     def _thresholds(self, task: str, text: str | None) -> Any:
         """The request's override, else the deployment's; checked against the bundle (422 if it cannot take it)."""
