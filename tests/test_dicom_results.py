@@ -4,6 +4,7 @@ installed, DCMTK's own SR parser and decoder."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from io import BytesIO
 from pathlib import Path
@@ -349,6 +350,13 @@ def test_bad_inputs_are_refused():
         dr.structured_report(no_study, finding, software_version="1")
 
 
+DCMTK = pytest.mark.skipif(
+    shutil.which("dsrdump") is None or shutil.which("dcm2pnm") is None,
+    reason="DCMTK is missing: install it as .ci/run's apt step does (apt-get install -y dcmtk)",
+)
+
+
+@DCMTK
 @pytest.mark.parametrize("declined", [False, True])
 def test_dcmtk_parses_the_sr_without_a_complaint(tmp_path: Path, declined: bool):
     """DCMTK's SR reader checks the Comprehensive 3D SR IOD's value types and relationship
@@ -368,6 +376,7 @@ def test_dcmtk_parses_the_sr_without_a_complaint(tmp_path: Path, declined: bool)
     assert ("declined" in run.stdout) == declined
 
 
+@DCMTK
 def test_dcmtk_decodes_the_overlay_to_the_same_pixels(tmp_path: Path):
     source = _source(OP8, "OP", rgb=True)
     overlay = np.random.default_rng(5).integers(0, 256, (12, 10, 3), dtype=np.uint8)
