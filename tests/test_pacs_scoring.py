@@ -137,7 +137,7 @@ def test_a_pacs_answering_errors_is_retried_and_one_that_stays_down_resumes(ray_
         key = summary["bundle_version"]
         output = tmp_path / "down"
         state["down"] = True
-        with pytest.raises(dicomweb.PacsUnavailable, match="answered 503.*run the same command again"):
+        with pytest.raises(dicomweb.PacsUnavailable, match="answered 503.*run the same command again to do the rest"):
             run(config(bundle_dir, front + "/dicom-web", output, block_batches=1))
         committed = len(rows_of(output, key))
         state["down"] = False
@@ -145,3 +145,29 @@ def test_a_pacs_answering_errors_is_retried_and_one_that_stays_down_resumes(ray_
         keys = [(r["path"], r["frame"]) for r in rows_of(output, key)]
         assert len(keys) == len(set(keys)) == 8 and summary["errors"] == 0
         assert summary["scored_this_run"] == 8 - committed
+
+
+def test_writing_back_to_a_pacs_that_refuses_stores_stops_and_a_rerun_stores_each_object_once(
+    ray_cluster, pacs, tmp_path
+):
+    """STOW-RS answered with 503 (reads still work): Ray retries the study's task, then the run stops
+    with one line; once the PACS takes stores again, the same command stores every object once."""
+    other_model = make_bundle(tmp_path / "model", decision=True, seed=1)  # its own UIDs: nothing stored yet
+    state = {"refuse_stores": True}
+
+    def gateway(request, body):
+        if request.command == "POST" and state["refuse_stores"]:
+            return 503, {"Content-Type": "text/plain"}, b"storage full"
+        return forward(pacs.url, request, body)
+
+    before = pacs.instance_count()
+    with http_server(gateway) as front:
+        cfg = config(other_model, front + "/dicom-web", tmp_path / "out", write_back=True)
+        with pytest.raises(dicomweb.PacsUnavailable, match="answered 503.*run the same command again to do the rest"):
+            run(cfg)
+        assert pacs.instance_count() == before
+        state["refuse_stores"] = False
+        summary = run(cfg)
+    assert summary["scored_this_run"] == 0  # the rows were committed before the write-back failed
+    assert summary["written_back"] == {"studies": 1, "results": 5, "stored": 13, "already_present": 0}
+    assert pacs.instance_count() == before + 13

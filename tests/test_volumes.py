@@ -93,7 +93,7 @@ def test_any_referred_bscan_refers_the_volume_and_the_referred_ones_drive_it():
         [scan(0), scan(1, cnv=0.7), scan(2, dme=0.8), scan(3, "declined", reason="ungradable")], REFERRAL
     )
     assert answer.status == "ok" and answer.referral is True
-    assert answer.driving == (2, 1)  # highest referral score first
+    assert answer.driving == (2, 1) and answer.closest == 2  # highest referral score first
     assert answer.labels == ("DME",) and answer.probabilities["DME"] == 0.8
     assert (answer.frames, answer.answered, answer.declined, answer.errors) == (4, 3, 1, 0)
     assert "2 of 4 B-scans referred: frames 2, 1" == answer.reason
@@ -101,7 +101,8 @@ def test_any_referred_bscan_refers_the_volume_and_the_referred_ones_drive_it():
 
 def test_a_volume_is_cleared_only_when_every_bscan_was_answered():
     cleared = aggregate([scan(0), scan(1, cnv=0.3), scan(2)], REFERRAL)
-    assert cleared.status == "ok" and cleared.referral is False and cleared.driving == (1,)
+    assert cleared.status == "ok" and cleared.referral is False and cleared.driving == () and cleared.closest == 1
+    assert cleared.reason == "none of 3 B-scans referred; closest: frame 1"
     unsure = aggregate([scan(0), scan(1, "declined", reason="ungradable: blurred"), scan(2, "error", reason="bad")])
     assert unsure.status == "declined" and unsure.referral is None and unsure.labels == ()
     assert unsure.needs_review and unsure.driving == (1, 2)
@@ -116,7 +117,7 @@ def test_a_volume_no_bscan_of_which_decoded_is_an_error():
 def test_without_a_referral_rule_the_most_confident_bscan_answers():
     plain = [BScan(0, "ok", ("A",), {"A": 0.6, "B": 0.4}), BScan(1, "ok", ("B",), {"A": 0.1, "B": 0.9})]
     answer = aggregate(plain)
-    assert answer.referral is None and answer.labels == ("B",) and answer.driving == (1,)
+    assert answer.referral is None and answer.labels == ("B",) and answer.closest == 1 and answer.driving == ()
     assert answer.answer()["rule"] == RULE
 
 

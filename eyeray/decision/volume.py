@@ -5,11 +5,13 @@ the gate's verdict) that `decide` already made.
 The rule (`RULE`), chosen so a volume is never cleared on less evidence than its B-scans give:
 - refer when any B-scan is referred; the driving B-scans are the referred ones, the highest
   referral score (e.g. P(CNV) + P(DME), calibrated) first; the volume's labels are the top one's;
-- clear (status ok, not referred) only when every B-scan was answered and none was referred; the
-  driving B-scan is then the one closest to referral;
+- clear (status ok, not referred) only when every B-scan was answered and none was referred: no
+  B-scan drives that answer (each was below the threshold); the one closest to referral is named
+  (`closest`), and its labels are the volume's (the most severe finding short of referral);
 - otherwise, declined: some B-scans could not be answered (the gate declined them, or they failed
   to decode) and none of the others was referred, so nobody can say the volume is clear.
-A task without a referral rule answers with its most confident B-scan, on the same conditions.
+A task without a referral rule answers with its most confident B-scan (`closest`), on the same
+conditions. Grad-CAM is drawn for every referred B-scan of a volume (`eyeray.score.explain_plan`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 RULE = (
     "refer if any B-scan is referred (calibrated probabilities at the operating point); the referred "
     "B-scans drive the answer, highest referral score first; cleared only if every B-scan was answered "
-    "and none referred; else declined for review"
+    "and none referred (the closest to referral named); else declined for review"
 )
 NAMED = 5  # driving B-scans named in a reason or a report line; the full list stays in the rows
 
@@ -67,7 +69,8 @@ class VolumeAnswer:
     answered: int
     declined: int
     errors: int
-    probabilities: Mapping[str, float] = field(default_factory=dict)  # the top driving B-scan's
+    probabilities: Mapping[str, float] = field(default_factory=dict)  # the top driving (or closest) B-scan's
+    closest: int | None = None  # the answered B-scan closest to referral (most confident: no referral rule)
 
     def answer(self) -> dict:
         """As JSON: what the API and the scoring's volume rows say."""
@@ -76,6 +79,7 @@ class VolumeAnswer:
             "labels": list(self.labels),
             "referral": self.referral,
             "driving_frames": list(self.driving),
+            "closest_frame": self.closest,
             "needs_review": self.needs_review,
             "reason": self.reason,
             "frames": self.frames,
@@ -103,6 +107,7 @@ def aggregate(scans: Sequence[BScan], referral_classes: Sequence[str] = ()) -> V
     ranked = sorted(answered, key=lambda s: (-severity(s, referral_classes), s.frame))
     referred = [s for s in ranked if s.referral]
     has_rule = bool(referral_classes) or any(s.referral is not None for s in answered)
+    tally["closest"] = ranked[0].frame if ranked else None
     if referred:
         top = referred[0]
         return VolumeAnswer(
@@ -122,7 +127,7 @@ def aggregate(scans: Sequence[BScan], referral_classes: Sequence[str] = ()) -> V
             "ok",
             top.labels,
             False if has_rule else None,
-            (top.frame,),
+            (),
             any(s.needs_review for s in answered),
             f"none of {len(scans)} B-scans referred; closest: frame {top.frame}"
             if has_rule

@@ -281,11 +281,11 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     summary["ensemble"] = cfg.ensemble if len(manifests) > len({m["task"] for m in manifests}) else None
     summary["decision"] = decision
     summary["inference_this_run"] = {"jit_compile": cfg.jit_compile, "mixed_precision": cfg.mixed_precision}
-    fs.pipe(f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
     if cfg.write_back:
         rows_back = shards.committed(cfg.output, key, write_back.ROW_COLUMNS)
         results = write_back.results(rows_back, volume_rows, write_back.models(manifests, decision), key)
-        summary["written_back"] = write_back.write(cfg.pacs, cfg.output, results)
+        summary["written_back"] = _pacs_stage(write_back.write, cfg.pacs, cfg.output, results)
+    fs.pipe(f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
     if cfg.report:
         score_report.write(cfg.output, summary, rows, volume_rows, reader=_reader(cfg))
     log.info("summary: " + json.dumps({k: summary[k] for k in SUMMARY_PRINTED if k in summary}))
@@ -307,17 +307,22 @@ def _reader(cfg: ScoreConfig) -> imaging.Reader | None:
 
 
 def _scored(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict[str, Any]]) -> int:
-    """Run the pipeline; the rows it committed. A PACS that stays down or slow through Ray's retries
-    stops the run with one line saying so: what was committed stays, and a re-run resumes."""
+    """Run the pipeline; the rows it committed."""
+    return _pacs_stage(lambda: sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests).iter_rows()))
+
+
+def _pacs_stage(stage, *args):
+    """`stage(*args)`. A PACS that stays down or slow through Ray's retries stops the run with one
+    line saying so: what was committed (rows, stored results) stays, and a re-run resumes."""
     try:
-        return sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests).iter_rows())
+        return stage(*args)
     except Exception as exc:
         cause = _pacs_cause(exc)
         if cause is None:
             raise
         raise dicomweb.PacsUnavailable(
-            f"{str(cause).splitlines()[0]} (after {PACS_RETRIES} retries); the rows committed so far stay, "
-            "run the same command again to score the rest"
+            f"{str(cause).splitlines()[0]} (after Ray's retries); what was committed or stored so far stays, "
+            "run the same command again to do the rest"
         ) from None
 
 

@@ -151,8 +151,8 @@ def _volumes(volumes: pa.Table | None, output: str | None, reader: imaging.Reade
         caption = {"name": _name(v), "detail": detail, "refer": bool(v["referral"]), "note": None}
         if v["explanations"] and output is not None:
             shown.append({**_thumbnail(storage.join(output, v["explanations"][0]), size=240, fmt="PNG"), **caption})
-        elif v["driving_frames"] and v["status"] == "ok":
-            first = v["driving_frames"][0]
+        elif v["status"] == "ok" and (v["driving_frames"] or v["closest_frame"] is not None):
+            first = (v["driving_frames"] or [v["closest_frame"]])[0]
             shown.append(
                 {**_thumbnail(v["path"], frame=first, reader=reader), **caption, "note": f"B-scan {first}, no overlay"}
             )

@@ -65,7 +65,8 @@ def results(
     rows: pa.Table, volume_rows: pa.Table, models: dict[str, tuple[str, list[str], str]], version: str
 ) -> list[Result]:
     """A Result per answered or declined instance read from a PACS (rows without a frame) and per
-    volume; error rows get none (there is no answer to write). `models`: as `models` gives them;
+    volume (its overlays: the driving B-scans', or a cleared volume's closest B-scan's); error rows
+    get none (there is no answer to write). `models`: as `models` gives them;
     `version`, the scoring version, is every result's model version."""
     single = rows.filter(pc.is_null(rows.column("frame"))) if rows.num_rows else rows
     out = []
@@ -94,7 +95,8 @@ def results(
                 gate_reason=v["reason"] if v["status"] == "declined" else "",
                 frames=tuple(v["driving_frames"]),
             )
-            drawn = [(f, overlays[(v["path"], f)][0]) for f in v["driving_frames"] if overlays.get((v["path"], f))]
+            shown = v["driving_frames"] or ([v["closest_frame"]] if v["closest_frame"] is not None else [])
+            drawn = [(f, overlays[(v["path"], f)][0]) for f in shown if overlays.get((v["path"], f))]
             out.append(Result(v["path"], finding, tuple(drawn)))
     return out
 

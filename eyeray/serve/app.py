@@ -155,11 +155,17 @@ class VolumePrediction(BaseModel):
         description="ok: the volume is referred, or cleared with every B-scan answered; declined: some B-scans "
         "could not be answered and none of the others was referred, so no answer is given"
     )
-    labels: list[str] = Field(description="the top driving B-scan's labels (empty when declined)")
-    probabilities: dict[str, float] = Field(description="the top driving B-scan's calibrated probabilities")
+    labels: list[str] = Field(description="the top driving (cleared: the closest) B-scan's labels; none when declined")
+    probabilities: dict[str, float] = Field(description="that B-scan's calibrated probabilities")
     referral: bool | None = Field(description="refer: any B-scan referred; null when declined or no referral rule")
     needs_review: bool
-    driving_frames: list[int] = Field(description="B-scans (0-based frames) behind the answer, the most severe first")
+    driving_frames: list[int] = Field(
+        description="B-scans (0-based frames) behind the answer, the most severe first: the referred ones, or "
+        "when declined the unanswered ones; none for a cleared volume"
+    )
+    closest_frame: int | None = Field(
+        description="the answered B-scan closest to referral (its labels: a cleared volume's)"
+    )
     reason: str = Field(description="the answer in words, e.g. '3 of 49 B-scans referred: frames 20, 21, 19'")
     rule: str = Field(description="how B-scans make the volume's answer")
     frames: int
