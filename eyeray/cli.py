@@ -15,6 +15,7 @@ import json
 import sys
 from collections.abc import Callable
 
+from eyeray import cluster
 from eyeray.config_cli import add_config_arguments, config_from_args
 from eyeray.dicomweb import PacsError
 from eyeray.log import setup
@@ -40,9 +41,13 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     A setting the user must change (a `SettingError` from a route's preflight, or a ValueError,
     FileExistsError or FileNotFoundError raised before Ray started: config validation, a missing
     input) prints `eyeray: error: MESSAGE` on one line and returns 2, as argparse does for a bad
-    flag; with -v the traceback comes first. Anything raised once Ray runs keeps its traceback."""
+    flag; with -v the traceback comes first. Anything raised once the route reached Ray (started
+    it, or asked `cluster.connect` for the caller's own) keeps its traceback."""
     args = parser.parse_args(argv)
     setup(verbose=args.verbose)
+    ray = sys.modules.get("ray")
+    ray_before = ray is not None and ray.is_initialized()  # a caller's own Ray (a notebook, a test)
+    calls_before = cluster.connect_calls()
     try:
         return args.func(args)
     except PacsError as exc:  # the PACS stayed down or slow through Ray's retries: what to do is in the line
@@ -52,7 +57,8 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         from eyeray.preflight import SettingError, one_line
 
         ray = sys.modules.get("ray")
-        if not isinstance(exc, SettingError) and ray is not None and ray.is_initialized():
+        started = ray is not None and ray.is_initialized() and not ray_before
+        if not isinstance(exc, SettingError) and (started or cluster.connect_calls() > calls_before):
             raise
         if args.verbose:
             import traceback
@@ -129,7 +135,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"  scores   {out['scores']}/ (Parquet, one row per archive file), report.html and summary.json:")
     from eyeray.score.pipeline import SUMMARY_PRINTED
 
-    keys = [k for k in SUMMARY_PRINTED if k != "wall_seconds"]  # the demo's lines say nothing of time
+    keys = [k for k in SUMMARY_PRINTED if k != "wall_seconds" and k in summary]  # no time; volumes only if any
     print("           " + json.dumps({k: summary[k] for k in keys}))
     print("  served   " + "; ".join(f"{a['file']} -> {a['status']} {_served(a)}" for a in out["serve"]))
     return 0

@@ -97,11 +97,22 @@ def _reload_ray_config() -> None:
     Config.initialize("")
 
 
+_connect_calls = 0
+
+
+def connect_calls() -> int:
+    """How many times a route has asked for Ray in this process: the command line tells a
+    setting refused before its route reached Ray from an error raised once it ran on Ray."""
+    return _connect_calls
+
+
 def connect(verbose: bool | None = None) -> None:
     """Connect to RAY_ADDRESS, or start a local Ray; a no-op when Ray is already initialised
     (a test's cluster, a route called from another route). `verbose=None` follows -v."""
     import ray
 
+    global _connect_calls
+    _connect_calls += 1
     if ray.is_initialized():
         return
     if verbose is None:
