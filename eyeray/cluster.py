@@ -38,6 +38,12 @@ AUTH_MODE_ENV, AUTH_TOKEN_ENV, AUTH_TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_
 DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
 # Workers also leave Ray's and TensorFlow's deprecation notices (meant for eyeray's developers) out.
 QUIET_WORKER_ENV = {**QUIET_ENV, "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning"}
+# The driver's Ray core config, read when `ray.init` starts it: no "(raylet) Task ... failed. There
+# are N retries remaining" line for a task Ray retries (a PACS read, Serve's controller at
+# shutdown); what fails for good still raises. (RAY_BACKEND_LOG_LEVEL, which would also hide the
+# core's "constructor arguments in the object store" error of Ray Data's and Train's own actors,
+# ray#53727, prints a line of its own in every process: STACK-NOTES.)
+QUIET_DRIVER_ENV = {"RAY_enable_output_error_log_if_still_retry": "0"}
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a submitted job's driver
 SETUP_HOOK = "eyeray.log.quiet_worker"  # every worker process: quiet (unless -v), its own cluster
 
@@ -127,6 +133,8 @@ def connect(verbose: bool | None = None) -> None:
             raise _connection_error(ConnectionError(f"nothing listens at {address}"), address)
     kwargs: dict[str, Any] = {"runtime_env": runtime_env(verbose)}
     if not verbose:
+        for key, value in QUIET_DRIVER_ENV.items():
+            os.environ.setdefault(key, value)
         kwargs.update(
             logging_level=logging.WARNING,
             logging_config=ray.LoggingConfig(log_level="WARNING"),

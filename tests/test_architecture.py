@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "eyeray"
 LAYERS = [
     {"eyeray", "eyeray.tasks", "eyeray.storage", "eyeray.dicomweb", "eyeray.log", "eyeray.config_cli"},
     {"eyeray.preflight"},  # SettingError and the shared checks (storage) every route's preflight uses
-    {"eyeray.faults", "eyeray.data", "eyeray.cluster"},  # cluster: how every route connects to Ray
+    {"eyeray.data", "eyeray.cluster"},  # cluster: how every route connects to Ray
     {"eyeray.decision"},
     {"eyeray.evaluation", "eyeray.model"},
     {"eyeray.train", "eyeray.score", "eyeray.serve"},

@@ -159,6 +159,16 @@ def work():
     return int(tf.constant(2) * 2)
 
 assert ray.get(work.remote()) == 4
+
+@ray.remote(max_retries=1, retry_exceptions=True)
+def fails_once(marker):  # Ray retries it: its "retries remaining" line is Ray's, not the user's
+    import os
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError("the first try fails")
+    return 1
+
+assert ray.get(fails_once.remote("retried.marker")) == 1
 logging.getLogger("eyeray.probe").info("done")
 sys.stdin.readline()  # the test says when it has read the worker's line (Ray forwards it asynchronously)
 ray.shutdown()

@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from bundles import make_bundle
 from corpus import STUDY_UID, gradient, make_oct_volume, real_bscans, write_bad_corpus
+from faults import CrashingPredictor
 from PIL import Image
 
-from eyeray import faults, storage
+from eyeray import storage
 from eyeray.cli import add_score_arguments, score_config
 from eyeray.data import imaging
 from eyeray.data.files import list_inputs
@@ -353,14 +354,14 @@ def test_driver_killed_mid_run_then_rerun_scores_each_file_exactly_once(ray_clus
     assert not list(output.glob(".tmp-*"))  # the killed run's partial shards were cleared
 
 
-def test_predictor_actor_crash_is_retried_by_ray(ray_cluster, oct_bundle, tmp_path, monkeypatch):
+def test_predictor_actor_crash_is_retried_by_ray(ray_cluster, oct_bundle, tmp_path):
     write_pngs(tmp_path / "archive", 120)
     output = tmp_path / "scored"
-    monkeypatch.setenv(faults.AFTER_BATCHES_ENV, "3")  # one predictor actor dies once after 3 batches
     summary = run(
         ScoreConfig(
             bundles=[oct_bundle], input=str(tmp_path / "archive"), output=str(output), batch_size=8, rows_per_shard=16
-        )
+        ),
+        predictor=CrashingPredictor,  # one model actor dies once, after 3 batches
     )
     assert (output / ".fault-injected").exists()  # the actor did die
     paths = [r["path"] for r in read_rows(str(output))]

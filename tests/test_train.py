@@ -13,8 +13,9 @@ import keras
 import numpy as np
 import pytest
 import ray.train
+from faults import KillTrainWorkerAfterEpoch
 
-from eyeray import faults, storage
+from eyeray import storage
 from eyeray.data import synthetic
 from eyeray.model import bundle
 from eyeray.tasks import get_task
@@ -85,7 +86,7 @@ def make_data(task: str, root: Path, per_class: int) -> Path:
     return synthetic.make_dataset(get_task(task), root, images_per_class=per_class, image_size=64, seed=1)
 
 
-def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, tmp_path, monkeypatch):
+def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, tmp_path):
     """A pretrained backbone (--weights PATH) runs head then fine-tune on 2 GPU workers (the session
     cluster's GPUs are logical: the same code, TensorFlow computes on the CPU); one dies after epoch 2.
     The head trains on pooled features cached by a Ray Data stage (a GPU actor), fine-tuning on images,
@@ -110,8 +111,7 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
         mixed_precision=True,  # float16 compute with loss scaling, as on GPUs; the bundle is float32
         mixed_dtype="float16",  # on this CPU, auto would pick bfloat16
     )
-    monkeypatch.setenv(faults.AT_EPOCH_ENV, "2")  # the last worker dies once, after epoch 2
-    result = run(cfg)
+    result = run(cfg, callbacks=[KillTrainWorkerAfterEpoch(2, cfg.output)])  # a worker dies once, after epoch 2
     assert (tmp_path / "run" / ".fault-injected").exists()
     # Resumed from a checkpoint, not from scratch; normally epoch 2's, but a report still in
     # flight when a worker dies may be lost, as with any real failure.
@@ -143,7 +143,7 @@ def test_killed_worker_resumes_from_checkpoint_through_both_phases(ray_cluster, 
     assert (again.history, again.resumed_after) == (result.history, result.resumed_after)
 
 
-def test_interrupted_run_on_s3_resumes_with_resume_flag_and_reports_bad_files(ray_cluster, tmp_path, monkeypatch):
+def test_interrupted_run_on_s3_resumes_with_resume_flag_and_reports_bad_files(ray_cluster, tmp_path):
     """Data, checkpoints, bundle and report all on S3 (the session's local S3 server)."""
     data = make_data("odir", tmp_path / "data", per_class=10)
     sheet = (data / "data.csv").read_text().splitlines()
@@ -165,9 +165,8 @@ def test_interrupted_run_on_s3_resumes_with_resume_flag_and_reports_bad_files(ra
         workers=1,
         max_failures=0,
     )
-    monkeypatch.setenv(faults.AT_EPOCH_ENV, "1")
-    with pytest.raises(ray.train.TrainingFailedError):
-        run(cfg)  # the only worker dies after epoch 1 and no restart is allowed
+    with pytest.raises(ray.train.TrainingFailedError):  # the only worker dies after epoch 1; no restart allowed
+        run(cfg, callbacks=[KillTrainWorkerAfterEpoch(1, output)])
     assert fs.exists("odir-train/runs/odir-1/ray_train")
     assert not fs.exists("odir-train/runs/odir-1/bundle")  # no half-written bundle
     assert checkpoint.registered_epoch(f"{output}/ray_train") == 1  # what --resume restores, read from S3

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from eyeray import cluster, dicomweb, faults, storage
+from eyeray import cluster, dicomweb, storage
 from eyeray.data import imaging
 from eyeray.data.files import list_inputs
 from eyeray.decision import operating_points
@@ -237,8 +237,10 @@ def version_key(manifests: list[dict[str, Any]], method: str, options: dict[str,
     return key
 
 
-def run(cfg: ScoreConfig) -> dict[str, Any]:
-    """Score every file of `cfg.input` not yet scored into `cfg.output`; write and return the summary."""
+def run(cfg: ScoreConfig, predictor: type[BundlePredictor] = BundlePredictor) -> dict[str, Any]:
+    """Score every file of `cfg.input` not yet scored into `cfg.output`; write and return the summary.
+    `predictor`: the model actors' class, a `BundlePredictor` or a subclass of it (one that adds
+    its own logging, or a test's that fails on purpose)."""
     from eyeray.model import bundle
     from eyeray.score import report as score_report
 
@@ -266,7 +268,7 @@ def run(cfg: ScoreConfig) -> dict[str, Any]:
     if len(todo):
         cluster.connect()
         check_resources(cfg)
-        written = _scored(cfg, todo, manifests)
+        written = _scored(cfg, todo, manifests, predictor)
     rows = shards.committed(cfg.output, key, REPORT_COLUMNS)  # read once: the summary and the report
     summary = summarize(
         rows, manifests, key, files_seen=len(found), scored_now=written, seconds=time.perf_counter() - start
@@ -306,9 +308,9 @@ def _reader(cfg: ScoreConfig) -> imaging.Reader | None:
     return None if cfg.pacs is None else dicomweb.reader(cfg.pacs)
 
 
-def _scored(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict[str, Any]]) -> int:
+def _scored(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict[str, Any]], predictor: type) -> int:
     """Run the pipeline; the rows it committed."""
-    return _pacs_stage(lambda: sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests).iter_rows()))
+    return _pacs_stage(lambda: sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests, predictor).iter_rows()))
 
 
 def _pacs_stage(stage, *args):
@@ -356,7 +358,9 @@ def decode_options(manifests: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def pipeline(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict]) -> ray.data.Dataset:
+def pipeline(
+    cfg: ScoreConfig, todo: pa.Table, manifests: list[dict], predictor: type = BundlePredictor
+) -> ray.data.Dataset:
     """The Ray Data pipeline over the files to score (`shards.remaining`): one row (file name, rows)
     per committed shard. A volume becomes one row per B-scan in the decode tasks. Errors raised in
     its stages reach the driver as themselves, not as Ray Data's UserCodeException (the datasets
@@ -364,12 +368,12 @@ def pipeline(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict]) -> ray.dat
     context = ray.data.DataContext.get_current()
     saved, context.raise_original_map_exception = context.raise_original_map_exception, True
     try:
-        return _stages(cfg, todo, manifests)
+        return _stages(cfg, todo, manifests, predictor)
     finally:
         context.raise_original_map_exception = saved
 
 
-def _stages(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict]) -> ray.data.Dataset:
+def _stages(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict], predictor: type) -> ray.data.Dataset:
     key, members = version_key(manifests, cfg.ensemble, cfg.decision_options), [m["version"] for m in manifests]
     loading = decode_options(manifests)
     sizes = [loading["size"], *loading["extra_sizes"]]
@@ -384,7 +388,7 @@ def _stages(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict]) -> ray.data
         **reading,
     )
     ds = ds.map_batches(
-        BundlePredictor,
+        predictor,
         fn_constructor_kwargs=predictor_args(cfg, sizes[0]),
         batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
@@ -434,7 +438,6 @@ def predictor_args(cfg: ScoreConfig, primary_size: int) -> dict[str, Any]:
         "review_below": cfg.review_below,
         "explain": cfg.explain,
         "output": cfg.output,
-        "fault_after_batches": faults.from_env(faults.AFTER_BATCHES_ENV),
         "batch_size": cfg.batch_size,
         "jit_compile": cfg.jit_compile,
         "mixed_precision": cfg.mixed_precision,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from eyeray import faults
 from eyeray.decision import calibration, ensemble, gate
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
 from eyeray.score import overlays, routing, shards
@@ -38,7 +37,6 @@ class BundlePredictor:
         review_below: float = DEFAULT_REVIEW_BELOW,
         explain: str = "none",
         output: str | None = None,
-        fault_after_batches: int | None = None,
         batch_size: int = 32,
         jit_compile: bool = False,
         mixed_precision: bool = False,
@@ -58,10 +56,8 @@ class BundlePredictor:
         self.use_gate = use_gate
         self.plan, self.output, self._cams = ExplainPlan.parse(explain), output, {}
         self.primary = primary_size or min(b.image_size for b in self.bundles)
-        self.fault_after, self.batches = fault_after_batches, 0  # eyeray.faults: tests only
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self._maybe_inject_fault()
         ok = np.asarray([e == "" for e in batch["error"]], bool)
         out = {k: v for k, v in batch.items() if not k.startswith("image")}
         if len(self.groups) == 1:
@@ -70,7 +66,6 @@ class BundlePredictor:
             for g in self.groups:
                 prefix = f"{g.task}{routing.SEPARATOR}"
                 out.update({prefix + k: v for k, v in self._task_columns(g, batch, ok).items()})
-        self.batches += 1
         return out
 
     def _task_columns(self, group: routing.TaskGroup, batch: dict[str, np.ndarray], ok) -> dict[str, np.ndarray]:
@@ -134,11 +129,6 @@ class BundlePredictor:
             maps[i] = heat[mine]
             names[i] = shards.LABEL_SEPARATOR.join(classes[pairs[j][1]] for j in mine)
         return maps, names
-
-    def _maybe_inject_fault(self) -> None:
-        """Tests only (eyeray.faults): the first actor to reach `fault_after_batches` dies hard, once per output."""
-        if self.fault_after is not None and self.batches == self.fault_after:
-            faults.kill_once(self.output, f"killed a scoring actor after {self.batches} batches")
 
 
 def _spread_list(ok: np.ndarray, values: list, fill) -> list:

@@ -16,7 +16,7 @@ import numpy as np
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from eyeray import cluster, faults, storage
+from eyeray import cluster, storage
 from eyeray.data import synthetic
 from eyeray.tasks import TaskSpec, get_task
 from eyeray.train import checkpoint, features, preflight
@@ -208,7 +208,6 @@ def run(config: TrainConfig, callbacks: list | None = None) -> TrainResult:
             "train": asdict(cfg),
             "class_weights": class_weights(spec, train_labels).tolist(),
             "head_on_features": cached is not None,  # the workers' datasets hold the features
-            "fault_at_epoch": faults.from_env(faults.AT_EPOCH_ENV),
         },
         scaling_config=scaling,
         run_config=_run_config(cfg, callbacks),

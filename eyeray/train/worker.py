@@ -13,7 +13,6 @@ import numpy as np
 import ray
 import ray.train
 
-from eyeray import faults
 from eyeray.data.augment import augmented
 from eyeray.log import setup as setup_logging
 from eyeray.tasks import AugmentSpec, TaskSpec, get_task
@@ -132,8 +131,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state = replace(state, epoch=epoch, phase=phase, history=[*state.history, metrics])
             checkpoint.report(model, fitter, state, metrics, rank)
             started = time.perf_counter()
-            if config.get("fault_at_epoch") == epoch and rank == world - 1:  # tests only: eyeray.faults
-                faults.kill_once(cfg.output, f"killed worker rank {rank} after epoch {epoch}", delay_s=5)
 
 
 def best_so_far(history: list[dict[str, Any]], key: str) -> float | None:
