@@ -316,12 +316,6 @@ def test_split_counts_count_images_and_patients_per_class():
     }
 
 
-def test_the_driver_draws_the_png_the_card_inlines():
-    from eyeray.train import driver
-
-    assert driver.DEPLOYED_CONFUSION_PNG == DEPLOYED_CONFUSION_PNG
-
-
 @pytest.mark.skipif(
     shutil.which("chromium") is None,
     reason="no chromium on PATH: install the Debian package `chromium` to screenshot the model card",

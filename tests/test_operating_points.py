@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from eyeray.decision import calibration
+from eyeray.decision import calibration, fitting
 from eyeray.decision import operating_points as op_
 from eyeray.decision.decide import confidence, decide
 from eyeray.decision.roc import UndefinedMetric
+from eyeray.evaluation import deployed
 from eyeray.evaluation.metrics import decisions, sens_at_95_spec
 from eyeray.evaluation.plots import RELIABILITY_PNG
 from eyeray.evaluation.report import METRICS_FILE, write_report
@@ -248,12 +249,13 @@ def test_unknown_rule_and_undefined_data_fail_clearly():
 
 @pytest.mark.parametrize("task, case", [("oct", oct_case), ("odir", odir_case)])
 def test_training_driver_fits_both_on_validation_and_reports_them_on_test(task, case, tmp_path):
-    """The end of `eyeray.train.run` without Ray: validation fits, the report shows test figures."""
-    from eyeray.train.driver import _decision_support
-
+    """The decision and evaluation stages of `eyeray.train.run` without Ray: validation fits, the
+    report shows test figures."""
     spec = get_task(task)
     (y_val, p_val), (y_test, p_test) = case(300, seed=6), case(300, seed=7)
-    params, op, sections, plots = _decision_support(spec, (y_val, p_val), (y_test, p_test))
+    fitted = fitting.fit(spec, y_val, p_val, op_.CONFIDENCE)
+    params, op = fitted.calibration, fitted.operating_point
+    sections, plots = deployed.decision_sections(spec, fitted, (y_val, p_val), (y_test, p_test))
     assert params["method"] == ("platt" if spec.multi_label else "temperature") and op["chosen_on"] == "validation"
     assert sections["calibration"]["test"]["ece_bins"] == calibration.ECE_BINS
     assert {"ece_before", "ece_after"} <= set(sections["calibration"]["validation"])
@@ -265,11 +267,11 @@ def test_training_driver_fits_both_on_validation_and_reports_them_on_test(task, 
 
 
 def test_training_driver_leaves_the_operating_point_out_when_validation_cannot_define_it():
-    from eyeray.train.driver import _decision_support
-
     y, p = glaucoma_case(30, seed=8)
     only_nrg = np.eye(2)[[0] * 30]
-    params, op, sections, _ = _decision_support(get_task("glaucoma"), (only_nrg, p), (y, p))
+    fitted = fitting.fit(get_task("glaucoma"), only_nrg, p, op_.CONFIDENCE)
+    params, op = fitted.calibration, fitted.operating_point
+    sections, _ = deployed.decision_sections(get_task("glaucoma"), fitted, (only_nrg, p), (y, p))
     assert op is None and "not chosen" in sections["operating_point"]["note"] and params["method"] == "temperature"
 
 

@@ -15,10 +15,10 @@ import pytest
 
 from eyeray.data import imaging
 from eyeray.data.layouts import read_layout
+from eyeray.evaluation.plots import DEPLOYED_CONFUSION_PNG
 from eyeray.model import bundle
 from eyeray.tasks import get_task
 from eyeray.train import TrainConfig, run
-from eyeray.train.driver import DEPLOYED_CONFUSION_PNG
 
 pytestmark = pytest.mark.cluster
 

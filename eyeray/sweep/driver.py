@@ -229,7 +229,7 @@ def _trial(params: dict[str, Any], sweep: SweepConfig, data: str) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(sweep, params, data, results.trial_output(sweep.output, trial_id))
-    train.run(cfg, callbacks=[ReportToTune(selection_key(get_task(sweep.task)))])
+    train.run(cfg, callbacks=[ReportToTune(selection_key(get_task(sweep.task)))], trial=trial_id)
 
 
 # --------------------------------------------------------------------------- the sweep

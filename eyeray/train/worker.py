@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -37,18 +37,155 @@ def cosine(base_lr: float, step: int, steps: int) -> float:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import tensorflow as tf
-
-    from eyeray.model.build import build_model, head_model, phases, set_phase
-    from eyeray.model.devices import configure_gpus, mixed_precision_dtype
-    from eyeray.train.distributed import DistributedFitter, set_precision
-    from eyeray.train.features import DATASETS, FEATURES
-
+    """Ray Train's loop on each worker: per phase (head, then fine-tune), one epoch of training,
+    one of evaluation on the whole validation split, and a checkpoint reported to Ray Train. A
+    restarted worker group resumes after the last checkpointed epoch."""
     setup_logging()  # a Ray worker process: eyeray's lines reach the driver's console through Ray
-    cfg = TrainConfig(**config["train"])
-    spec = get_task(cfg.task)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    worker = Worker.start(config)
+    epoch = 0
+    for phase, n_epochs in worker.phases():
+        if epoch + n_epochs <= worker.state.epoch:  # done before a restart
+            epoch += n_epochs
+            continue
+        current = worker.begin(phase, config["head_on_features"])
+        for i in range(n_epochs):
+            epoch += 1
+            if epoch > worker.state.epoch:
+                metrics = worker.epoch(current, epoch, cosine(current.base_lr, i, n_epochs))
+                worker.checkpoint(current, metrics)
+
+
+@dataclass
+class Phase:
+    """What one training phase runs on: its fitter (on images, or the head alone on cached
+    features), this worker's shards, the augmentation it applies, and its base learning rate."""
+
+    name: str
+    fitter: Any
+    on_features: bool
+    train_shard: Any
+    val_shard: Any
+    augment: AugmentSpec | None
+    base_lr: float
+    started: float = field(default_factory=time.perf_counter)  # wall time since the last report
+
+
+@dataclass
+class Worker:
+    cfg: TrainConfig
+    spec: TaskSpec
+    rank: int
+    world: int
+    gpus: int
+    model: Any
+    on_images: Any  # DistributedFitter of the whole model
+    on_features: Any  # DistributedFitter of the head on pooled features (None: no feature cache)
+    state: checkpoint.RunState
+    optimizer_state: Any
+
+    @classmethod
+    def start(cls, config: dict[str, Any]) -> Worker:
+        """Devices and precision, the model built in the strategy's scope and restored from Ray
+        Train's checkpoint (if a restart handed one), and its fitters."""
+        import tensorflow as tf
+
+        from eyeray.model.build import build_model, head_model
+        from eyeray.train.distributed import DistributedFitter
+        from eyeray.train.features import FEATURES
+
+        cfg = TrainConfig(**config["train"])
+        spec = get_task(cfg.task)
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        gpus = _devices(cfg, rank)
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        if cfg.weights == "imagenet" and rank == 0:
+            log.info(f"loading ImageNet weights for {cfg.backbone} (downloaded once into ~/.keras/models on each node)")
+        with strategy.scope():
+            model = build_model(spec, cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, dropout=cfg.dropout)
+        state, optimizer_state = checkpoint.restore(model, ray.train.get_checkpoint())
+        weights = np.asarray(config["class_weights"], np.float32)
+        on_images = DistributedFitter(strategy, model, spec, weights)
+        # the head alone on cached features: the same variables, so `model` is what gets checkpointed
+        on_features = None
+        if config["head_on_features"]:
+            on_features = DistributedFitter(strategy, head_model(model), spec, weights, inputs=FEATURES)
+        return cls(cfg, spec, rank, world, gpus, model, on_images, on_features, state, optimizer_state)
+
+    def phases(self) -> list[tuple[str, int]]:
+        from eyeray.model.build import phases
+
+        return phases(self.cfg.weights not in (None, "none"), self.cfg.epochs, self.cfg.fine_tune_epochs)
+
+    def begin(self, name: str, head_on_features: bool) -> Phase:
+        """Unfreeze what the phase trains, compile its fitter (with the optimizer state of a run
+        restarted in this phase), and standardise the head's input on a fresh run's first phase."""
+        from eyeray.model.build import set_phase
+        from eyeray.train.features import DATASETS
+
+        cfg = self.cfg
+        set_phase(self.model, name, cfg.fine_tune_layers)
+        features = name == "head" and head_on_features
+        phase = Phase(
+            name=name,
+            fitter=self.on_features if features else self.on_images,
+            on_features=features,
+            train_shard=ray.train.get_dataset_shard(DATASETS["train"] if features else "train"),
+            val_shard=ray.train.get_dataset_shard(DATASETS["validation"] if features else "validation"),
+            augment=cfg.augmentation() if cfg.augment_site == "trainer" and not features else None,
+            base_lr=cfg.learning_rate * (cfg.fine_tune_lr_factor if name == "fine_tune" else 1.0),
+        )
+        phase.fitter.compile(phase.base_lr)
+        if self.optimizer_state is not None and self.state.phase == name:
+            phase.fitter.load_optimizer_state(self.optimizer_state)
+        if name == "head" and self.state.epoch == 0:  # a resumed run has the statistics in its weights
+            scale = phase.fitter.fit_feature_scale(train_batches(phase.train_shard, cfg.batch_size, phase.augment))
+            if self.rank == 0:
+                log.info(
+                    f"head input standardised on {scale['images']} training images{' (cached)' if features else ''} "
+                    f"(pooled features: mean {scale['feature_mean']:.3g}, std {scale['feature_std']:.3g})"
+                )
+        return phase
+
+    def epoch(self, phase: Phase, epoch: int, lr: float) -> dict[str, Any]:
+        """One epoch: train on this worker's shard, evaluate on the validation split; its report."""
+        phase.fitter.set_learning_rate(lr)
+        start = time.perf_counter()
+        train = phase.fitter.train_epoch(train_batches(phase.train_shard, self.cfg.batch_size, phase.augment))
+        seconds = time.perf_counter() - start
+        outputs: list = []
+        val = phase.fitter.evaluate(phase.val_shard.iter_batches(batch_size=self.cfg.batch_size), outputs)
+        metrics = {
+            "epoch": epoch,
+            "phase": phase.name,
+            "inputs": "features" if phase.on_features else "images",
+            "learning_rate": lr,
+            **train.as_dict(),
+            **val.as_dict("val_"),
+            **_validation_metrics(self.spec, phase.fitter, outputs, self.rank, self.world),
+            "train_images": train.examples,
+            "images_per_s": train.examples / max(seconds, 1e-9),
+            "epoch_seconds": seconds,
+            "wall_seconds": time.perf_counter() - phase.started,  # + validation (+ set-up): the phase's cost
+            "workers": self.world,
+            "gpus_per_worker": self.gpus,
+        }
+        selection = f"val_{self.spec.selection_metric}"
+        metrics[f"best_{selection}"] = best_so_far([*self.state.history, metrics], selection)
+        return metrics
+
+    def checkpoint(self, phase: Phase, metrics: dict[str, Any]) -> None:
+        """Report the epoch to Ray Train with a checkpoint (weights, optimizer, history)."""
+        history = [*self.state.history, metrics]
+        self.state = replace(self.state, epoch=metrics["epoch"], phase=phase.name, history=history)
+        checkpoint.report(self.model, phase.fitter, self.state, metrics, self.rank)
+        phase.started = time.perf_counter()
+
+
+def _devices(cfg: TrainConfig, rank: int) -> int:
+    """The GPUs Ray assigned this worker (TensorFlow told to use them) and the Keras precision policy."""
+    from eyeray.model.devices import configure_gpus, mixed_precision_dtype
+    from eyeray.train.distributed import set_precision
 
     gpus = len(ray.get_gpu_ids())
     if cfg.use_gpu and not configure_gpus():
@@ -61,76 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.warning("--mixed-precision: no GPU, and this CPU has no bfloat16 instructions: training in float32")
             else:
                 log.info(f"--mixed-precision: Keras policy {policy}")
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    if cfg.weights == "imagenet" and rank == 0:
-        log.info(f"loading ImageNet weights for {cfg.backbone} (downloaded once into ~/.keras/models on each node)")
-    with strategy.scope():
-        model = build_model(spec, cfg.backbone, weights=cfg.weights, image_size=cfg.image_size, dropout=cfg.dropout)
-    state, optimizer_state = checkpoint.restore(model, ray.train.get_checkpoint())
-    weights = np.asarray(config["class_weights"], np.float32)
-    on_images = DistributedFitter(strategy, model, spec, weights)
-    # the head alone on cached features: the same variables, so `model` is what gets checkpointed
-    on_features = (
-        DistributedFitter(strategy, head_model(model), spec, weights, inputs=FEATURES)
-        if config["head_on_features"]
-        else None
-    )
-
-    pretrained = cfg.weights not in (None, "none")
-    epoch = 0
-    for phase, n_epochs in phases(pretrained, cfg.epochs, cfg.fine_tune_epochs):
-        if epoch + n_epochs <= state.epoch:
-            epoch += n_epochs
-            continue
-        base_lr = cfg.learning_rate * (cfg.fine_tune_lr_factor if phase == "fine_tune" else 1.0)
-        set_phase(model, phase, cfg.fine_tune_layers)
-        features = phase == "head" and config["head_on_features"]
-        fitter = on_features if features else on_images
-        train_shard = ray.train.get_dataset_shard(DATASETS["train"] if features else "train")
-        augment = cfg.augmentation() if cfg.augment_site == "trainer" and not features else None
-        val_shard = ray.train.get_dataset_shard(DATASETS["validation"] if features else "validation")
-        fitter.compile(base_lr)
-        if optimizer_state is not None and state.phase == phase:
-            fitter.load_optimizer_state(optimizer_state)
-        started = time.perf_counter()  # the first epoch's wall time includes the phase's set-up
-        if phase == "head" and state.epoch == 0:  # a resumed run has the statistics in its weights
-            scale = fitter.fit_feature_scale(train_batches(train_shard, cfg.batch_size, augment))
-            if rank == 0:
-                log.info(
-                    f"head input standardised on {scale['images']} training images{' (cached)' if features else ''} "
-                    f"(pooled features: mean {scale['feature_mean']:.3g}, std {scale['feature_std']:.3g})"
-                )
-        for i in range(n_epochs):
-            epoch += 1
-            if epoch <= state.epoch:
-                continue
-            lr = cosine(base_lr, i, n_epochs)
-            fitter.set_learning_rate(lr)
-            start = time.perf_counter()
-            train = fitter.train_epoch(train_batches(train_shard, cfg.batch_size, augment))
-            seconds = time.perf_counter() - start
-            outputs: list = []
-            val = fitter.evaluate(val_shard.iter_batches(batch_size=cfg.batch_size), outputs)
-            metrics = {
-                "epoch": epoch,
-                "phase": phase,
-                "inputs": "features" if features else "images",
-                "learning_rate": lr,
-                **train.as_dict(),
-                **val.as_dict("val_"),
-                **_validation_metrics(spec, fitter, outputs, rank, world),
-                "train_images": train.examples,
-                "images_per_s": train.examples / max(seconds, 1e-9),
-                "epoch_seconds": seconds,
-                "wall_seconds": time.perf_counter() - started,  # + validation (+ set-up): the phase's cost
-                "workers": world,
-                "gpus_per_worker": gpus,
-            }
-            selection = f"val_{spec.selection_metric}"
-            metrics[f"best_{selection}"] = best_so_far([*state.history, metrics], selection)
-            state = replace(state, epoch=epoch, phase=phase, history=[*state.history, metrics])
-            checkpoint.report(model, fitter, state, metrics, rank)
-            started = time.perf_counter()
+    return gpus
 
 
 def best_so_far(history: list[dict[str, Any]], key: str) -> float | None:
