@@ -2,7 +2,7 @@
 
 `imaging.decode(data, min_side=S)` lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while both sides
 stay >= `imaging.DRAFT_MARGIN` x S. This measures what that buys on the real samples in
-../shared/data, one process pinned to one core (Pillow decodes on one thread), files already in
+$EYERAY_SAMPLES, one process pinned to one core (Pillow decodes on one thread), files already in
 memory (storage reads are not the question):
 
 - OCT (every 3rd file of oct-train + all of oct-sample, Kermany JPEGs, mostly 1024x496 grey) at 224
@@ -39,9 +39,10 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import samples  # noqa: E402
 from eyeray.data import imaging  # noqa: E402
 
-DATA = Path(os.environ.get("EYERAY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = samples.SAMPLES
 RESULTS = Path(__file__).resolve().parent / "results"
 UPSCALED_SIDE = 2048
 UPSCALED_COUNT = 48
@@ -50,7 +51,7 @@ UPSCALED_COUNT = 48
 def jpegs(*folders: str) -> list[bytes]:
     files = sorted(p for f in folders for p in (DATA / f).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
-        sys.exit(f"no JPEGs under {DATA}: the real samples are expected in ../shared/data")
+        sys.exit(samples.missing(folders[0]))
     return [p.read_bytes() for p in files]
 
 

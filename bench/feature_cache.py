@@ -1,6 +1,6 @@
 """The frozen-backbone (head) phase on cached features vs on images: wall time and test accuracy.
 
-eyeray's own training job on real Kermany OCT B-scans (../shared/data/oct-train, 633 images, the
+eyeray's own training job on real Kermany OCT B-scans ($EYERAY_SAMPLES/oct-train, 633 images, the
 patient split `--data` makes) with a real pretrained VGG16 (bench/hed_vgg16.py), same split, same
 seed, same epochs, three ways:
 

@@ -1,9 +1,9 @@
 """The gate on real images with real pretrained weights: does a bundle decline what it was not
 trained for, and keep what it was? Both directions, in one run:
 
-- an OCT bundle (eyeray's training job on ../shared/data/oct-train, VGG16 with the HED backbone
+- an OCT bundle (eyeray's training job on $EYERAY_SAMPLES/oct-train, VGG16 with the HED backbone
   weights, bench/hed_vgg16.py) against the ODIR-5K fundus photographs;
-- a fundus bundle (the glaucoma task on ../shared/data/glaucoma-sample) against the OCT scans.
+- a fundus bundle (the glaucoma task on $EYERAY_SAMPLES/glaucoma-sample) against the OCT scans.
 
 In-distribution images are each bundle's held-out test split (patients it never saw), plus for OCT
 the separate oct-sample folder (other patients again), and for the fundus bundle the ODIR-5K eyes
@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import samples  # noqa: E402
 from bench.hed_vgg16 import convert  # noqa: E402
 from eyeray.data import imaging, quality  # noqa: E402
 from eyeray.data.layouts import read_layout  # noqa: E402
@@ -44,7 +45,7 @@ from eyeray.tasks import get_task  # noqa: E402
 from eyeray.train import TrainConfig, run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = samples.SAMPLES
 KEEPS = (0.90, 0.95, 0.97, 0.98, 0.99)
 BASELINE = "max_softmax"
 

@@ -4,10 +4,10 @@ one-sided 95 % Clopper-Pearson lower bound on validation meets it), on real imag
 pretrained weights (VGG16 with the HED backbone weights, bench/hed_vgg16.py), over several seeds of
 eyeray's training job:
 
-- OCT urgent referral (CNV or DME) at 95 % sensitivity, on ../shared/data/oct-train, with the
+- OCT urgent referral (CNV or DME) at 95 % sensitivity, on $EYERAY_SAMPLES/oct-train, with the
   default validation share (15 % of patients) and a larger one (30 %): does resting the threshold
   on more validation patients help, at the cost of training patients?
-- glaucoma referral (RG) at 95 % specificity (AIROGS), on ../shared/data/glaucoma-sample, with a
+- glaucoma referral (RG) at 95 % specificity (AIROGS), on $EYERAY_SAMPLES/glaucoma-sample, with a
   30 % validation share (its 13 RG images leave none in a 15 % one).
 
 For every run and rule: the threshold, what it achieves on the test split (patients no threshold

@@ -2,7 +2,7 @@
 
 On the same patient split (the one `--data` makes: 70/15/15 by patient), at the same image size
 and with the same weights (a real pretrained VGG16: the HED edge detector's conv layers, see
-bench/hed_vgg16.py), in one run, for each task's real images in ../shared/data:
+bench/hed_vgg16.py), in one run, for each task's real images in $EYERAY_SAMPLES:
 
   (a) linear probe: frozen pooled features, standardised, + scikit-learn logistic regression,
       C chosen on the validation split (one-vs-rest per label for ODIR);
@@ -38,6 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 
+from bench import samples  # noqa: E402
 from bench.hed_vgg16 import convert  # noqa: E402
 from eyeray.data import imaging
 from eyeray.data.layouts import read_layout  # noqa: E402
@@ -47,7 +48,7 @@ from eyeray.tasks import get_task  # noqa: E402
 from eyeray.train import TrainConfig, run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = samples.SAMPLES
 DATA = {"oct": SHARED / "oct-train", "glaucoma": SHARED / "glaucoma-sample", "odir": SHARED / "odir-sample"}
 PROBE_C = (0.01, 0.1, 1.0)
 KEYS = ("accuracy", "macro_f1", "auc")

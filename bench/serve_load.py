@@ -27,13 +27,14 @@ from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import samples
 from eyeray.model import bundle
 from eyeray.model.build import build_model
 from eyeray.serve import ServeArgs, build_app
 from eyeray.tasks import get_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "oct-sample"
+SAMPLES = samples.SAMPLES / "oct-sample"
 
 
 def make_bundle(root: Path, backbone: str, image_size: int) -> str:

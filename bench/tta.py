@@ -1,7 +1,7 @@
 """Test-time augmentation (`--tta`): what it costs and what it changes, on the real samples.
 
 For OCT and glaucoma, a small CNN is trained with eyeray's own training run on the real sample
-in ../shared/data (no ImageNet weights here, so the models are weak; the question is what TTA
+in $EYERAY_SAMPLES (no ImageNet weights here, so the models are weak; the question is what TTA
 does to *their* answers). Every sample image is then decoded once and scored with and without
 TTA through `Bundle.predict` and `Bundle.decide` (calibration and operating point included):
 
@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 
+from bench import samples  # noqa: E402
 from eyeray import storage  # noqa: E402
 from eyeray.data import imaging
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW  # noqa: E402
@@ -40,7 +41,7 @@ from eyeray.tasks import get_task  # noqa: E402
 from eyeray.train import TrainConfig, run  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data"
+SAMPLES = samples.SAMPLES
 REPEATS = 3
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real samples beside the checkout, and one local Ray cluster per session."""
+"""Shared fixtures: the real samples (the EYERAY_SAMPLES setting), and one local Ray cluster per session."""
 
 from __future__ import annotations
 
@@ -20,16 +20,16 @@ import pytest
 RAY_TEST_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 os.environ.update(RAY_TEST_ENV)
 
-SHARED_DATA = Path(os.environ.get("EYERAY_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+# The real samples: the folder the EYERAY_SAMPLES setting names (bench/samples.py, docs/testing.md).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import samples  # noqa: E402
 
 
 def _sample(name: str) -> Path:
-    path = SHARED_DATA / name
+    """A real sample folder; a test that needs one that is absent is skipped, saying how to get it."""
+    path = samples.SAMPLES / name
     if not path.is_dir():
-        pytest.fail(
-            f"real sample folder {path} is missing: tests expect ../shared/data beside the checkout "
-            "(or EYERAY_SHARED_DATA pointing at it)"
-        )
+        pytest.skip(samples.missing(name))
     return path
 
 

@@ -1,6 +1,6 @@
 """The recipe on real images with real pretrained weights: it learns, and the report is the bundle's.
 
-Real Kermany B-scans (../shared/data/oct-train, split by patient) and a real pretrained VGG16
+Real Kermany B-scans ($EYERAY_SAMPLES/oct-train, split by patient) and a real pretrained VGG16
 (bench/hed_vgg16.py), small and short (64 px, 4 head epochs). Before the head standardised its
 input features, this setup started at a training loss of 16-19 and trained at chance.
 """

@@ -1,6 +1,6 @@
 """OCT volumes: a multi-frame DICOM is scored B-scan by B-scan and answered once, by a stated rule.
 
-The volumes are built from real Kermany B-scans (../shared/data/oct-sample), stacked into Ophthalmic
+The volumes are built from real Kermany B-scans ($EYERAY_SAMPLES/oct-sample), stacked into Ophthalmic
 Tomography Image Storage files, uncompressed and JPEG 2000."""
 
 from __future__ import annotations
