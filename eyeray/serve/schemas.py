@@ -88,4 +88,6 @@ class Explanation(Prediction):
 
 
 class Problem(BaseModel):
-    detail: str
+    """The body of every error response (4xx and 5xx alike), so a client reads one shape."""
+
+    detail: str = Field(description="why, in words")
