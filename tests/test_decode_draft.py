@@ -173,7 +173,7 @@ def test_thumbnails_keep_their_size(oct_sample):
 
 
 def test_served_predictions_decode_reduced_and_overlays_full(oct_sample):
-    from eyeray.serve.app import decode_upload
+    from eyeray.serve.inputs import decode_upload
 
     data = _jpegs(oct_sample, 1)[0].read_bytes()
     manifest = {

@@ -28,7 +28,7 @@ from test_imaging import make_dicom, tiff_with_a_page_without_dimensions
 from eyeray.data import imaging
 from eyeray.model import bundle
 from eyeray.serve import ServeArgs, build_app
-from eyeray.serve.app import read_token
+from eyeray.serve.ingress import read_token
 from eyeray.tasks import get_task
 
 pytestmark = pytest.mark.cluster
@@ -190,7 +190,7 @@ def test_tasks_routed_models_listed_and_docs(url, bundles, glaucoma_sample):
         assert answer["referral"] == (answer["label"] == "RG")
         assert client.get(f"{url}/docs").status_code == 200
         spec = client.get(f"{url}/openapi.json").json()
-        upload = spec["paths"]["/v1/{task}/predict"]["post"]["requestBody"]["content"]
+        upload = spec["paths"]["/v1/oct/predict"]["post"]["requestBody"]["content"]
         assert "multipart/form-data" in upload and "image/*" in upload
 
 
@@ -493,12 +493,12 @@ def test_shipped_serve_config_deploys_with_serve_run(url, bundles, ray_cluster, 
 
 
 def test_demo_posts_images_and_shows_the_broken_one(url, bundles, oct_sample, tmp_path):
-    from eyeray.serve import demo
+    from eyeray.demo import serve_images
 
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 truncated")
     good = sorted((oct_sample / "NORMAL").iterdir())[:2]
-    answers = demo(bundles["oct"], [*good, broken], port=int(url.rsplit(":", 1)[1]), route_prefix="/demo")
+    answers = serve_images(bundles["oct"], [*good, broken], port=int(url.rsplit(":", 1)[1]), route_prefix="/demo")
     assert [a["status"] for a in answers] == [200, 200, 422]
     assert answers[0]["file"] == good[0].name and answers[0]["label"] in get_task("oct").classes
     assert answers[2]["detail"]
@@ -522,7 +522,7 @@ def test_decode_upload_uses_the_manifests_preprocessing_and_turns_any_failure_in
     the stricter of the two max_pixels, and every decode failure a 422 with the batch rows' reason."""
     from fastapi import HTTPException
 
-    from eyeray.serve.app import decode_upload
+    from eyeray.serve.inputs import decode_upload
 
     manifest = bundle.read_manifest(bundles["oct"])
     png = encode(Image.fromarray(np.arange(40 * 60, dtype=np.uint8).reshape(40, 60)), "PNG")

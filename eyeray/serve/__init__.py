@@ -1,6 +1,6 @@
-"""Online predictions with Ray Serve: request and answer schemas, the batched model deployment and
-the FastAPI ingress. `build_app` is the application (`import_path: eyeray.serve:build_app`)."""
+"""Online predictions with Ray Serve: answer schemas, the batched model deployment, the FastAPI
+ingress and the application. `build_app` is the application (`import_path: eyeray.serve:build_app`)."""
 
-from eyeray.serve.app import ServeArgs, build_app, demo, run, start, stop
+from eyeray.serve.app import ServeArgs, build_app, run, start, stop
 
-__all__ = ["ServeArgs", "build_app", "demo", "run", "start", "stop"]
+__all__ = ["ServeArgs", "build_app", "run", "start", "stop"]
