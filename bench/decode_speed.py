@@ -39,8 +39,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import samples  # noqa: E402
 from eyeray.data import imaging  # noqa: E402
+from tests import samples  # noqa: E402
 
 DATA = samples.SAMPLES
 RESULTS = Path(__file__).resolve().parent / "results"

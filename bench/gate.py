@@ -36,13 +36,13 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import samples  # noqa: E402
 from bench.hed_vgg16 import convert  # noqa: E402
 from eyeray.data import imaging, quality  # noqa: E402
 from eyeray.data.layouts import read_layout  # noqa: E402
 from eyeray.decision import gate  # noqa: E402
 from eyeray.tasks import get_task  # noqa: E402
 from eyeray.train import TrainConfig, run  # noqa: E402
+from tests import samples  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = samples.SAMPLES

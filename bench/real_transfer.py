@@ -38,7 +38,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 
-from bench import samples  # noqa: E402
 from bench.hed_vgg16 import convert  # noqa: E402
 from eyeray.data import imaging
 from eyeray.data.layouts import read_layout  # noqa: E402
@@ -46,6 +45,7 @@ from eyeray.evaluation import metrics as evaluate
 from eyeray.model.build import build_model, pooled_features  # noqa: E402
 from eyeray.tasks import get_task  # noqa: E402
 from eyeray.train import TrainConfig, run  # noqa: E402
+from tests import samples  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = samples.SAMPLES

@@ -27,11 +27,11 @@ from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import samples
 from eyeray.model import bundle
 from eyeray.model.build import build_model
 from eyeray.serve import ServeArgs, build_app
 from eyeray.tasks import get_task
+from tests import samples
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = samples.SAMPLES / "oct-sample"

@@ -31,7 +31,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 
-from bench import samples  # noqa: E402
 from eyeray import storage  # noqa: E402
 from eyeray.data import imaging
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW  # noqa: E402
@@ -39,6 +38,7 @@ from eyeray.model import bundle
 from eyeray.model.build import build_model  # noqa: E402
 from eyeray.tasks import get_task  # noqa: E402
 from eyeray.train import TrainConfig, run  # noqa: E402
+from tests import samples  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = samples.SAMPLES

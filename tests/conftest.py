@@ -20,9 +20,8 @@ import pytest
 RAY_TEST_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 os.environ.update(RAY_TEST_ENV)
 
-# The real samples: the folder the EYERAY_SAMPLES setting names (bench/samples.py, docs/testing.md).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import samples  # noqa: E402
+# The real samples: the folder the EYERAY_SAMPLES setting names (tests/samples.py, docs/testing.md).
+import samples  # noqa: E402
 
 
 def _sample(name: str) -> Path:

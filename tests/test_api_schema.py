@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import schemathesis
 from bundles import drawn, gated_task_bundles, make_bundle, with_gate
-from conftest import SHARED_DATA, free_port
+from conftest import free_port
 from corpus import make_oct_volume
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from PIL import Image
+from samples import SAMPLES as SHARED_DATA
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,

@@ -1,6 +1,7 @@
 """Where the real sample images are: the folder the EYERAY_SAMPLES setting names.
 
-One setting for the tests (tests/conftest.py) and the benchmarks. A relative value is taken from the
+One setting for the tests (tests/conftest.py) and the benchmarks (which import it from here; the
+tests import no bench module). A relative value is taken from the
 repository root; without the setting, the folder the development machines keep beside the checkout.
 What each sample folder holds and where it comes from: docs/testing.md.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 SETTING = "EYERAY_SAMPLES"
 SAMPLES = (ROOT / os.environ.get(SETTING, str(Path("..") / "shared" / "data"))).resolve()
 
