@@ -7,8 +7,8 @@ and leaves a JSON record per step plus a summary, also of what it skipped, did n
 
 Steps, in this order (the cheapest, most-needed figure first; variants last, when time is left):
 
-- prepare (when score or serve runs): the bundle (`bench/serve_load.make_bundle`, random weights: the
-  same compute as ImageNet's) and a generated archive (`bench/score_throughput.make_archive`), built
+- prepare (when score or serve runs): the bundle (`bench/fixtures.make_bundle`, random weights: the
+  same compute as ImageNet's) and a generated archive (`bench/fixtures.make_archive`), built
   with the GPU hidden so that no step holds GPU memory the next one needs;
 - throughput: the bare compiled model (its bundle built here when prepare did not run),
   `eyeray.model.bundle.load(...).predict(images, batch_size=B)`
@@ -344,12 +344,11 @@ def run_cli(argv: list[str]) -> None:
 
 def step_prepare(ctx: dict) -> dict:
     """The bundle every later step uses, and the archive when score or serve will run."""
-    from bench.score_throughput import make_archive
-    from bench.serve_load import make_bundle
+    from bench.fixtures import make_archive, make_bundle
 
     work = Path(ctx["work"])
     start = time.perf_counter()
-    uri = make_bundle(work, ctx["backbone"], ctx["image_size"])  # work/bundle
+    uri = str(Path(make_bundle(work, ctx["backbone"], ctx["image_size"])).rename(work / "bundle"))
     out: dict[str, Any] = {"bundle": uri, "bundle_seconds": round(time.perf_counter() - start, 2)}
     if ctx["archive_images"]:
         start = time.perf_counter()

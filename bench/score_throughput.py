@@ -44,38 +44,15 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 
 from bench import serve_load, train_ingest  # noqa: E402
+from bench.fixtures import OCT_SHAPE, make_archive, make_bundle  # noqa: E402
 from eyeray.data import imaging, synthetic
 from eyeray.data.files import list_inputs as list_archive  # noqa: E402
 from eyeray.model import bundle
-from eyeray.model.build import build_model  # noqa: E402
 from eyeray.model.devices import mixed_precision_dtype
 from eyeray.score import ScoreConfig, run
 from eyeray.tasks import get_task  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OCT_SHAPE = (1024, 496)  # width, height of a Spectralis B-scan export in the Kermany set
-
-
-def make_archive(root: Path, n: int, seed: int = 0) -> Path:
-    """n greyscale JPEGs of 1024 x 496 (16 synthetic B-scans, each saved under many names)."""
-    rng = np.random.default_rng(seed)
-    classes = get_task("oct").classes
-    bases = []
-    for i in range(16):
-        scan = synthetic.draw("oct", classes[i % len(classes)], rng, 256)
-        bases.append(Image.fromarray(scan).convert("L").resize(OCT_SHAPE, Image.BILINEAR))
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        bases[i % 16].save(root / f"scan-{i:06d}.jpeg", quality=90)
-    return root
-
-
-def make_bundle(root: Path, backbone: str, size: int) -> str:
-    spec = get_task("oct")
-    model = build_model(spec, backbone, weights="none", image_size=size)  # ImageNet weights: same compute
-    manifest = bundle.make_manifest(spec, model, backbone=backbone, image_size=size, weights="none")
-    bundle.save(model, manifest, str(root / f"{backbone}-{size}"))
-    return str(root / f"{backbone}-{size}")
 
 
 class PeakRSS:

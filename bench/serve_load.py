@@ -27,22 +27,11 @@ from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eyeray.model import bundle
-from eyeray.model.build import build_model
+from bench.fixtures import make_bundle
 from eyeray.serve import ServeArgs, build_app
-from eyeray.tasks import get_task
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "oct-sample"
-
-
-def make_bundle(root: Path, backbone: str, image_size: int) -> str:
-    spec = get_task("oct")
-    model = build_model(spec, backbone, weights="none", image_size=image_size)
-    manifest = bundle.make_manifest(spec, model, backbone=backbone, image_size=image_size, weights="none")
-    uri = str(root / "bundle")
-    bundle.save(model, manifest, uri)
-    return uri
 
 
 def load(url: str, images: list[bytes], clients: int, requests: int) -> dict:
