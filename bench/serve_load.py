@@ -7,6 +7,7 @@ to bench/results/serve_load.json and a plot beside it. Not a test: the figures d
 machine (and this one is shared).
 
     python bench/serve_load.py [--backbone mobilenet_v2 --image-size 224 --requests 160]
+    python bench/serve_load.py --gpus-per-replica 1 --out bench/results/gpu_serve_load.json
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.fixtures import make_bundle
+from bench.fixtures import make_archive, make_bundle
 from eyeray.serve import ServeArgs, build_app
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -93,13 +94,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=160, help="requests per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica (as eyeray serve)")
+    parser.add_argument("--out", default=str(RESULTS / "serve_load.json"), help="result file (the plot goes beside it)")
     return parser.parse_args(argv)
 
 
 def measure(args: argparse.Namespace) -> dict:
     """Unbatched then batched, each at every client count, on a private Ray instance of its own."""
-    images = [p.read_bytes() for p in sorted(SAMPLES.rglob("*.jpeg"))]
     tmp = Path(tempfile.mkdtemp(prefix="eyeray-bench-"))
+    # The real OCT samples beside the checkout; where they are not (a borrowed machine), generated ones.
+    samples = sorted(SAMPLES.rglob("*.jpeg")) or sorted(make_archive(tmp / "archive", 16).glob("*.jpeg"))
+    images = [p.read_bytes() for p in samples]
     uri = make_bundle(tmp, args.backbone, args.image_size)
     # A private instance ("local"), never a cluster someone else started on this machine.
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, _temp_dir=str(tmp / "ray"))
@@ -110,6 +115,7 @@ def measure(args: argparse.Namespace) -> dict:
         "backbone": args.backbone,
         "image_size": args.image_size,
         "cpus": args.cpus,
+        "gpus_per_replica": args.gpus_per_replica,
         "machine": platform.processor() or platform.machine(),
         "runs": {},
     }
@@ -119,6 +125,7 @@ def measure(args: argparse.Namespace) -> dict:
                 bundles=[uri],
                 max_batch_size=batch,
                 cpus_per_replica=1,
+                gpus_per_replica=args.gpus_per_replica,
                 ingress_cpus=0.5,
                 autoscaling={"min_replicas": 1, "max_replicas": 1},
             )
@@ -138,9 +145,10 @@ def measure(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     results = measure(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve_load.json").write_text(json.dumps(results, indent=2))
-    plot(results, RESULTS / "serve_load.png")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
     print(f"batched / unbatched at {args.clients[-1]} clients: {results['batched_over_unbatched_at_max_clients']}x")
     return results
 
