@@ -284,6 +284,7 @@ def at_archive_size(args: argparse.Namespace) -> Path:
         "mixed_precision": args.mixed_precision,
     }
     started = time.perf_counter()
+    out["load_average_before"] = os.getloadavg()  # the machine is shared: other work slows every figure
     with tempfile.TemporaryDirectory(prefix="eyeray-bench-") as tmp:
         tmp = Path(tmp)
         backbone, size = args.model.split(":")
@@ -301,6 +302,7 @@ def at_archive_size(args: argparse.Namespace) -> Path:
     out["bare_model"] = {"runs": bare, "images_per_s": bare_rate}
     out["ratio_pipeline_end_to_end_vs_bare"] = round(piped["end_to_end_images_per_s"] / bare_rate, 3)
     out["benchmark_wall_seconds"] = round(time.perf_counter() - started, 1)
+    out["load_average_after"] = os.getloadavg()
     path = Path(args.out) if args.out else RESULTS / f"score_throughput_{n}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
