@@ -262,6 +262,12 @@ def speed_table(throughput: dict, other: dict | None) -> list[dict]:
     return rows
 
 
+def machine() -> dict:
+    """What the running Ray instance has, and the platform."""
+    resources = ray.cluster_resources()
+    return {"cpus": resources.get("CPU"), "gpus": resources.get("GPU", 0), "platform": platform.platform()}
+
+
 def at_archive_size(args: argparse.Namespace) -> Path:
     """`--archive-images N`: one end-to-end run over N images in a fresh Ray session (start-up
     included, amortised over N), the bare model's images/s before and after it (the machine's load
@@ -270,11 +276,7 @@ def at_archive_size(args: argparse.Namespace) -> Path:
     n = args.archive_images
     out: dict = {
         "benchmark": "score_throughput_at_archive_size",
-        "machine": {
-            "cpus": ray.cluster_resources().get("CPU"),
-            "gpus": ray.cluster_resources().get("GPU", 0),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "archive": f"{n} greyscale JPEGs {OCT_SHAPE[0]}x{OCT_SHAPE[1]}, quality 90",
         "how": "eyeray.score.run over the whole archive, first job of a fresh Ray session, no Grad-CAM",
         "model": args.model,
@@ -337,11 +339,7 @@ def main() -> None:
     ray.init(include_dashboard=False, num_cpus=os.cpu_count())
     out: dict = {
         "benchmark": "score_throughput",
-        "machine": {
-            "cpus": ray.cluster_resources().get("CPU"),
-            "gpus": ray.cluster_resources().get("GPU", 0),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "archive": f"greyscale JPEG {OCT_SHAPE[0]}x{OCT_SHAPE[1]}, quality 90",
         "targets": {"pipeline_vs_bare": 0.9, "pipeline_vs_seed_style": 3.0, "rss_10n_vs_n": 1.15},
     }

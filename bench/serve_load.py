@@ -134,6 +134,7 @@ def measure(args: argparse.Namespace) -> dict:
             results["runs"][name] = [load(url, images, c, args.requests) for c in args.clients]
             for row in results["runs"][name]:
                 print(name, json.dumps(row), flush=True)
+            serve.delete("bench")  # the next application's replica may need the one GPU this one holds
         at_max = {name: rows[-1]["requests_per_s"] for name, rows in results["runs"].items()}
         results["batched_over_unbatched_at_max_clients"] = round(at_max["batched"] / at_max["unbatched"], 2)
     finally:
