@@ -4,7 +4,7 @@
 # machines have no GPU, so this runs where one is lent: each step is one command under `timeout`,
 # on a private local Ray of its own (RAY_ADDRESS unset), the cheapest and most-needed figure first.
 #
-#   bash bench/gpu_check.sh [RESULTS_DIR]          # default bench/results; on a lent machine "$OUT"
+#   bash bench/gpu_check.sh [RESULTS_DIR]   # from the repository root: default bench/results; lent: "$OUT"
 #
 # Writes to RESULTS_DIR: gpu_score.json and gpu_score_accelerated.json (bench/score_throughput.py
 # --archive-images: eyeray.score.run end to end and the bare model), gpu_serve.json and its plot
@@ -114,7 +114,7 @@ for line in Path(work, "steps.tsv").read_text().splitlines():
     steps.append(record)
 summary = {
     "check": "gpu_check", "host": platform.node(), "gpu": gpu, "model": model, "images": int(images),
-    "budget_s": int(budget), "seconds": int(seconds), "steps": steps,
+    "budget_s": int(budget), "seconds": int(seconds), "logs": work, "steps": steps,
     "counts": {s: sum(r["status"] == s for r in steps) for s in ("ran", "skipped", "failed")},
 }
 Path(results, "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")
