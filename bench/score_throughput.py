@@ -20,6 +20,15 @@ machine, in one run (it is shared and noisy, so ratios are what mean something):
 
     python bench/score_throughput.py            # writes bench/results/score_throughput.json
     python bench/readme.py                      # then regenerates the README's benchmark section
+
+At n = 128 and 256 the pipeline's start-up (Ray workers, actors, model load) is a large part of the
+end-to-end time. `--archive-images N` measures only the end-to-end figure, over one archive of N
+images (2,000: an export a site scores in one go) in a fresh Ray session, start-up included and
+amortised, with the bare model's images/s before and after it; it writes
+bench/results/score_throughput_N.json and leaves score_throughput.json alone:
+
+    python bench/score_throughput.py --archive-images 2000
+    python bench/score_throughput.py --archive-images 2000 --gpus-per-actor 1 --batch-size 64 --out F.json
 """
 
 from __future__ import annotations
@@ -44,38 +53,15 @@ import psutil  # noqa: E402
 import ray  # noqa: E402
 
 from bench import serve_load, train_ingest  # noqa: E402
+from bench.fixtures import OCT_SHAPE, make_archive, make_bundle  # noqa: E402
 from eyeray.data import imaging, synthetic
 from eyeray.data.files import list_inputs as list_archive  # noqa: E402
 from eyeray.model import bundle
-from eyeray.model.build import build_model  # noqa: E402
 from eyeray.model.devices import mixed_precision_dtype
 from eyeray.score import ScoreConfig, run
 from eyeray.tasks import get_task  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OCT_SHAPE = (1024, 496)  # width, height of a Spectralis B-scan export in the Kermany set
-
-
-def make_archive(root: Path, n: int, seed: int = 0) -> Path:
-    """n greyscale JPEGs of 1024 x 496 (16 synthetic B-scans, each saved under many names)."""
-    rng = np.random.default_rng(seed)
-    classes = get_task("oct").classes
-    bases = []
-    for i in range(16):
-        scan = synthetic.draw("oct", classes[i % len(classes)], rng, 256)
-        bases.append(Image.fromarray(scan).convert("L").resize(OCT_SHAPE, Image.BILINEAR))
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        bases[i % 16].save(root / f"scan-{i:06d}.jpeg", quality=90)
-    return root
-
-
-def make_bundle(root: Path, backbone: str, size: int) -> str:
-    spec = get_task("oct")
-    model = build_model(spec, backbone, weights="none", image_size=size)  # ImageNet weights: same compute
-    manifest = bundle.make_manifest(spec, model, backbone=backbone, image_size=size, weights="none")
-    bundle.save(model, manifest, str(root / f"{backbone}-{size}"))
-    return str(root / f"{backbone}-{size}")
 
 
 class PeakRSS:
@@ -118,8 +104,10 @@ class PeakRSS:
         }
 
 
-def bare_model(bundle_uri: str, files: list[str], batch_size: int, mixed_precision: bool = False) -> dict:
-    b = bundle.load(bundle_uri, mixed_precision=mixed_precision)
+def bare_model(
+    bundle_uri: str, files: list[str], batch_size: int, mixed_precision: bool = False, jit_compile: bool = False
+) -> dict:
+    b = bundle.load(bundle_uri, mixed_precision=mixed_precision, jit_compile=jit_compile)
     images = np.stack([imaging.preprocess(imaging.decode(Path(f).read_bytes()), b.image_size) for f in files])
     b.predict(images[:batch_size], batch_size=batch_size)  # warm-up: graph tracing is not throughput
     start = time.perf_counter()
@@ -148,7 +136,15 @@ def bare_model_mixed(bundle_uri: str, files: list[str], batch_size: int) -> dict
     return ray.get(task.remote(bundle_uri, files, batch_size, True))
 
 
-def pipeline(bundle_uri: str, archive: Path, output: Path, batch_size: int, mixed_precision: bool = False) -> dict:
+def pipeline(
+    bundle_uri: str,
+    archive: Path,
+    output: Path,
+    batch_size: int,
+    mixed_precision: bool = False,
+    gpus_per_actor: float = 0.0,
+    jit_compile: bool = False,
+) -> dict:
     """`eyeray.score.run` end to end: wall time includes starting the actors and loading the model."""
     start = time.perf_counter()
     summary = run(
@@ -162,6 +158,8 @@ def pipeline(bundle_uri: str, archive: Path, output: Path, batch_size: int, mixe
             # case falls below the review level, so the default (`review`) would explain every image.
             explain="none",
             mixed_precision=mixed_precision,
+            gpus_per_actor=gpus_per_actor,
+            jit_compile=jit_compile,
         )
     )
     wall = time.perf_counter() - start
@@ -264,6 +262,57 @@ def speed_table(throughput: dict, other: dict | None) -> list[dict]:
     return rows
 
 
+def machine() -> dict:
+    """What the running Ray instance has, and the platform."""
+    resources = ray.cluster_resources()
+    return {"cpus": resources.get("CPU"), "gpus": resources.get("GPU", 0), "platform": platform.platform()}
+
+
+def at_archive_size(args: argparse.Namespace) -> Path:
+    """`--archive-images N`: one end-to-end run over N images in a fresh Ray session (start-up
+    included, amortised over N), the bare model's images/s before and after it (the machine's load
+    drifts) over `--images` of the same files; its own result file."""
+    ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count())  # never someone's cluster
+    n = args.archive_images
+    out: dict = {
+        "benchmark": "score_throughput_at_archive_size",
+        "machine": machine(),
+        "archive": f"{n} greyscale JPEGs {OCT_SHAPE[0]}x{OCT_SHAPE[1]}, quality 90",
+        "how": "eyeray.score.run over the whole archive, first job of a fresh Ray session, no Grad-CAM",
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "gpus_per_actor": args.gpus_per_actor,
+        "jit_compile": args.jit_compile,
+        "mixed_precision": args.mixed_precision,
+    }
+    started = time.perf_counter()
+    out["load_average_before"] = os.getloadavg()  # the machine is shared: other work slows every figure
+    with tempfile.TemporaryDirectory(prefix="eyeray-bench-") as tmp:
+        tmp = Path(tmp)
+        backbone, size = args.model.split(":")
+        model = make_bundle(tmp, backbone, int(size))
+        archive = make_archive(tmp / "archive", n)
+        sample = list_archive(str(archive))[: args.images]
+        accel = {"jit_compile": args.jit_compile, "mixed_precision": args.mixed_precision}
+        piped = pipeline(model, archive, tmp / "scored", args.batch_size, gpus_per_actor=args.gpus_per_actor, **accel)
+        print("pipeline", piped, flush=True)
+        bare = [bare_model(model, sample, args.batch_size, **accel) for _ in range(2)]
+        print("bare model", bare, flush=True)
+    ray.shutdown()
+    bare_rate = round(sum(b["images_per_s"] for b in bare) / len(bare), 2)
+    out["pipeline"] = piped
+    out["bare_model"] = {"runs": bare, "images_per_s": bare_rate}
+    out["ratio_pipeline_end_to_end_vs_bare"] = round(piped["end_to_end_images_per_s"] / bare_rate, 3)
+    out["benchmark_wall_seconds"] = round(time.perf_counter() - started, 1)
+    out["load_average_after"] = os.getloadavg()
+    path = Path(args.out) if args.out else RESULTS / f"score_throughput_{n}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vgg16:224", help="backbone:size for the throughput figures")
@@ -274,15 +323,23 @@ def main() -> None:
     parser.add_argument("--memory-images", type=int, default=400, help="N for the N vs 10 N memory figures")
     parser.add_argument("--serve-requests", type=int, default=96, help="requests at 16 clients, batched and not")
     parser.add_argument("--no-table", action="store_true", help="skip the training and Serve rows of the table")
+    parser.add_argument(
+        "--archive-images",
+        type=int,
+        help="only the end-to-end figure over one archive of this many images (e.g. 2000), start-up amortised",
+    )
+    parser.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per model actor (--archive-images)")
+    parser.add_argument("--jit-compile", action="store_true", help="XLA in the pipeline (--archive-images)")
+    parser.add_argument("--mixed-precision", action="store_true", help="16-bit compute, both ways (--archive-images)")
+    parser.add_argument("--out", help="result file of --archive-images (default bench/results/score_throughput_N.json)")
     args = parser.parse_args()
+    if args.archive_images:
+        at_archive_size(args)
+        return
     ray.init(include_dashboard=False, num_cpus=os.cpu_count())
     out: dict = {
         "benchmark": "score_throughput",
-        "machine": {
-            "cpus": ray.cluster_resources().get("CPU"),
-            "gpus": ray.cluster_resources().get("GPU", 0),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "archive": f"greyscale JPEG {OCT_SHAPE[0]}x{OCT_SHAPE[1]}, quality 90",
         "targets": {"pipeline_vs_bare": 0.9, "pipeline_vs_seed_style": 3.0, "rss_10n_vs_n": 1.15},
     }

@@ -7,6 +7,7 @@ to bench/results/serve_load.json and a plot beside it. Not a test: the figures d
 machine (and this one is shared).
 
     python bench/serve_load.py [--backbone mobilenet_v2 --image-size 224 --requests 160]
+    python bench/serve_load.py --gpus-per-replica 1 --out bench/results/gpu_serve_load.json
 """
 
 from __future__ import annotations
@@ -27,23 +28,12 @@ from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eyeray.model import bundle
-from eyeray.model.build import build_model
+from bench.fixtures import make_archive, make_bundle
 from eyeray.serve import ServeArgs, build_app
-from eyeray.tasks import get_task
 from tests import samples
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLES = samples.SAMPLES / "oct-sample"
-
-
-def make_bundle(root: Path, backbone: str, image_size: int) -> str:
-    spec = get_task("oct")
-    model = build_model(spec, backbone, weights="none", image_size=image_size)
-    manifest = bundle.make_manifest(spec, model, backbone=backbone, image_size=image_size, weights="none")
-    uri = str(root / "bundle")
-    bundle.save(model, manifest, uri)
-    return uri
 
 
 def load(url: str, images: list[bytes], clients: int, requests: int) -> dict:
@@ -105,13 +95,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=160, help="requests per concurrency level")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per model replica (as eyeray serve)")
+    parser.add_argument("--out", default=str(RESULTS / "serve_load.json"), help="result file (the plot goes beside it)")
     return parser.parse_args(argv)
 
 
 def measure(args: argparse.Namespace) -> dict:
     """Unbatched then batched, each at every client count, on a private Ray instance of its own."""
-    images = [p.read_bytes() for p in sorted(SAMPLES.rglob("*.jpeg"))]
     tmp = Path(tempfile.mkdtemp(prefix="eyeray-bench-"))
+    # The real OCT samples beside the checkout; where they are not (a borrowed machine), generated ones.
+    samples = sorted(SAMPLES.rglob("*.jpeg")) or sorted(make_archive(tmp / "archive", 16).glob("*.jpeg"))
+    images = [p.read_bytes() for p in samples]
     uri = make_bundle(tmp, args.backbone, args.image_size)
     # A private instance ("local"), never a cluster someone else started on this machine.
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, _temp_dir=str(tmp / "ray"))
@@ -122,6 +116,7 @@ def measure(args: argparse.Namespace) -> dict:
         "backbone": args.backbone,
         "image_size": args.image_size,
         "cpus": args.cpus,
+        "gpus_per_replica": args.gpus_per_replica,
         "machine": platform.processor() or platform.machine(),
         "runs": {},
     }
@@ -131,6 +126,7 @@ def measure(args: argparse.Namespace) -> dict:
                 bundles=[uri],
                 max_batch_size=batch,
                 cpus_per_replica=1,
+                gpus_per_replica=args.gpus_per_replica,
                 ingress_cpus=0.5,
                 autoscaling={"min_replicas": 1, "max_replicas": 1},
             )
@@ -139,6 +135,7 @@ def measure(args: argparse.Namespace) -> dict:
             results["runs"][name] = [load(url, images, c, args.requests) for c in args.clients]
             for row in results["runs"][name]:
                 print(name, json.dumps(row), flush=True)
+            serve.delete("bench")  # the next application's replica may need the one GPU this one holds
         at_max = {name: rows[-1]["requests_per_s"] for name, rows in results["runs"].items()}
         results["batched_over_unbatched_at_max_clients"] = round(at_max["batched"] / at_max["unbatched"], 2)
     finally:
@@ -150,9 +147,10 @@ def measure(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     results = measure(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve_load.json").write_text(json.dumps(results, indent=2))
-    plot(results, RESULTS / "serve_load.png")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
     print(f"batched / unbatched at {args.clients[-1]} clients: {results['batched_over_unbatched_at_max_clients']}x")
     return results
 

@@ -31,11 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 
+from bench.fixtures import make_bundle  # noqa: E402
 from eyeray import storage  # noqa: E402
 from eyeray.data import imaging
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW  # noqa: E402
 from eyeray.model import bundle
-from eyeray.model.build import build_model  # noqa: E402
 from eyeray.tasks import get_task  # noqa: E402
 from eyeray.train import TrainConfig, run  # noqa: E402
 from tests import samples  # noqa: E402
@@ -118,11 +118,7 @@ def main() -> None:
                 **model_seconds(trained, images),
             }
             print(task, json.dumps(results["tasks"][task]))
-        spec = get_task("oct")
-        vgg = build_model(spec, "vgg16", weights=None, image_size=224)
-        manifest = bundle.make_manifest(spec, vgg, backbone="vgg16", image_size=224, weights="none")
-        uri = f"{tmp}/vgg16"
-        bundle.save(vgg, manifest, uri)
+        uri = make_bundle(Path(tmp), "vgg16", 224)
         _, images, _ = load_sample("oct", SAMPLES / "oct-sample", 224)
         results["vgg16_224_cost"] = model_seconds(bundle.load(uri), images[:48])
         print("vgg16", json.dumps(results["vgg16_224_cost"]))

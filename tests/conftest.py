@@ -45,11 +45,12 @@ def oct_train() -> Path:
 @pytest.fixture(scope="session")
 def real_vgg16_weights(tmp_path_factory) -> str:
     """A real pretrained VGG16 backbone weights file (HED's conv layers, bench/hed_vgg16.py),
-    for tests that need what ImageNet-like features do to training, through `--weights PATH`."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bench.hed_vgg16 import convert
-
-    return str(convert(tmp_path_factory.mktemp("weights") / "vgg16_hed.weights.h5"))
+    for tests that need what ImageNet-like features do to training, through `--weights PATH`. Made by
+    the script itself (the tests import no bench module)."""
+    repo = Path(__file__).resolve().parents[1]
+    dest = tmp_path_factory.mktemp("weights") / "vgg16_hed.weights.h5"
+    subprocess.run([sys.executable, str(repo / "bench" / "hed_vgg16.py"), str(dest)], check=True, timeout=300)
+    return str(dest)
 
 
 @pytest.fixture(scope="session")
