@@ -7,6 +7,7 @@ work ran."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fnmatch
 import importlib
@@ -269,6 +270,18 @@ def test_capacity_script_reads_the_measured_figures():
 WORK_RESOURCES = ("CPU", "GPU", "worker")
 
 
+@contextlib.contextmanager
+def state_api_of(address: str):
+    """Ray's state API asks the cluster in RAY_ADDRESS whatever `address` it is given; the session
+    cluster's fixture sets RAY_ADDRESS for this process, so point it at this cluster meanwhile."""
+    saved = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        yield
+    finally:
+        os.environ.pop("RAY_ADDRESS") if saved is None else os.environ.__setitem__("RAY_ADDRESS", saved)
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """A head started like cluster.yaml's (`--num-cpus=0`, no GPUs) and one worker node with
@@ -297,9 +310,16 @@ def two_nodes():
         _wait_for_job_agent(dashboard)
         from ray.util.state import list_nodes
 
-        nodes = {("head" if n.is_head_node else "worker"): n for n in list_nodes(address=dashboard)}
+        with state_api_of(address):
+            nodes = {("head" if n.is_head_node else "worker"): n for n in list_nodes(address=dashboard)}
         assert nodes["head"].resources_total.get("CPU", 0) == 0 and nodes["worker"].resources_total["worker"] == 2
-        yield {"dashboard": dashboard, "env": env, "head": nodes["head"].node_id, "worker": nodes["worker"].node_id}
+        yield {
+            "address": address,
+            "dashboard": dashboard,
+            "env": env,
+            "head": nodes["head"].node_id,
+            "worker": nodes["worker"].node_id,
+        }
     finally:
         stop_cluster(worker_dir, address)
         stop_cluster(head_dir, address)
@@ -349,8 +369,9 @@ def placements(cluster: dict, job_id: str, expect: str) -> list[tuple[str, str, 
     deadline = time.monotonic() + 30
     while True:
         filters = [("job_id", "=", job_id)]
-        actors = list_actors(address=cluster["dashboard"], filters=filters, detail=True, limit=10_000)
-        tasks = list_tasks(address=cluster["dashboard"], filters=filters, detail=True, limit=10_000)
+        with state_api_of(cluster["address"]):
+            actors = list_actors(address=cluster["dashboard"], filters=filters, detail=True, limit=10_000)
+            tasks = list_tasks(address=cluster["dashboard"], filters=filters, detail=True, limit=10_000)
         found = [(a.class_name, a.node_id, plain(a.required_resources)) for a in actors]
         found += [(t.name, t.node_id, plain(t.required_resources)) for t in tasks if t.node_id]
         if any(expect in name for name, _, _ in found) or time.monotonic() > deadline:
