@@ -43,6 +43,7 @@ from eyeray.data import imaging
 from eyeray.data.layouts import read_layout  # noqa: E402
 from eyeray.evaluation import metrics as evaluate
 from eyeray.model.build import build_model, pooled_features  # noqa: E402
+from eyeray.model.options import InferenceOptions
 from eyeray.tasks import get_task  # noqa: E402
 from eyeray.train import TrainConfig, run  # noqa: E402
 from tests import samples  # noqa: E402
@@ -164,7 +165,7 @@ def inference_precision(spec, bundle_uri: str, test: tuple[np.ndarray, np.ndarra
     def outputs(mixed: bool, images: np.ndarray) -> tuple[str, np.ndarray]:
         from eyeray.model import bundle
 
-        loaded = bundle.load(bundle_uri, mixed_precision=mixed)
+        loaded = bundle.load(bundle_uri, inference=InferenceOptions(mixed_precision=mixed))
         return loaded.compiled.precision, loaded.predict(images)
 
     images, labels = test

@@ -58,6 +58,7 @@ from eyeray.data import imaging, synthetic
 from eyeray.data.files import list_inputs as list_archive  # noqa: E402
 from eyeray.model import bundle
 from eyeray.model.devices import mixed_precision_dtype
+from eyeray.model.options import InferenceOptions
 from eyeray.score import ScoreConfig, run
 from eyeray.tasks import get_task  # noqa: E402
 
@@ -107,7 +108,7 @@ class PeakRSS:
 def bare_model(
     bundle_uri: str, files: list[str], batch_size: int, mixed_precision: bool = False, jit_compile: bool = False
 ) -> dict:
-    b = bundle.load(bundle_uri, mixed_precision=mixed_precision, jit_compile=jit_compile)
+    b = bundle.load(bundle_uri, inference=InferenceOptions(jit_compile=jit_compile, mixed_precision=mixed_precision))
     images = np.stack([imaging.preprocess(imaging.decode(Path(f).read_bytes()), b.image_size) for f in files])
     b.predict(images[:batch_size], batch_size=batch_size)  # warm-up: graph tracing is not throughput
     start = time.perf_counter()

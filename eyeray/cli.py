@@ -180,13 +180,32 @@ def score_main(argv: list[str] | None = None) -> int:
     return _run(parser, argv)
 
 
+# --------------------------------------------------------------------------- options of score, serve, explain
+
+
+def add_options_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of `DecisionOptions` and `InferenceOptions`, as score generates them from its config."""
+    from eyeray.decision.options import DecisionOptions
+    from eyeray.model.options import InferenceOptions
+
+    return add_config_arguments(add_config_arguments(parser, DecisionOptions), InferenceOptions)
+
+
+def options(args: argparse.Namespace) -> dict:
+    """`decision` and `inference` of the parsed flags of `add_options_arguments`."""
+    from eyeray.decision.options import DecisionOptions
+    from eyeray.model.options import InferenceOptions
+
+    return {"decision": config_from_args(DecisionOptions, args), "inference": config_from_args(InferenceOptions, args)}
+
+
 # --------------------------------------------------------------------------- serve
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of `eyeray serve`, not generated: --max-body-mb and --max-replicas set `ServeArgs`
-    fields in other units (bytes, the autoscaling config), --thresholds is one bundle's, --host and
-    --port are `run`'s. Every default is read from there."""
+    """The flags of `eyeray serve`: those of the decision and inference options, generated as for
+    score; the rest are not: --max-body-mb and --max-replicas set `ServeArgs` fields in other units
+    (bytes, the autoscaling config), --host and --port are `run`'s. Every default is read from there."""
     from eyeray.serve import ServeArgs, run
 
     field = ServeArgs.model_fields
@@ -216,46 +235,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="model replicas per task under load (autoscaling)",
     )
     add("--max-body-mb", type=float, default=default["max_body_bytes"] / 2**20, help="larger uploads get 413")
-    add(
-        "--thresholds",
-        metavar="T",
-        help="override the bundle's operating point, as for score (one bundle; several: `thresholds:` "
-        "in a Serve config file); requests may override it with ?thresholds=",
-    )
-    add("--tta", action="store_true", help=field["tta"].description)
-    add("--review-below", type=float, default=default["review_below"], help=field["review_below"].description)
-    add("--jit-compile", action="store_true", help=field["jit_compile"].description)
-    add("--mixed-precision", action="store_true", help=field["mixed_precision"].description)
-    add("--gate", choices=("on", "off"), default="on" if default["gate"] else "off", help=field["gate"].description)
-    return parser
+    return add_options_arguments(parser)
 
 
 def serve_args(args: argparse.Namespace):
     """The `ServeArgs` of `eyeray serve`'s flags (what it does not set keeps its default)."""
-    from eyeray.model.bundle import read_manifest
     from eyeray.serve import ServeArgs
 
-    thresholds = {}
-    if args.thresholds is not None:
-        if len(args.bundles) != 1:
-            raise SystemExit(
-                "--thresholds takes one bundle; with several, give `thresholds: {task: ...}` "
-                "in a Serve config file (jobs/serve_config.yaml)"
-            )
-        thresholds = {read_manifest(args.bundles[0])["task"]: args.thresholds}
     autoscaling = ServeArgs.model_fields["autoscaling"].get_default(call_default_factory=True)
     return ServeArgs(
         bundles=args.bundles,
         gpus_per_replica=args.gpus_per_replica,
         max_batch_size=args.max_batch_size,
         max_body_bytes=int(args.max_body_mb * 2**20),
-        tta=args.tta,
-        review_below=args.review_below,
-        jit_compile=args.jit_compile,
-        mixed_precision=args.mixed_precision,
-        gate=args.gate == "on",
-        thresholds=thresholds,
         autoscaling={**autoscaling, "max_replicas": args.max_replicas},
+        **options(args),
     )
 
 
@@ -272,32 +266,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def add_explain_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from eyeray.model.overlay import DEFAULT_ALPHA
+    from eyeray.model.overlay import ALPHA_HELP, DEFAULT_ALPHA
 
     add = parser.add_argument
     add("--bundle", required=True, metavar="DIR_OR_S3_URI", help="model bundle folder or s3:// URI")
     add("images", nargs="+", metavar="IMAGE", help="image files (local or s3://): JPEG, PNG, TIFF, BMP, DICOM")
     add("--output", help="folder or s3:// URI for NAME.gradcam.png (default: beside each image)")
     add("--class", dest="class_name", help="class to explain (default: the decided class the model is most sure of)")
-    add("--alpha", type=float, default=DEFAULT_ALPHA, help="heatmap opacity where the heat is highest")
-    add("--thresholds", metavar="T", help="override the bundle's operating point (as for score)")
-    add("--gate", choices=("on", "off"), default="on", help="the bundle's gate (as for score)")
-    return parser
+    add("--alpha", type=float, default=DEFAULT_ALPHA, help=ALPHA_HELP)
+    return add_options_arguments(parser)
 
 
 def _explain(args: argparse.Namespace) -> int:
     """One JSON line per image (overlay path, labels, calibrated probabilities, referral); exit 1 if any failed."""
-    from eyeray.decision.operating_points import parse_thresholds
     from eyeray.model.gradcam import explain_files
 
     rows = explain_files(
-        args.bundle,
-        args.images,
-        output=args.output,
-        class_name=args.class_name,
-        alpha=args.alpha,
-        thresholds=parse_thresholds(args.thresholds),
-        use_gate=args.gate == "on",
+        args.bundle, args.images, output=args.output, class_name=args.class_name, alpha=args.alpha, **options(args)
     )
     for row in rows:
         print(json.dumps(row))

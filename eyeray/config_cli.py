@@ -11,7 +11,14 @@ what the annotation cannot:
     cli                           False: not a user setting, no flag
     flag                          another spelling (`--bundle` for `bundles`)
     type                          a converter of the typed string; its ValueError is the error shown
+                                  (a `bool` with one takes a value: `--gate off`)
+    spell                         with `type`: how the default is typed, for the help (True -> "on")
     choices, metavar, required    as for `add_argument`
+
+A field whose type is itself such a dataclass (an options object shared by several commands,
+`eyeray.decision.options.DecisionOptions`) adds that dataclass's flags, as if its fields were the
+config's own; `config_from_args` builds it back. So every command that takes the options has the
+same flags, written once.
 
 The flag's `dest` is always the field's name, so `config_from_args` builds the config back.
 """
@@ -30,8 +37,24 @@ PASSED_ON = ("choices", "metavar", "required")  # metadata keys given to add_arg
 
 
 def settings(cls: type) -> list[dataclasses.Field]:
-    """The fields of `cls` that are user settings (the ones with a flag)."""
+    """The fields that are user settings, one per flag: those of `cls`, and in place of an options
+    field, its dataclass's settings."""
+    out = []
+    for f in _own(cls):
+        options_type = _options_type(cls, f)
+        out.extend(settings(options_type) if options_type else [f])
+    return out
+
+
+def _own(cls: type) -> list[dataclasses.Field]:
+    """The fields of `cls` itself that are settings (an options field is one)."""
     return [f for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli", True)]
+
+
+def _options_type(cls: type, f: dataclasses.Field) -> type | None:
+    """The dataclass an options field holds (`ScoreConfig.decision`), None for any other field."""
+    kind = typing.get_type_hints(cls)[f.name]
+    return kind if dataclasses.is_dataclass(kind) else None
 
 
 def add_config_arguments(
@@ -41,8 +64,11 @@ def add_config_arguments(
     arguments (`eyeray train TASK`), the `exclude`d ones get nothing."""
     hints = typing.get_type_hints(cls)
     exclude, positional = set(exclude), set(positional)
-    for f in settings(cls):
+    for f in _own(cls):
         if f.name in exclude:
+            continue
+        if options_type := _options_type(cls, f):
+            add_config_arguments(parser, options_type, exclude=exclude, positional=positional)
             continue
         kind, repeated = _value_type(cls, f.name, hints[f.name])
         options = {k: f.metadata[k] for k in PASSED_ON if k in f.metadata}
@@ -57,12 +83,14 @@ def add_config_arguments(
             options.setdefault("required", True)
             default = None
         name = f.name.replace("_", "-")
-        if kind is bool:
+        if kind is bool and "type" not in f.metadata:
             flag = f.metadata.get("flag", f"--no-{name}" if default else f"--{name}")
             options.update(action="store_false" if default else "store_true")
         else:
             flag = f.metadata.get("flag", f"--{name}")
             options.update(type=convert, action="append" if repeated else "store")
+            if "spell" in f.metadata:  # argparse converts a string default as if typed
+                default = f.metadata["spell"](default)
         parser.add_argument(flag, dest=f.name, default=default, **options)
     return parser
 
@@ -70,7 +98,12 @@ def add_config_arguments(
 def config_from_args(cls: type, args: argparse.Namespace, **given: Any):
     """The `cls` instance of the parsed flags (a setting without one keeps its field default);
     keywords in `given` take precedence. The config's own checks run as usual."""
-    values = {f.name: getattr(args, f.name) for f in settings(cls) if hasattr(args, f.name)}
+    values = {}
+    for f in _own(cls):
+        if options_type := _options_type(cls, f):
+            values[f.name] = config_from_args(options_type, args)
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
     return cls(**{**values, **given})
 
 

@@ -11,12 +11,15 @@ import pytest
 
 from eyeray import cli
 from eyeray.config_cli import add_config_arguments, config_from_args, settings
+from eyeray.decision.options import DecisionOptions
+from eyeray.model.options import InferenceOptions
 from eyeray.score import ScoreConfig
 from eyeray.serve import ServeArgs
 from eyeray.sweep import SweepConfig
 from eyeray.train import TrainConfig
 
 SCORE_NEEDS = ["--bundle", "a", "--input", "i", "--output", "o"]
+OPTIONS = (DecisionOptions, InferenceOptions)
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +64,9 @@ def test_every_setting_has_one_flag_with_the_fields_default(eyeray_parser, comma
 
 
 def test_only_internal_fields_have_no_flag_and_every_flag_has_help():
+    options = {"decision", "inference"}  # options objects: their fields are settings (below)
     internal = {
-        cls.__name__: {f.name for f in dataclasses.fields(cls)} - {f.name for f in settings(cls)}
+        cls.__name__: {f.name for f in dataclasses.fields(cls)} - {f.name for f in settings(cls)} - options
         for cls in (TrainConfig, ScoreConfig, SweepConfig)
     }
     assert internal == {
@@ -70,6 +74,7 @@ def test_only_internal_fields_have_no_flag_and_every_flag_has_help():
         "ScoreConfig": {"memory_per_actor", "block_batches"},
         "SweepConfig": set(),
     }
+    assert {f.name for f in settings(ScoreConfig)} >= {f.name for cls in OPTIONS for f in dataclasses.fields(cls)}
     assert all(f.metadata.get("help") for cls in (TrainConfig, ScoreConfig, SweepConfig) for f in settings(cls))
 
 
@@ -77,6 +82,28 @@ def test_a_job_scripts_parser_fixes_the_task_and_has_every_other_setting():
     parser = cli.get_train_parser("glaucoma")
     assert set(flags_of(parser)) == {f.name for f in settings(TrainConfig)} - {"task"}
     assert cli.train_config(parser.parse_args([])) == TrainConfig(task="glaucoma")
+
+
+def test_score_serve_and_explain_share_the_options_flags(eyeray_parser):
+    """The decision and inference options have one flag each, generated once from their fields:
+    the same spelling, default and help on every command that takes them."""
+
+    def described(command: str) -> dict[str, tuple]:
+        actions = flags_of(subcommand(eyeray_parser, command))
+        names = [f.name for cls in OPTIONS for f in dataclasses.fields(cls)]
+        return {n: [(a.option_strings, a.default, a.help, a.metavar) for a in actions[n]] for n in names}
+
+    assert described("score") == described("serve") == described("explain")
+    argv = ["--thresholds", "0.3", "--review-below", "0.7", "--gate", "off", "--tta", "--jit-compile"]
+    decision = DecisionOptions(thresholds="0.3", review_below=0.7, gate=False)
+    inference = InferenceOptions(tta=True, jit_compile=True)
+    score = cli.score_config(eyeray_parser.parse_args(["score", *SCORE_NEEDS, *argv]))
+    served = cli.serve_args(eyeray_parser.parse_args(["serve", "--bundle", "a", "--bundle", "b", *argv]))
+    explained = cli.options(eyeray_parser.parse_args(["explain", "--bundle", "a", "x.png", *argv]))
+    assert (score.decision, score.inference) == (served.decision, served.inference) == (decision, inference)
+    assert explained == {"decision": decision, "inference": inference}
+    with pytest.raises(SystemExit):  # a bad value fails as argparse fails, naming the flag
+        eyeray_parser.parse_args(["score", *SCORE_NEEDS, "--gate", "maybe"])
 
 
 def test_serve_flags_default_to_the_application_arguments(eyeray_parser):

@@ -271,9 +271,10 @@ WORK_RESOURCES = ("CPU", "GPU", "worker")
 
 
 @contextlib.contextmanager
-def state_api_of(address: str):
-    """Ray's state API asks the cluster in RAY_ADDRESS whatever `address` it is given; the session
-    cluster's fixture sets RAY_ADDRESS for this process, so point it at this cluster meanwhile."""
+def ray_address(address: str):
+    """RAY_ADDRESS of this process set to `address` meanwhile: Ray's state API and job client ask
+    the cluster in RAY_ADDRESS whatever address they are given, and the session cluster's fixture
+    (tests/conftest.py), if a module before this one started it, has set it to that cluster."""
     saved = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = address
     try:
@@ -305,21 +306,21 @@ def two_nodes():
     ]
     worker = [f"--address={address}", "--num-cpus=2", "--num-gpus=1", '--resources={"worker": 2}', object_store]
     try:
-        start_node(head, head_dir, env)
-        start_node(worker, worker_dir, env)
-        _wait_for_job_agent(dashboard)
-        from ray.util.state import list_nodes
+        with ray_address(address):  # for the module's lifetime: every state-API and job-client call
+            start_node(head, head_dir, env)
+            start_node(worker, worker_dir, env)
+            _wait_for_job_agent(dashboard)
+            from ray.util.state import list_nodes
 
-        with state_api_of(address):
             nodes = {("head" if n.is_head_node else "worker"): n for n in list_nodes(address=dashboard)}
-        assert nodes["head"].resources_total.get("CPU", 0) == 0 and nodes["worker"].resources_total["worker"] == 2
-        yield {
-            "address": address,
-            "dashboard": dashboard,
-            "env": env,
-            "head": nodes["head"].node_id,
-            "worker": nodes["worker"].node_id,
-        }
+            assert nodes["head"].resources_total.get("CPU", 0) == 0 and nodes["worker"].resources_total["worker"] == 2
+            yield {
+                "address": address,
+                "dashboard": dashboard,
+                "env": env,
+                "head": nodes["head"].node_id,
+                "worker": nodes["worker"].node_id,
+            }
     finally:
         stop_cluster(worker_dir, address)
         stop_cluster(head_dir, address)
@@ -369,9 +370,8 @@ def placements(cluster: dict, job_id: str, expect: str) -> list[tuple[str, str, 
     deadline = time.monotonic() + 30
     while True:
         filters = [("job_id", "=", job_id)]
-        with state_api_of(cluster["address"]):
-            actors = list_actors(address=cluster["dashboard"], filters=filters, detail=True, limit=10_000)
-            tasks = list_tasks(address=cluster["dashboard"], filters=filters, detail=True, limit=10_000)
+        actors = list_actors(address=cluster["dashboard"], filters=filters, detail=True, limit=10_000)
+        tasks = list_tasks(address=cluster["dashboard"], filters=filters, detail=True, limit=10_000)
         found = [(a.class_name, a.node_id, plain(a.required_resources)) for a in actors]
         found += [(t.name, t.node_id, plain(t.required_resources)) for t in tasks if t.node_id]
         if any(expect in name for name, _, _ in found) or time.monotonic() > deadline:

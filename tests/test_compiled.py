@@ -14,6 +14,7 @@ from bundles import make_bundle
 
 from eyeray.model import bundle, compiled, devices
 from eyeray.model.build import build_model
+from eyeray.model.options import InferenceOptions
 from eyeray.tasks import get_task
 
 ATOL = 1e-5  # float32 on CPU: padding and XLA change summation order, nothing else
@@ -103,8 +104,9 @@ import json, sys
 import numpy as np
 from eyeray.model import bundle
 from eyeray.model.devices import mixed_precision_dtype
+from eyeray.model.options import InferenceOptions
 
-loaded = bundle.load(sys.argv[1], mixed_precision=True)
+loaded = bundle.load(sys.argv[1], inference=InferenceOptions(mixed_precision=True))
 size = loaded.image_size
 images = np.random.default_rng(1).integers(0, 256, (5, size, size, 3), np.uint8)
 plain = np.asarray(loaded.model(images, training=False), np.float32)  # eager: the graph rewrite does not touch it
@@ -177,7 +179,10 @@ def test_the_16_bit_type_follows_the_hardware(monkeypatch, tmp_path):
 
 def test_bundle_predict_goes_through_the_compiled_model_with_its_settings(tmp_path, images):
     uri = make_bundle(tmp_path)
-    default, xla = bundle.load(uri), bundle.load(uri, jit_compile=True)  # mixed precision: in a child, above
+    default, xla = (
+        bundle.load(uri),
+        bundle.load(uri, inference=InferenceOptions(jit_compile=True)),
+    )  # mixed precision: in a child, above
     assert (default.compiled.jit_compile, xla.compiled.jit_compile) == (False, True)
     for n in (1, 3, 17):
         expected = plain(default.model, images[:n])

@@ -16,6 +16,7 @@ from PIL import Image, ImageFilter
 from eyeray.data import quality
 from eyeray.decision import ensemble, gate
 from eyeray.decision.decide import decide
+from eyeray.decision.options import DecisionOptions
 from eyeray.model import bundle
 from eyeray.score import shards
 from eyeray.score.predictor import BundlePredictor
@@ -210,6 +211,6 @@ def test_eyeray_explain_says_what_the_gate_says(bundles, tmp_path):
     row = explain_files(gated, [str(flat)], output=str(tmp_path / "out"))[0]
     assert row["error"] == "" and row["status"] == "declined" and row["labels"] == [] and row["confidence"] is None
     assert row["gate"]["reason"] == "ungradable: blank or flat image"
-    off = explain_files(gated, [str(flat)], output=str(tmp_path / "off"), use_gate=False)[0]
+    off = explain_files(gated, [str(flat)], output=str(tmp_path / "off"), decision=DecisionOptions(gate=False))[0]
     assert off["status"] == "ok" and off["gate"]["verdict"] == gate.OFF and off["labels"]
     assert explain_files(plain, [str(flat)], output=str(tmp_path / "plain"))[0]["gate"]["verdict"] == gate.NO_GATE

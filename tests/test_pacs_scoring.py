@@ -20,6 +20,7 @@ from orthanc import forward, http_server, running_orthanc
 from pydicom.uid import generate_uid
 
 from eyeray import dicomweb
+from eyeray.decision.options import DecisionOptions
 from eyeray.score import ScoreConfig, run, shards
 
 pytestmark = pytest.mark.cluster
@@ -67,8 +68,7 @@ def config(bundle: str, source: str, output: Path, **extra) -> ScoreConfig:
         output=str(output),
         study_date="20261201-20261231",
         modality=["OPT"],
-        gate="off",
-        thresholds="0",
+        decision=DecisionOptions(thresholds="0", gate=False),
         batch_size=4,
         rows_per_shard=3,
         **extra,

@@ -25,9 +25,11 @@ from eyeray.cli import add_score_arguments, score_config
 from eyeray.data import imaging
 from eyeray.data.files import list_inputs
 from eyeray.decision import operating_points
+from eyeray.decision.options import DecisionOptions
 from eyeray.model import bundle
+from eyeray.model.options import InferenceOptions
 from eyeray.score import ScoreConfig, overlays, run, shards
-from eyeray.score.pipeline import pipeline, predictor_args, version_key
+from eyeray.score.pipeline import Plan, pipeline, predictor_args, version_key
 from eyeray.score.predictor import BundlePredictor
 from eyeray.tasks import get_task
 
@@ -74,10 +76,11 @@ def test_predictor_runs_its_bundles_compiled_as_configured(oct_bundle):
     """--batch-size, --jit-compile and --mixed-precision reach the actors' arguments; XLA gives the
     default run's probabilities. (Mixed precision is process-wide, so it runs in actors only:
     test_decode_runs_in_its_own_tasks_beside_the_model_actors; its outputs: test_compiled.)"""
-    cfg = ScoreConfig(bundles=[oct_bundle], input="i", output="o", batch_size=8, jit_compile=True, mixed_precision=True)
+    fast = InferenceOptions(jit_compile=True, mixed_precision=True)
+    cfg = ScoreConfig(bundles=[oct_bundle], input="i", output="o", batch_size=8, inference=fast)
     args = predictor_args(cfg, 32)
-    assert (args["batch_size"], args["jit_compile"], args["mixed_precision"], args["use_gate"]) == (8, True, True, True)
-    args["mixed_precision"] = False
+    assert (args["batch_size"], args["inference"], args["decision"]) == (8, fast, DecisionOptions())
+    args["inference"] = InferenceOptions(jit_compile=True)
     batch = {
         "path": np.array(list("abc"), dtype=object),
         "image": np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8),
@@ -232,7 +235,11 @@ def test_rows_carry_calibrated_decisions_a_review_queue_and_overlays(ray_cluster
     shutil.copytree(oct_sample, archive)
     (archive / "broken.jpg").write_bytes(b"\xff\xd8\xff not a scan")
     output = tmp_path / "scored"
-    summary = run(ScoreConfig(bundles=[oct_bundle], input=str(archive), output=str(output), review_below=0.5))
+    summary = run(
+        ScoreConfig(
+            bundles=[oct_bundle], input=str(archive), output=str(output), decision=DecisionOptions(review_below=0.5)
+        )
+    )
     loaded = bundle.load(oct_bundle)
     assert loaded.manifest["calibration"]["method"] == "temperature"
     rows = read_rows(str(output))
@@ -275,7 +282,11 @@ def test_rows_carry_calibrated_decisions_a_review_queue_and_overlays(ray_cluster
     overridden = tmp_path / "override"
     again = run(
         ScoreConfig(
-            bundles=[oct_bundle], input=str(archive), output=str(overridden), thresholds="0", explain="referred"
+            bundles=[oct_bundle],
+            input=str(archive),
+            output=str(overridden),
+            decision=DecisionOptions(thresholds="0"),
+            explain="referred",
         )
     )
     assert again["bundle_version"] not in (summary["bundle_version"], loaded.version)
@@ -289,9 +300,21 @@ def test_a_threshold_override_the_bundle_cannot_take_fails_before_scoring(ray_cl
     archive = tmp_path / "archive"
     write_pngs(archive, 3)
     with pytest.raises(ValueError, match="takes one threshold"):
-        run(ScoreConfig(bundles=[oct_bundle], input=str(archive), output=str(tmp_path / "out"), thresholds="0.2,0.3"))
+        run(
+            ScoreConfig(
+                bundles=[oct_bundle],
+                input=str(archive),
+                output=str(tmp_path / "out"),
+                decision=DecisionOptions(thresholds="0.2,0.3"),
+            )
+        )
     with pytest.raises(ValueError, match="between 0 and 1"):
-        ScoreConfig(bundles=[oct_bundle], input=str(archive), output=str(tmp_path / "out"), thresholds="1.5")
+        ScoreConfig(
+            bundles=[oct_bundle],
+            input=str(archive),
+            output=str(tmp_path / "out"),
+            decision=DecisionOptions(thresholds="1.5"),
+        )
     with pytest.raises(ValueError, match="--explain"):
         ScoreConfig(bundles=[oct_bundle], input=str(archive), output=str(tmp_path / "out"), explain="everything")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
@@ -381,11 +404,10 @@ def test_decode_runs_in_its_own_tasks_beside_the_model_actors(ray_cluster, oct_b
         input=str(tmp_path / "archive"),
         output=str(tmp_path / "out"),
         batch_size=8,
-        jit_compile=True,
-        mixed_precision=True,
+        inference=InferenceOptions(jit_compile=True, mixed_precision=True),
     )
     todo = shards.remaining(cfg.output, "none yet", pa.array(list_inputs(cfg.input)))
-    ds = pipeline(cfg, todo, [bundle.read_manifest(oct_bundle)])
+    ds = pipeline(cfg, todo, Plan.of(cfg, [bundle.read_manifest(oct_bundle)]))
     assert sum(r["rows"] for r in ds.take_all()) == 40
     stats = ds.stats()
     assert "MapBatches(load_batch)->MapBatches(BundlePredictor)" not in stats
@@ -419,7 +441,7 @@ def test_cli_takes_repeated_bundles_and_refuses_bad_values():
         )
     )
     assert (cfg.bundles, cfg.ensemble, cfg.gpus_per_actor, cfg.actors) == (["a", "s3://m/b"], "vote", 1.0, 8)
-    assert (cfg.jit_compile, cfg.mixed_precision) == (True, True)
+    assert cfg.inference == InferenceOptions(jit_compile=True, mixed_precision=True)
     with pytest.raises(SystemExit):
         parser.parse_args(["--bundle", "a", "--input", "i", "--output", "o", "--ensemble", "median"])
     with pytest.raises(ValueError, match="batch_size"):
@@ -543,8 +565,7 @@ def test_a_volume_is_scored_bscan_by_bscan_answered_once_and_resumed_by_frame(
         output=str(output),
         batch_size=2,
         rows_per_shard=3,
-        thresholds="0",
-        gate="off",
+        decision=DecisionOptions(thresholds="0", gate=False),
     )
     summary = run(cfg)
     rows = shard_rows(output)

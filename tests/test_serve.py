@@ -27,6 +27,7 @@ from test_imaging import make_dicom, tiff_with_a_page_without_dimensions
 
 from eyeray.data import imaging
 from eyeray.model import bundle
+from eyeray.model.options import InferenceOptions
 from eyeray.serve import ServeArgs, build_app
 from eyeray.serve.ingress import read_token
 from eyeray.tasks import get_task
@@ -576,7 +577,7 @@ def test_mixed_thresholds_and_tta_in_one_burst_each_answer_its_own_and_model_sec
 
     # float32: with --mixed-precision the answers would move by up to test_compiled.BFLOAT16_ATOL (this CPU
     # has bfloat16), and labels near a threshold with them; the score test runs that flag through actors
-    tta_app = ServeArgs(bundles=[bundles["oct"]], tta=True, jit_compile=True, **FAST)
+    tta_app = ServeArgs(bundles=[bundles["oct"]], inference=InferenceOptions(tta=True, jit_compile=True), **FAST)
     serve.run(build_app(tta_app), name="eyeray-tta", route_prefix="/tta")
     try:
         scans = [sorted((oct_sample / c).iterdir())[1] for c in get_task("oct").classes]

@@ -27,6 +27,7 @@ from eyeray.decision import gate as gates
 from eyeray.decision.decide import DEFAULT_REVIEW_BELOW, decide
 from eyeray.model import manifest as schema
 from eyeray.model.compiled import CompiledModel
+from eyeray.model.options import InferenceOptions
 from eyeray.tasks import TaskSpec, get_task
 
 MANIFEST = "manifest.json"
@@ -192,16 +193,15 @@ class Bundle:
     """A loaded bundle: the Keras model, its manifest, and the task spec it was trained for.
 
     `infer` and `predict` run the model compiled for inference (`eyeray.model.compiled`: a
-    `tf.function`, with XLA when `jit_compile`, 16-bit compute when `mixed_precision`: float16 on GPUs,
-    bfloat16 on CPUs that have it), with the pooled features as a second output of the same pass
-    (the gate's input); `model` stays the plain Keras model, for what needs its layers (Grad-CAM).
+    `tf.function`; TTA, XLA and 16-bit compute as `inference` says, `eyeray.model.options`), with
+    the pooled features as a second output of the same pass (the gate's input); `model` stays the
+    plain Keras model, for what needs its layers (Grad-CAM).
     `gate`: the fitted gate (`eyeray.decision.gate`), None for a bundle made before it."""
 
     model: Any
     manifest: dict[str, Any]
     uri: str
-    jit_compile: bool = False
-    mixed_precision: bool = False
+    inference: InferenceOptions = InferenceOptions()
     gate: gates.Gate | None = None
     compiled: CompiledModel = field(init=False, repr=False)
 
@@ -210,8 +210,8 @@ class Bundle:
 
         self.compiled = CompiledModel(
             with_features(self.model) or self.model,
-            jit_compile=self.jit_compile,
-            mixed_precision=self.mixed_precision,
+            jit_compile=self.inference.jit_compile,
+            mixed_precision=self.inference.mixed_precision,
             sums_to_one=not self.manifest["multi_label"],
         )
 
@@ -241,24 +241,25 @@ class Bundle:
     def version(self) -> str:
         return self.manifest["version"]
 
-    def predict(self, images: np.ndarray, batch_size: int = 32, tta: bool = False) -> np.ndarray:
+    def predict(self, images: np.ndarray, batch_size: int = 32, tta: bool | None = None) -> np.ndarray:
         """uint8 images (n, size, size, 3) -> float32 probabilities (n, classes), `batch_size` at a time.
 
         The compiled model (`eyeray.model.compiled.CompiledModel`), not `predict`: one traced call
         per batch, padded to a few fixed sizes, without building a dataset and a progress loop each
         time (most of a served request). `tta`: test-time augmentation, the mean over the image and
-        its left-right mirror (the flip training augments with; twice the model time)."""
+        its left-right mirror (the flip training augments with; twice the model time); None: as
+        the bundle was loaded (`inference.tta`)."""
         return self.infer(images, batch_size, tta)[0]
 
     def infer(
-        self, images: np.ndarray, batch_size: int = 32, tta: bool = False
+        self, images: np.ndarray, batch_size: int = 32, tta: bool | None = None
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """`predict`'s probabilities and the pooled features (n, d) of the same forward pass (None
         for a model without them); with `tta`, the features are the unmirrored image's."""
         out = self.compiled(images, batch_size)
         probs, features = out if self.compiled.multi_output else (out, None)
-        if tta and len(images):
-            probs = (probs + self.infer(images[:, :, ::-1], batch_size)[0]) / 2
+        if (self.inference.tta if tta is None else tta) and len(images):
+            probs = (probs + self.infer(images[:, :, ::-1], batch_size, tta=False)[0]) / 2
         return probs, features
 
     def verdict(self, images: np.ndarray, features: np.ndarray | None, heights, widths, use_gate: bool = True):
@@ -300,9 +301,9 @@ def check_compatible(manifests: list[dict[str, Any]]) -> None:
         raise BundleError(f"the same bundle is given more than once: versions {versions}")
 
 
-def load(uri: str, verify_hash: bool = True, *, jit_compile: bool = False, mixed_precision: bool = False) -> Bundle:
-    """Load a bundle from a local directory or an `s3://` prefix; `jit_compile` and `mixed_precision`
-    say how `Bundle.predict` runs the model (`eyeray.model.compiled`)."""
+def load(uri: str, verify_hash: bool = True, *, inference: InferenceOptions = InferenceOptions()) -> Bundle:
+    """Load a bundle from a local directory or an `s3://` prefix; `inference` says how
+    `Bundle.predict` runs the model (XLA, 16-bit compute: `eyeray.model.compiled`)."""
     import keras
 
     import eyeray.model.build  # noqa: F401  (registers BackbonePreprocess for deserialisation)
@@ -318,7 +319,7 @@ def load(uri: str, verify_hash: bool = True, *, jit_compile: bool = False, mixed
     finally:
         if tmp is not None:
             tmp.cleanup()
-    return Bundle(model, manifest, uri, jit_compile=jit_compile, mixed_precision=mixed_precision, gate=gate)
+    return Bundle(model, manifest, uri, inference=inference, gate=gate)
 
 
 def _load_gate(section: dict[str, Any] | None, local: Path, uri: str) -> gates.Gate | None:

@@ -31,7 +31,9 @@ import numpy as np
 
 from eyeray import storage
 from eyeray.data import imaging
-from eyeray.decision.decide import DEFAULT_REVIEW_BELOW, explained_class
+from eyeray.decision.decide import explained_class
+from eyeray.decision.options import DecisionOptions
+from eyeray.model.options import InferenceOptions
 from eyeray.model.overlay import (  # noqa: F401  (public here too)
     DEFAULT_ALPHA,
     overlay,
@@ -233,29 +235,29 @@ def explain_decision(
     cam: GradCam,
     model_input: np.ndarray,
     class_name: str | None = None,
-    thresholds=None,
-    tta: bool = False,
-    review_below: float = DEFAULT_REVIEW_BELOW,
+    decision: DecisionOptions = DecisionOptions(),
     original_size: tuple[int, int] | None = None,
-    use_gate: bool = True,
+    override=None,
 ):
     """One preprocessed image (size, size, 3) -> (Decision, explained class index, heatmap).
 
     The decision is `Bundle.decide`'s (the gate's verdict on the image, whose file was
     `original_size` (height, width; default: the model input's); calibrated, at the operating
-    point), as in scoring and serving; the heatmap explains `class_name`, by default the decided
-    class the model is most sure of (for a declined image, its most probable class).
+    point or `decision`'s override, or `override` already parsed (a Serve request's)), as in scoring
+    and serving; the heatmap explains `class_name`, by default the decided class the model is most
+    sure of (for a declined image, its most probable class). TTA is as `loaded` was loaded.
     """
     classes = loaded.classes
     if class_name is not None and class_name not in classes:
         raise ValueError(f"class {class_name!r} is not a class of this bundle ({', '.join(classes)})")
     batch = np.asarray(model_input)[None]
     height, width = original_size or batch.shape[1:3]
-    probs, features = loaded.infer(batch, tta=tta)
-    verdict = loaded.verdict(batch, features, [height], [width], use_gate)
-    decision = loaded.decide(probs, thresholds, review_below, verdict)
-    k = classes.index(class_name) if class_name else explained_class(decision, 0, classes)
-    return decision, k, cam(batch, class_index=k).heatmaps[0]
+    probs, features = loaded.infer(batch)
+    verdict = loaded.verdict(batch, features, [height], [width], decision.gate)
+    thresholds = decision.override if override is None else override
+    decided = loaded.decide(probs, thresholds, decision.review_below, verdict)
+    k = classes.index(class_name) if class_name else explained_class(decided, 0, classes)
+    return decided, k, cam(batch, class_index=k).heatmaps[0]
 
 
 def explain_image(
@@ -264,16 +266,13 @@ def explain_image(
     original: np.ndarray,
     class_name: str | None = None,
     alpha: float = DEFAULT_ALPHA,
-    thresholds=None,
-    use_gate: bool = True,
+    decision: DecisionOptions = DecisionOptions(),
 ) -> tuple[dict[str, Any], bytes]:
     """One decoded image (RGB uint8, any size) -> (the answer as a JSON-ready dict, overlay PNG at
     the image's own size). `loaded` is an `eyeray.model.bundle.Bundle`, `cam` its GradCam, built once."""
     model_input = imaging.preprocess(original, loaded.image_size, loaded.resize_method)
-    decision, k, heatmap = explain_decision(
-        loaded, cam, model_input, class_name, thresholds, original_size=original.shape[:2], use_gate=use_gate
-    )
-    row = {"explained_class": loaded.classes[k], **decision.answer(0, loaded.classes)}
+    decided, k, heatmap = explain_decision(loaded, cam, model_input, class_name, decision, original.shape[:2])
+    row = {"explained_class": loaded.classes[k], **decided.answer(0, loaded.classes)}
     return row, overlay_png(original, heatmap, alpha)
 
 
@@ -297,15 +296,15 @@ def explain_files(
     output: str | None = None,
     class_name: str | None = None,
     alpha: float = DEFAULT_ALPHA,
-    thresholds=None,
-    use_gate: bool = True,
+    decision: DecisionOptions = DecisionOptions(),
+    inference: InferenceOptions = InferenceOptions(),
 ) -> list[dict[str, Any]]:
     """Grad-CAM overlays for image files (local or s3://), one row per file; a bad file is a row
     with `error`, not an exception. Decode and resize are `eyeray.data.imaging`'s, as everywhere;
-    the answer is the gate's and the decision layer's, as in scoring (`use_gate=False`: --gate off)."""
+    the answer is the gate's and the decision layer's, with the options of scoring and serving."""
     from eyeray.model import bundle as bundles
 
-    loaded = bundles.load(bundle_uri)
+    loaded = bundles.load(bundle_uri, inference=inference)
     cam = GradCam(loaded.model)
     rows = []
     for uri in images:
@@ -313,7 +312,7 @@ def explain_files(
         if original is None:
             rows.append({"path": uri, "error": reason})
             continue
-        row, png = explain_image(loaded, cam, original, class_name, alpha, thresholds, use_gate)
+        row, png = explain_image(loaded, cam, original, class_name, alpha, decision)
         target = overlay_path(uri, output)
         storage.write_bytes(target, png)
         rows.append({"path": uri, "overlay": target, **row, "error": ""})

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_ALPHA = 0.5
+ALPHA_HELP = "heatmap opacity where the heat is highest"  # `eyeray explain --alpha`, the API's `?alpha=`
 DEFAULT_COLORMAP = "jet"
 
 

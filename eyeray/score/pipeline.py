@@ -28,9 +28,10 @@ from eyeray import cluster, dicomweb, storage
 from eyeray.data import imaging
 from eyeray.data.files import list_inputs
 from eyeray.decision import operating_points
-from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
 from eyeray.decision.ensemble import METHODS, combine
 from eyeray.decision.gate import OUT_OF_SCOPE
+from eyeray.decision.options import DecisionOptions
+from eyeray.model.options import InferenceOptions
 from eyeray.preflight import SettingError
 from eyeray.score import overlays, preflight, routing, shards, volumes, write_back
 from eyeray.score.explain_plan import ExplainPlan
@@ -109,41 +110,8 @@ class ScoreConfig:
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs Ray reserves per model actor"})
     # bytes Ray reserves per model actor; None: estimated from the bundles
     memory_per_actor: int | None = field(default=None, metadata={"cli": False})
-    thresholds: str | None = field(  # as typed: "0.3", "0.3,0.4", "D=0.3,G=0.2"
-        default=None,
-        metadata={
-            "metavar": "T",
-            "help": "override the bundle's operating point: 0.3 (referral rules), 0.3,0.4,... (one per label) "
-            "or LABEL=0.3,LABEL=0.2 (default: the thresholds chosen on validation data)",
-        },
-    )
-    tta: bool = field(
-        default=False,
-        metadata={"help": "test-time augmentation: mean over the image and its mirror (2x model time)"},
-    )
-    jit_compile: bool = field(
-        default=False,
-        metadata={"help": "compile the model with XLA (often faster on GPUs; slower on the CPUs measured)"},
-    )
-    mixed_precision: bool = field(
-        default=False,
-        metadata={
-            "help": "float16 inference on GPUs, bfloat16 on CPUs with AVX512-BF16 or AMX (TensorFlow's "
-            "mixed-precision rewrite; outputs stay float32); elsewhere float32"
-        },
-    )
-    review_below: float = field(
-        default=DEFAULT_REVIEW_BELOW,
-        metadata={"help": "calibrated confidence below which a case is marked needs_review"},
-    )
-    gate: str = field(
-        default="on",
-        metadata={
-            "choices": ("on", "off"),
-            "help": "on: images the bundle's gate finds out of distribution or ungradable get no diagnosis "
-            "(status declined, in the review queue); off: every decoded image is answered",
-        },
-    )
+    decision: DecisionOptions = field(default_factory=DecisionOptions)  # --thresholds, --review-below, --gate
+    inference: InferenceOptions = field(default_factory=InferenceOptions)  # --tta, --jit-compile, --mixed-precision
     explain: str = field(  # eyeray.score.explain_plan.ExplainPlan
         default="review",
         metadata={
@@ -178,14 +146,9 @@ class ScoreConfig:
     block_batches: int = field(default=4, repr=False, metadata={"cli": False})  # files per read task, in batches
 
     def __post_init__(self):
-        operating_points.parse_thresholds(self.thresholds)  # a typo fails here, not in an actor
         ExplainPlan.parse(self.explain)
-        if not 0.0 <= self.review_below <= 1.0:
-            raise ValueError(f"review_below must be between 0 and 1, not {self.review_below}")
         if isinstance(self.bundles, str):
             self.bundles = [self.bundles]
-        if self.gate not in ("on", "off"):
-            raise ValueError(f"--gate must be on or off, not {self.gate!r}")
         if self.ensemble not in METHODS:
             raise ValueError(f"--ensemble must be one of {', '.join(METHODS)}, not {self.ensemble!r}")
         for name in ("actors", "batch_size", "rows_per_shard", "block_batches"):
@@ -210,15 +173,15 @@ class ScoreConfig:
         )
 
     @property
-    def decision_options(self) -> dict[str, Any]:
-        """The non-default options that change the rows (and so the scoring version)."""
-        options = {
-            "thresholds": operating_points.parse_thresholds(self.thresholds),
-            "tta": self.tta or None,
-            "review_below": None if self.review_below == DEFAULT_REVIEW_BELOW else self.review_below,
-            "gate": None if self.gate == "on" else self.gate,
-        }
-        return {k: v for k, v in options.items() if v is not None}
+    def row_options(self) -> dict[str, Any]:
+        """The non-default options that change the rows (and so the scoring version), spelled as
+        the versions before the options objects were (so their results resume)."""
+        options = self.decision.changed()
+        if options.pop("thresholds", None) is not None and self.decision.override is not None:
+            options["thresholds"] = self.decision.override
+        if "gate" in options:
+            options["gate"] = "off"
+        return {**options, **({"tta": True} if self.inference.tta else {})}
 
 
 def version_key(manifests: list[dict[str, Any]], method: str, options: dict[str, Any] | None = None) -> str:
@@ -237,20 +200,39 @@ def version_key(manifests: list[dict[str, Any]], method: str, options: dict[str,
     return key
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a scoring run's settings and bundles come to, worked out once, before any file is read,
+    from the manifests preflight read: the tasks (one, or several routed by their gates), the decode
+    stage's arguments, how rows are decided, and the scoring version the rows are kept under."""
+
+    manifests: list[dict[str, Any]]
+    tasks: list[str]
+    loading: dict[str, Any]  # `decode_options`
+    decision: dict[str, Any]  # `check_decision`
+    key: str  # `version_key`
+
+    @classmethod
+    def of(cls, cfg: ScoreConfig, manifests: list[dict[str, Any]]) -> Plan:
+        return cls(
+            manifests,
+            [g.task for g in routing.group(manifests, cfg.decision.gate)],
+            decode_options(manifests),
+            check_decision(cfg, manifests),
+            version_key(manifests, cfg.ensemble, cfg.row_options),
+        )
+
+
 def run(cfg: ScoreConfig, predictor: type[BundlePredictor] = BundlePredictor) -> dict[str, Any]:
     """Score every file of `cfg.input` not yet scored into `cfg.output`; write and return the summary.
     `predictor`: the model actors' class, a `BundlePredictor` or a subclass of it (one that adds
     its own logging, or a test's that fails on purpose)."""
-    from eyeray.model import bundle
     from eyeray.score import report as score_report
 
     start = time.perf_counter()
-    preflight.check(cfg)  # bundles, --input, --output: a one-line SettingError before Ray starts
-    manifests = [bundle.read_manifest(uri) for uri in cfg.bundles]
-    routing.group(manifests, cfg.gate == "on")  # one task (an ensemble), or several routed by their gates
-    decode_options(manifests)  # bundles that resize differently fail here, before any file is read
-    decision = check_decision(cfg, manifests)
-    key = version_key(manifests, cfg.ensemble, cfg.decision_options)
+    manifests = preflight.check(cfg)  # bundles, --input, --output: a one-line SettingError before Ray starts
+    plan = Plan.of(cfg, manifests)  # what the bundles cannot do together fails here, before any file is read
+    key = plan.key
     fs, root = storage.filesystem(cfg.output)
     fs.makedirs(root, exist_ok=True)
     shards.clear_incomplete(cfg.output)
@@ -268,7 +250,7 @@ def run(cfg: ScoreConfig, predictor: type[BundlePredictor] = BundlePredictor) ->
     if len(todo):
         cluster.connect()
         check_resources(cfg)
-        written = _scored(cfg, todo, manifests, predictor)
+        written = _scored(cfg, todo, plan, predictor)
     rows = shards.committed(cfg.output, key, REPORT_COLUMNS)  # read once: the summary and the report
     summary = summarize(
         rows, manifests, key, files_seen=len(found), scored_now=written, seconds=time.perf_counter() - start
@@ -281,11 +263,14 @@ def run(cfg: ScoreConfig, predictor: type[BundlePredictor] = BundlePredictor) ->
         {"uri": uri, "version": m["version"], "backbone": m["backbone"]} for uri, m in zip(cfg.bundles, manifests)
     ]
     summary["ensemble"] = cfg.ensemble if len(manifests) > len({m["task"] for m in manifests}) else None
-    summary["decision"] = decision
-    summary["inference_this_run"] = {"jit_compile": cfg.jit_compile, "mixed_precision": cfg.mixed_precision}
+    summary["decision"] = plan.decision
+    summary["inference_this_run"] = {
+        "jit_compile": cfg.inference.jit_compile,
+        "mixed_precision": cfg.inference.mixed_precision,
+    }
     if cfg.write_back:
         rows_back = shards.committed(cfg.output, key, write_back.ROW_COLUMNS)
-        results = write_back.results(rows_back, volume_rows, write_back.models(manifests, decision), key)
+        results = write_back.results(rows_back, volume_rows, write_back.models(manifests, plan.decision), key)
         summary["written_back"] = _pacs_stage(write_back.write, cfg.pacs, cfg.output, results)
     fs.pipe(f"{root}/{SUMMARY_FILE}", json.dumps(summary, indent=2).encode())
     if cfg.report:
@@ -308,9 +293,9 @@ def _reader(cfg: ScoreConfig) -> imaging.Reader | None:
     return None if cfg.pacs is None else dicomweb.reader(cfg.pacs)
 
 
-def _scored(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict[str, Any]], predictor: type) -> int:
+def _scored(cfg: ScoreConfig, todo: pa.Table, plan: Plan, predictor: type) -> int:
     """Run the pipeline; the rows it committed."""
-    return _pacs_stage(lambda: sum(int(row["rows"]) for row in pipeline(cfg, todo, manifests, predictor).iter_rows()))
+    return _pacs_stage(lambda: sum(int(row["rows"]) for row in pipeline(cfg, todo, plan, predictor).iter_rows()))
 
 
 def _pacs_stage(stage, *args):
@@ -358,9 +343,7 @@ def decode_options(manifests: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def pipeline(
-    cfg: ScoreConfig, todo: pa.Table, manifests: list[dict], predictor: type = BundlePredictor
-) -> ray.data.Dataset:
+def pipeline(cfg: ScoreConfig, todo: pa.Table, plan: Plan, predictor: type = BundlePredictor) -> ray.data.Dataset:
     """The Ray Data pipeline over the files to score (`shards.remaining`): one row (file name, rows)
     per committed shard. A volume becomes one row per B-scan in the decode tasks. Errors raised in
     its stages reach the driver as themselves, not as Ray Data's UserCodeException (the datasets
@@ -368,14 +351,13 @@ def pipeline(
     context = ray.data.DataContext.get_current()
     saved, context.raise_original_map_exception = context.raise_original_map_exception, True
     try:
-        return _stages(cfg, todo, manifests, predictor)
+        return _stages(cfg, todo, plan, predictor)
     finally:
         context.raise_original_map_exception = saved
 
 
-def _stages(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict], predictor: type) -> ray.data.Dataset:
-    key, members = version_key(manifests, cfg.ensemble, cfg.decision_options), [m["version"] for m in manifests]
-    loading = decode_options(manifests)
+def _stages(cfg: ScoreConfig, todo: pa.Table, plan: Plan, predictor: type) -> ray.data.Dataset:
+    key, loading, manifests = plan.key, plan.loading, plan.manifests
     sizes = [loading["size"], *loading["extra_sizes"]]
     block = cfg.batch_size * cfg.block_batches
     ds = ray.data.from_arrow([todo.slice(i, block) for i in range(0, len(todo), block)])
@@ -396,7 +378,7 @@ def _stages(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict], predictor: 
         num_cpus=cfg.cpus_per_actor,
         memory=cfg.memory_per_actor or actor_memory(cfg.bundles),
     )
-    tasks = [g.task for g in routing.group(manifests, cfg.gate == "on")]
+    tasks = plan.tasks
     routed = len(tasks) > 1
     if ExplainPlan.parse(cfg.explain).active:  # CPU tasks draw the actors' heatmaps on the originals
         for prefix in [f"{t}{routing.SEPARATOR}" for t in tasks] if routed else [""]:
@@ -419,8 +401,8 @@ def _stages(cfg: ScoreConfig, todo: pa.Table, manifests: list[dict], predictor: 
             "output": cfg.output,
             "manifest": manifests[0],
             "key": key,
-            "members": members,
-            "decision": json.dumps(check_decision(cfg, manifests), sort_keys=True),
+            "members": [m["version"] for m in manifests],
+            "decision": json.dumps(plan.decision, sort_keys=True),
             "routed_manifests": manifests if routed else None,
         },
     )
@@ -433,15 +415,11 @@ def predictor_args(cfg: ScoreConfig, primary_size: int) -> dict[str, Any]:
         "bundle_uris": cfg.bundles,
         "method": cfg.ensemble,
         "primary_size": primary_size,
-        "thresholds": operating_points.parse_thresholds(cfg.thresholds),
-        "tta": cfg.tta,
-        "review_below": cfg.review_below,
+        "decision": cfg.decision,
+        "inference": cfg.inference,
         "explain": cfg.explain,
         "output": cfg.output,
         "batch_size": cfg.batch_size,
-        "jit_compile": cfg.jit_compile,
-        "mixed_precision": cfg.mixed_precision,
-        "use_gate": cfg.gate == "on",
     }
 
 
@@ -449,10 +427,9 @@ def check_decision(cfg: ScoreConfig, manifests: list[dict[str, Any]]) -> dict[st
     """How rows are decided (calibration, operating point with any override, TTA, review level,
     the gate), as the rows and the summary record it; a routed run (several tasks) records each
     task's operating point in `operating_points`. A threshold override the bundles cannot take
-    (wrong count, unknown label, no operating point, several tasks) fails here, before any file is read."""
-    groups = routing.group(manifests, cfg.gate == "on")
-    if len(groups) > 1 and cfg.thresholds is not None:
-        raise ValueError("--thresholds overrides one task's operating point: score the tasks one at a time")
+    (wrong count, unknown label, no operating point) fails here, before any file is read; one for
+    several tasks fails in preflight."""
+    groups = routing.group(manifests, cfg.decision.gate)
     points = {}
     for g in groups:
         classes = len(g.manifests[0]["classes"])
@@ -460,15 +437,15 @@ def check_decision(cfg: ScoreConfig, manifests: list[dict[str, Any]]) -> dict[st
             g.manifests,
             [np.full((1, classes), 1 / classes, np.float32)] * len(g.manifests),
             cfg.ensemble,
-            operating_points.parse_thresholds(cfg.thresholds),
+            cfg.decision.override,
         )
         points[g.task] = operating_points.summary(dry.operating_point)
     return {
         "calibration": [m.get("calibration", {}).get("method", "none") for m in manifests],
         "operating_point": next(iter(points.values())) if len(points) == 1 else None,
         **({"operating_points": points} if len(points) > 1 else {}),
-        "tta": cfg.tta,
-        "review_below": cfg.review_below,
+        "tta": cfg.inference.tta,
+        "review_below": cfg.decision.review_below,
         "explain": cfg.explain,
         "gate": _gate_summary(cfg, manifests),
     }
@@ -476,7 +453,7 @@ def check_decision(cfg: ScoreConfig, manifests: list[dict[str, Any]]) -> dict[st
 
 def _gate_summary(cfg: ScoreConfig, manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per bundle: how its gate decides (method, threshold, share kept on validation), or why none does."""
-    if cfg.gate == "off":
+    if not cfg.decision.gate:
         return [{"verdict": "off"} for _ in manifests]
     keys = ("method", "threshold", "keep", "kept_on_validation")
     return [{k: m["gate"][k] for k in keys} if m.get("gate") else {"verdict": "no gate"} for m in manifests]

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 
 from eyeray.decision import calibration, ensemble, gate
-from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
+from eyeray.decision.options import DecisionOptions
+from eyeray.model.options import InferenceOptions
 from eyeray.score import overlays, routing, shards
 from eyeray.score.explain_plan import ExplainPlan
 
@@ -32,28 +33,22 @@ class BundlePredictor:
         bundle_uris: list[str],
         method: str = "mean",
         primary_size: int | None = None,
-        thresholds=None,
-        tta: bool = False,
-        review_below: float = DEFAULT_REVIEW_BELOW,
+        decision: DecisionOptions = DecisionOptions(),
+        inference: InferenceOptions = InferenceOptions(),
         explain: str = "none",
         output: str | None = None,
         batch_size: int = 32,
-        jit_compile: bool = False,
-        mixed_precision: bool = False,
-        use_gate: bool = True,
     ):
         from eyeray.model import bundle
         from eyeray.model.devices import configure_gpus
 
         configure_gpus()  # before the first model: actors with fractional GPUs share one
-        self.bundles = [
-            bundle.load(uri, jit_compile=jit_compile, mixed_precision=mixed_precision) for uri in bundle_uris
-        ]
+        self.bundles = [bundle.load(uri, inference=inference) for uri in bundle_uris]
         self.batch_size = batch_size  # images per model call (`eyeray.model.compiled` pads up to a few sizes)
         self.manifests = [b.manifest for b in self.bundles]
-        self.groups = routing.group(self.manifests, use_gate)
-        self.method, self.thresholds, self.tta, self.review_below = method, thresholds, tta, review_below
-        self.use_gate = use_gate
+        self.groups = routing.group(self.manifests, decision.gate)
+        self.method, self.decision = method, decision
+        self.thresholds = decision.override
         self.plan, self.output, self._cams = ExplainPlan.parse(explain), output, {}
         self.primary = primary_size or min(b.image_size for b in self.bundles)
 
@@ -73,14 +68,14 @@ class BundlePredictor:
         bundles = [self.bundles[i] for i in group.members]
         classes = bundles[0].classes
         images = [batch[image_column(b.image_size, self.primary)][ok] for b in bundles]
-        inferred = [b.infer(x, self.batch_size, tta=self.tta) for b, x in zip(bundles, images)]
+        inferred = [b.infer(x, self.batch_size) for b, x in zip(bundles, images)]
         per_model = [probs for probs, _ in inferred]
         sizes = np.asarray(batch["height"])[ok], np.asarray(batch["width"])[ok]
         verdict = gate.combine(
-            [b.verdict(x, f, *sizes, self.use_gate) for b, x, (_, f) in zip(bundles, images, inferred)]
+            [b.verdict(x, f, *sizes, self.decision.gate) for b, x, (_, f) in zip(bundles, images, inferred)]
         )
         decision = ensemble.combine(
-            group.manifests, per_model, self.method, self.thresholds, self.review_below, verdict
+            group.manifests, per_model, self.method, self.thresholds, self.decision.review_below, verdict
         )
         sure, review = decision.confidence(), decision.needs_review()
         out = {

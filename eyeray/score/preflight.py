@@ -23,10 +23,10 @@ def check(cfg) -> list[dict[str, Any]]:
         except OSError as exc:  # unreadable (permissions, credentials)
             raise SettingError(f"--bundle {uri} cannot be read ({' '.join(str(exc).split())})") from exc
     try:
-        routing.group(manifests, cfg.gate == "on")  # one task (an ensemble), or several with gates to route by
+        routing.group(manifests, cfg.decision.gate)  # one task (an ensemble), or several with gates to route by
     except BundleError as exc:
         raise SettingError(f"--bundle: {exc}; score them one at a time") from exc
-    if len({m["task"] for m in manifests}) > 1 and cfg.thresholds is not None:
+    if len({m["task"] for m in manifests}) > 1 and cfg.decision.override is not None:
         raise SettingError("--thresholds overrides one task's operating point: score the tasks one at a time")
     if cfg.pacs is None:  # a PACS is checked by listing it (eyeray.score.pipeline.inputs)
         check_exists(cfg.input, "--input", "; give the folder or file to score")

@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from eyeray.data import imaging
-from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
+from eyeray.decision.options import DecisionOptions
+from eyeray.model.options import InferenceOptions
 from eyeray.serve.ingress import TOKEN_ENV, TOKEN_FILE_ENV, Api
 from eyeray.serve.inputs import check_thresholds
 from eyeray.serve.model import BATCH_WAIT_TIMEOUT_S, MAX_BATCH_SIZE, TaskModel
@@ -63,26 +64,22 @@ class ServeArgs(BaseModel):
     ingress_env: dict[str, str] = Field(
         default_factory=dict, description=f"environment of the ingress replicas (e.g. {TOKEN_FILE_ENV})"
     )
+    decision: DecisionOptions = Field(
+        default_factory=DecisionOptions,
+        description="thresholds (every task's override), review_below and gate, as for score "
+        "(eyeray.decision.options); requests may override the thresholds",
+    )
+    inference: InferenceOptions = Field(
+        default_factory=InferenceOptions,
+        description="tta, jit_compile and mixed_precision, as for score (eyeray.model.options)",
+    )
     thresholds: dict[str, str] = Field(
-        default_factory=dict, description="task -> operating-point override (as `?thresholds=`); requests may override"
+        default_factory=dict, description="task -> operating-point override, over decision.thresholds"
     )
-    tta: bool = Field(False, description="test-time augmentation: mean over the image and its mirror (2x model time)")
-    jit_compile: bool = Field(
-        False, description="compile the model with XLA (often faster on GPUs; slower on the CPUs measured)"
-    )
-    mixed_precision: bool = Field(
-        False,
-        description="float16 inference on GPUs, bfloat16 on CPUs with AVX512-BF16 or AMX (TensorFlow's "
-        "mixed-precision rewrite; outputs stay float32); elsewhere float32",
-    )
-    review_below: float = Field(
-        DEFAULT_REVIEW_BELOW, ge=0, le=1, description="calibrated confidence below which an answer says needs_review"
-    )
-    gate: bool = Field(
-        True,
-        description="apply each bundle's gate: an image out of distribution or ungradable gets status declined, "
-        "no diagnosis",
-    )
+
+    def task_decision(self, task: str) -> DecisionOptions:
+        """The decision options of one task's deployment: its own override, else every task's."""
+        return self.decision.with_thresholds(self.thresholds.get(task, self.decision.thresholds))
 
 
 def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
@@ -95,26 +92,27 @@ def build_app(args: ServeArgs | dict[str, Any]) -> serve.Application:
     if unknown:
         raise ValueError(f"thresholds for tasks this application does not serve: {sorted(unknown)}")
     manifests: dict[str, dict] = {}
-    models = {}
+    models, decisions = {}, {}
     for uri in args.bundles:
         manifest = bundle.read_manifest(uri)
         task = manifest["task"]
         if task in manifests:
             raise ValueError(f"two bundles for task {task!r}; serve one bundle per task")
         manifests[task] = {**manifest, "uri": uri}
-        check_thresholds(manifest, args.thresholds.get(task))  # a bad override fails the deploy, not requests
+        decisions[task] = args.task_decision(task)
+        check_thresholds(manifest, decisions[task].thresholds)  # a bad override fails the deploy, not requests
         models[task] = TaskModel.options(
             name=task,
             autoscaling_config=args.autoscaling,
             ray_actor_options={"num_cpus": args.cpus_per_replica, "num_gpus": args.gpus_per_replica},
             user_config={"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},
             max_ongoing_requests=max(64, 2 * args.max_batch_size),
-        ).bind(uri, manifest["version"], args.tta, args.review_below, args.jit_compile, args.mixed_precision, args.gate)
+        ).bind(uri, manifest["version"], decisions[task], args.inference)
     ingress_actor = {"num_cpus": args.ingress_cpus}
     if args.ingress_env:
         ingress_actor["runtime_env"] = {"env_vars": dict(args.ingress_env)}
     return Api.options(name=INGRESS, ray_actor_options=ingress_actor).bind(
-        models, manifests, args.max_body_bytes, args.max_pixels, args.thresholds, args.gate
+        models, manifests, args.max_body_bytes, args.max_pixels, decisions
     )
 
 

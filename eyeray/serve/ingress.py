@@ -31,7 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from eyeray import __version__
 from eyeray.data import imaging
 from eyeray.decision import gate, volume
-from eyeray.model.overlay import overlay_png
+from eyeray.decision.options import DecisionOptions
+from eyeray.model.overlay import ALPHA_HELP, DEFAULT_ALPHA, overlay_png
 from eyeray.serve import openapi
 from eyeray.serve.inputs import MULTIPART, check_thresholds, decode_upload, decode_volume, frame_count, read_image
 from eyeray.serve.model import LATENCY_BOUNDARIES
@@ -135,13 +136,13 @@ class Api:
         manifests: dict[str, dict],
         max_body_bytes: int,
         max_pixels: int,
-        thresholds: dict[str, str] | None = None,
-        gate_on: bool = True,
+        decisions: dict[str, DecisionOptions] | None = None,
     ):
         from ray.util import metrics
 
-        self.models, self.manifests, self.default_thresholds = models, manifests, dict(thresholds or {})
-        self.gate_on = gate_on
+        self.models, self.manifests = models, manifests
+        self.decisions = decisions or {task: DecisionOptions() for task in manifests}  # each task's deployment's
+        self.gate_on = all(d.gate for d in self.decisions.values())
         self.max_body_bytes, self.max_pixels = max_body_bytes, max_pixels  # max_pixels: caps each bundle's own
         self.token = read_token()
         if self.token is None:
@@ -192,7 +193,7 @@ class Api:
             min_length=1,
             description="class to explain (default: the decided class the model is most sure of)",
         ),
-        alpha: float = Query(0.5, ge=0, le=1, description="heatmap opacity where the heat is highest"),
+        alpha: float = Query(DEFAULT_ALPHA, ge=0, le=1, description=ALPHA_HELP),
     ) -> dict[str, Any]:
         return await self._answer(task, request, thresholds, explain=(class_name, alpha))
 
@@ -313,7 +314,7 @@ class Api:
 
     def _thresholds(self, task: str, text: str | None) -> Any:
         """The request's override, else the deployment's; checked against the bundle (422 if it cannot take it)."""
-        text = text if text is not None else self.default_thresholds.get(task)
+        text = text if text is not None else self.decisions[task].thresholds
         try:
             return check_thresholds(self.manifests[task], text)
         except ValueError as exc:

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from eyeray.decision.decide import DEFAULT_REVIEW_BELOW
+from eyeray.decision.options import DecisionOptions
+from eyeray.model.options import InferenceOptions
 
 MAX_BATCH_SIZE, BATCH_WAIT_TIMEOUT_S = 16, 0.01  # defaults; per deployment through user_config
 LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]  # seconds, also the ingress's
@@ -23,17 +24,15 @@ BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 @serve.deployment(max_ongoing_requests=64)
 class TaskModel:
-    """One bundle, loaded once per replica; concurrent requests become one model call."""
+    """One bundle, loaded once per replica; concurrent requests become one model call. Each request
+    carries its threshold override, resolved by the ingress (the request's, else `decision`'s)."""
 
     def __init__(
         self,
         bundle_uri: str,
         version: str,
-        tta: bool = False,
-        review_below: float = DEFAULT_REVIEW_BELOW,
-        jit_compile: bool = False,
-        mixed_precision: bool = False,
-        use_gate: bool = True,
+        decision: DecisionOptions = DecisionOptions(),
+        inference: InferenceOptions = InferenceOptions(),
     ):
         import threading
 
@@ -43,15 +42,14 @@ class TaskModel:
         from eyeray.model.devices import configure_gpus
 
         configure_gpus()  # before the model: replicas with fractional GPUs share one
-        self.bundle = bundle.load(bundle_uri, jit_compile=jit_compile, mixed_precision=mixed_precision)
+        self.bundle = bundle.load(bundle_uri, inference=inference)
         if self.bundle.version != version:
             raise bundle.BundleError(
                 f"{bundle_uri} changed since the application was built "
                 f"({version} -> {self.bundle.version}): redeploy it"
             )
         bundle.verify(self.bundle)  # a first trace; `reconfigure` traces the other batch sizes
-        self.task, self.tta, self.review_below = self.bundle.manifest["task"], tta, review_below
-        self.use_gate = use_gate
+        self.task, self.decision = self.bundle.manifest["task"], decision
         self.max_batch_size = MAX_BATCH_SIZE
         self._cam, self._cam_lock = None, threading.Lock()
         self.batch_sizes = metrics.Histogram(
@@ -84,16 +82,17 @@ class TaskModel:
         for i, (_, thresholds, _) in enumerate(requests):  # requests with the same override decide together
             groups.setdefault(json.dumps(thresholds, sort_keys=True), []).append(i)
         for rows in groups.values():
-            decision = self.bundle.decide(probs[rows], requests[rows[0]][1], self.review_below, verdict.subset(rows))
+            thresholds = requests[rows[0]][1]
+            decision = self.bundle.decide(probs[rows], thresholds, self.decision.review_below, verdict.subset(rows))
             for j, i in enumerate(rows):
                 answers[i] = self._answer(decision, j, len(requests))
         return answers
 
     def _infer(self, images: np.ndarray, sizes: list[tuple[int, int]]):
         """The model's probabilities and the gate's verdict (`Bundle.infer`, `Bundle.verdict`)."""
-        probs, features = self.bundle.infer(images, self.max_batch_size, tta=self.tta)
+        probs, features = self.bundle.infer(images, self.max_batch_size)
         heights, widths = zip(*sizes)
-        return probs, self.bundle.verdict(images, features, heights, widths, self.use_gate)
+        return probs, self.bundle.verdict(images, features, heights, widths, self.decision.gate)
 
     async def explain(
         self, image: np.ndarray, class_name: str | None, thresholds: Any, size: tuple[int, int]
@@ -111,7 +110,7 @@ class TaskModel:
             if self._cam is None:
                 self._cam = GradCam(self.bundle.model)
             decision, k, heatmap = explain_decision(
-                self.bundle, self._cam, image, class_name, thresholds, self.tta, self.review_below, size, self.use_gate
+                self.bundle, self._cam, image, class_name, self.decision, size, override=thresholds
             )
         return {**self._answer(decision, 0, 1), "explained_class": self.bundle.classes[k]}, heatmap
 
