@@ -7,27 +7,26 @@ from __future__ import annotations
 from ray import tune
 
 from eyeray import storage
-from eyeray.preflight import SettingError, check_exists, check_writable
+from eyeray.preflight import SettingError, check_writable
 from eyeray.tasks import get_task
-from eyeray.train.preflight import check_data
+from eyeray.train.preflight import check_data, check_weights_exist
 
 
 class SweepExistsError(SettingError, FileExistsError):
     """--output already holds a sweep and --resume was not given."""
 
 
-def check(cfg, tune_dir: str) -> None:
-    """`cfg`: a resolved SweepConfig; `tune_dir`: Tune's experiment folder inside --output."""
-    from eyeray.model.build import resolve_weights
-
-    _, weights_file = resolve_weights(cfg.weights)
-    if weights_file:
-        check_exists(weights_file, "--weights", "; give a backbone weights file, or --weights imagenet or none")
+def check(cfg, tune_dir: str) -> bool:
+    """`cfg`: a resolved SweepConfig; `tune_dir`: Tune's experiment folder inside --output. Returns
+    whether --output holds a sweep (with --resume, the sweep to continue)."""
+    check_weights_exist(cfg.weights)
     if cfg.data is not None:
         check_data(get_task(cfg.task), cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     check_writable(cfg.output, "--output")
     root, fs = storage.ray_storage(cfg.output)
-    if tune.Tuner.can_restore(f"{root}/{tune_dir}", storage_filesystem=fs) and not cfg.resume:
+    previous = tune.Tuner.can_restore(f"{root}/{tune_dir}", storage_filesystem=fs)
+    if previous and not cfg.resume:
         raise SweepExistsError(
             f"--output {cfg.output} already holds a sweep; pass --resume to continue it, or choose another --output"
         )
+    return previous

@@ -33,10 +33,10 @@ def run(config: TrainConfig, callbacks: list | None = None, trial: str | None = 
     from eyeray.model.build import with_features
     from eyeray.model.compiled import CompiledModel
 
-    cfg = preflight.check(config)  # resolved, and every setting checked before Ray starts (SettingError)
+    # resolved, and every setting checked before Ray starts (SettingError), --output's earlier run included
+    cfg = preflight.check(config)
     spec = get_task(cfg.task)
     cluster.connect()
-    _check_output(cfg)
     log.info(
         f"training {spec.name}: {cfg.backbone} @ {cfg.image_size}px, weights={cfg.weights}, "
         f"{cfg.workers} worker(s){' with GPUs' if cfg.use_gpu else ''}, "
@@ -85,12 +85,6 @@ def _export(
         bundle.publish(staged, bundle_uri, metrics={**_headline(metrics), "at_operating_point": as_deployed}, gate=gate)
     result = TrainResult(cfg.output, bundle_uri, report_uri, metrics, fitted.history, fitted.resumed_after)
     return result, as_deployed
-
-
-def _check_output(cfg: TrainConfig) -> None:
-    previous = preflight.check_resume(cfg)  # a run there without --resume: RunExistsError (a FileExistsError)
-    if cfg.resume and not previous:
-        log.info(f"--resume: no earlier run in {cfg.output}; starting a new one")
 
 
 def _training_summary(cfg: TrainConfig, data: training_data.TrainingData, fitted: Fitted) -> dict[str, Any]:
