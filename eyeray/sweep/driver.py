@@ -24,6 +24,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from eyeray import cluster, storage
+from eyeray.data.layouts import Layout
 from eyeray.log import is_verbose
 from eyeray.sweep import preflight, results, search_space
 from eyeray.tasks import TaskSpec, get_task
@@ -206,13 +207,14 @@ def trial_config(cfg: SweepConfig, params: dict[str, Any], data: str, output: st
     )
 
 
-def _trial(params: dict[str, Any], sweep: SweepConfig, data: str) -> None:
-    """The Tune function trainable: one real training run of eyeray.train."""
+def _trial(params: dict[str, Any], sweep: SweepConfig, data: str, layout: Layout | None) -> None:
+    """The Tune function trainable: one real training run of eyeray.train, on `data` as the sweep's
+    preflight read it (`layout`; None: the demo's generated dataset, read by the trial)."""
     from eyeray import train
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(sweep, params, data, results.trial_output(sweep.output, trial_id))
-    train.run(cfg, callbacks=[ReportToTune(selection_key(get_task(sweep.task)))], trial=trial_id)
+    train.run(cfg, callbacks=[ReportToTune(selection_key(get_task(sweep.task)))], trial=trial_id, layout=layout)
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -286,14 +288,16 @@ def _scheduler(cfg: SweepConfig):
     )
 
 
-def _tuner(cfg: SweepConfig, space: search_space.SearchSpace, data: str, previous: bool) -> tune.Tuner:
-    """A new Tuner, or with `previous` (OUTPUT holds a sweep, which eyeray.sweep.preflight allowed
-    only with --resume) the restored one."""
+def _tuner(cfg: SweepConfig, space: search_space.SearchSpace, data: str, checked: preflight.Checked) -> tune.Tuner:
+    """A new Tuner, or the restored one where OUTPUT holds a sweep (which eyeray.sweep.preflight
+    allowed only with --resume)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=cfg, data=data), {"CPU": DRIVER_CPUS})
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, sweep=cfg, data=data, layout=checked.layout), {"CPU": DRIVER_CPUS}
+    )
     root, path, fs = _experiment(cfg)
-    if previous:
+    if checked.previous:
         log.info(
             f"resuming the sweep in {cfg.output}: finished trials keep their results; the search "
             "space and schedule are the ones it started with"
@@ -341,11 +345,11 @@ def run(config: SweepConfig) -> SweepResult:
 
     cfg = config.resolved()
     space = search_space.load(cfg.task, cfg.is_demo, cfg.space)  # all checks before any trial
-    # weights, data and output: a one-line SettingError before Ray starts; whether a sweep is there to resume
-    previous = preflight.check(cfg, TUNE_DIR)
+    # weights, data and output: a one-line SettingError before Ray starts; what it read flows on
+    checked = preflight.check(cfg, TUNE_DIR)
     cluster.connect()
     data = _data(cfg)  # generated once for all trials (and the ensemble's test split) without --data
-    tuner = _tuner(cfg, space, data, previous)
+    tuner = _tuner(cfg, space, data, checked)
     grid = tuner.fit()
     spec = get_task(cfg.task)
     rows, histories = sweep_report.collect(grid, cfg, spec, list(space.describe()))
@@ -354,7 +358,7 @@ def run(config: SweepConfig) -> SweepResult:
     if cfg.ensemble_top:
         from eyeray.sweep.ensemble import evaluate_top
 
-        ensemble = evaluate_top(rows, cfg, spec, data)
+        ensemble = evaluate_top(rows, cfg, spec, data, checked.layout)
     report = sweep_report.write(cfg, spec, rows, histories, space.describe(), ensemble)
     log.info("leaderboard: %s", storage.join(cfg.output, sweep_report.LEADERBOARD))
     log.info("report: %s", report)

@@ -8,11 +8,16 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from eyeray import storage
 from eyeray.preflight import SettingError, check_exists, check_writable
 from eyeray.tasks import TaskSpec, get_task
 from eyeray.train.config import AUGMENT_ON, GATE_METHODS, MIXED_DTYPES, RUN_NAME, TrainConfig
+
+if TYPE_CHECKING:
+    from eyeray.data.layouts import Layout
 
 log = logging.getLogger(__name__)
 
@@ -21,9 +26,24 @@ class RunExistsError(SettingError, FileExistsError):
     """--output already holds a run and --resume was not given."""
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What preflight hands on: the resolved config, and --data's layout as its check read it
+    (None for the demo, whose dataset is generated once Ray runs)."""
+
+    config: TrainConfig
+    layout: Layout | None
+
+
 def check(config: TrainConfig) -> TrainConfig:
-    """Every check, the cheap ones first; returns the resolved config. Loading a weights file into
-    its backbone (built without weights, on the CPU) is the one that takes seconds."""
+    """Every check (see `checked`); returns the resolved config."""
+    return checked(config).config
+
+
+def checked(config: TrainConfig, layout: Layout | None = None) -> Checked:
+    """Every check, the cheap ones first. Loading a weights file into its backbone (built without
+    weights, on the CPU) is the one that takes seconds. `layout`: --data's layout, read and checked
+    already by the caller (a sweep, for its trials), so not read again."""
     from eyeray.model.build import check_backbone
 
     start = time.perf_counter()
@@ -45,14 +65,14 @@ def check(config: TrainConfig) -> TrainConfig:
         raise SettingError(f"--gate-fit-images must be at least 2, not {cfg.gate_fit_images}")
     names = check_backbone(spec, cfg.backbone, cfg.image_size, cfg.weights)
     check_weights_exist(cfg.weights)
-    if cfg.data is not None:
-        check_data(spec, cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    if cfg.data is not None and layout is None:
+        layout = check_data(spec, cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     check_writable(cfg.output, "--output")
     if not check_resume(cfg) and cfg.resume:
         log.info(f"--resume: no earlier run in {cfg.output}; starting a new one")
     check_weights_file(names[0], cfg.image_size, cfg.weights)
     log.debug(f"training settings checked in {time.perf_counter() - start:.1f}s")
-    return cfg
+    return Checked(cfg, layout)
 
 
 def check_weights_exist(weights: str | None) -> None:
@@ -64,12 +84,12 @@ def check_weights_exist(weights: str | None) -> None:
         check_exists(weights_file, "--weights", "; give a backbone weights file, or --weights imagenet or none")
 
 
-def check_data(spec: TaskSpec, data: str, *, val_fraction: float, test_fraction: float) -> None:
-    """--data lists as the task's layout (`read_layout` only lists files; no image is read)."""
+def check_data(spec: TaskSpec, data: str, *, val_fraction: float, test_fraction: float) -> Layout:
+    """--data lists as the task's layout (`read_layout` only lists files; no image is read); returns it."""
     from eyeray.data.layouts import LayoutError, read_layout
 
     try:
-        read_layout(spec, data, val_fraction=val_fraction, test_fraction=test_fraction)
+        return read_layout(spec, data, val_fraction=val_fraction, test_fraction=test_fraction)
     except LayoutError as exc:  # its message starts with the folder
         raise SettingError(f"--data {exc}" if str(exc).startswith(str(data)) else f"--data {data}: {exc}") from exc
     except ValueError as exc:  # fractions that leave no training data
