@@ -55,7 +55,7 @@ def test_in_model_preprocessing_is_the_backbones_own():
 def test_unknown_backbone_and_too_small_input_are_clear_errors():
     with pytest.raises(ValueError, match="unknown backbone 'resnet9'.*vgg16"):
         backbone_names("resnet9")
-    with pytest.raises(ValueError, match="minimum of xception"):
+    with pytest.raises(ValueError, match="--image-size 64 is too small for xception"):
         build_model(get_task("glaucoma"), "xception", weights="none", image_size=64)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import keras
 
 from eyeray import storage
+from eyeray.preflight import SettingError
 from eyeray.tasks import TaskSpec
 
 ENSEMBLE_SEPARATOR = "+"
@@ -42,7 +43,7 @@ def _application(name: str) -> Callable[..., keras.Model]:
 def _small_cnn(input_shape: tuple[int, int, int], weights: str | None) -> keras.Model:
     """The glaucoma seed's plain CNN baseline: four conv blocks, trained from scratch."""
     if weights == "imagenet":
-        raise ValueError("small_cnn has no ImageNet weights: use --weights none or a PATH")
+        raise _no_imagenet("small_cnn")
     inputs = keras.Input(input_shape)
     x = inputs
     for filters in (32, 64, 128, 128):
@@ -73,6 +74,47 @@ def backbone_names(backbone: str) -> list[str]:
         raise ValueError(
             f"unknown backbone {backbone!r}; choose from {', '.join(BACKBONES)} "
             f"or join several with '{ENSEMBLE_SEPARATOR}' for a concatenation ensemble"
+        )
+    return names
+
+
+def _no_imagenet(name: str) -> SettingError:
+    return SettingError(
+        f"--weights imagenet: {name} has no ImageNet weights; use --weights none (train from scratch) or --weights PATH"
+    )
+
+
+def check_backbone(spec: TaskSpec, backbone: str, image_size: int, weights: str | None) -> list[str]:
+    """--backbone known, --image-size at least each backbone's minimum (BACKBONES' min_size),
+    --weights possible for it; returns the backbone names. The one check of these settings, for
+    eyeray.train.preflight and for `build_model`'s callers that did not preflight; each failure
+    is a one-line SettingError (a ValueError) that names the flag."""
+    try:
+        names = backbone_names(backbone)
+    except ValueError as exc:
+        raise SettingError(f"--backbone: {exc}") from exc
+    too_small = [n for n in names if image_size < BACKBONES[n].min_size]
+    if too_small:
+        worst = max(too_small, key=lambda n: BACKBONES[n].min_size)
+        need = BACKBONES[worst].min_size
+        which = worst if len(names) == 1 else f"{backbone} ({worst})"
+        fix = (
+            f"--image-size {spec.image_size} (the task's default)"
+            if spec.image_size >= need
+            else f"--image-size {need} or more"
+        )
+        raise SettingError(
+            f"--image-size {image_size} is too small for {which} (needs at least {need}); "
+            f"use {fix} or another --backbone"
+        )
+    keras_weights, weights_file = resolve_weights(weights)
+    scratch = [n for n in names if not BACKBONES[n].imagenet]
+    if keras_weights == "imagenet" and scratch:
+        raise _no_imagenet(scratch[0])
+    if weights_file and len(names) > 1:
+        raise SettingError(
+            f"--weights {weights_file} loads one backbone, not the ensemble {backbone}; "
+            "use --weights imagenet or none, or one --backbone"
         )
     return names
 
@@ -144,17 +186,11 @@ def build_model(
 
     `weights`: "imagenet" (downloads Keras' weights), None / "none", or a path / `s3://` URI of a
     weights file saved from the same backbone (`backbone.save_weights`), for air-gapped sites.
+    Settings it cannot build raise `check_backbone`'s SettingError.
     """
-    names = backbone_names(backbone or spec.backbone)
     size = image_size or spec.image_size
+    names = check_backbone(spec, backbone or spec.backbone, size, weights)
     keras_weights, weights_file = resolve_weights(weights)
-    if weights_file and len(names) > 1:
-        raise ValueError("--weights PATH loads one backbone; ensembles take imagenet or none")
-    too_small = [n for n in names if size < BACKBONES[n].min_size]
-    if too_small:
-        raise ValueError(
-            f"image size {size} is below the minimum of {too_small[0]} ({BACKBONES[too_small[0]].min_size})"
-        )
 
     inputs = keras.Input((size, size, 3), dtype="uint8", name="image")
     features = []

@@ -14,10 +14,8 @@ through `Tuner.restore`: finished trials keep their results and are not run agai
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import math
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,10 +24,20 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from eyeray import cluster, storage
+from eyeray.data.layouts import Layout
 from eyeray.log import is_verbose
 from eyeray.sweep import preflight, results, search_space
 from eyeray.tasks import TaskSpec, get_task
-from eyeray.train.config import data_field, parse_weights, task_field
+from eyeray.train.config import (
+    data_field,
+    epochs_field,
+    fine_tune_epochs_field,
+    fraction_field,
+    run_folder,
+    schedule_defaults,
+    task_field,
+    weights_field,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,24 +89,9 @@ class SweepConfig:
     max_concurrent: int | None = field(
         default=None, metadata={"help": "trials at once (default: what the cluster holds)"}
     )
-    epochs: int | None = field(
-        default=None,
-        metadata={
-            "help": "epochs with the backbone frozen, or of the whole net when not pretrained "
-            f"(default 10; {DEMO_EPOCHS} for the demo)"
-        },
-    )
-    fine_tune_epochs: int | None = field(
-        default=None, metadata={"help": "epochs with the top backbone layers unfrozen (default 10; demo 0)"}
-    )
-    weights: str | None = field(
-        default=None,
-        metadata={
-            "type": parse_weights,
-            "help": "imagenet | none | PATH (default imagenet; none for the demo; small_cnn always trains "
-            "from scratch)",
-        },
-    )
+    epochs: int | None = epochs_field(demo=str(DEMO_EPOCHS))
+    fine_tune_epochs: int | None = fine_tune_epochs_field()
+    weights: str | None = weights_field(note="; small_cnn always trains from scratch")
     grace_period: int = field(default=1, metadata={"help": "epochs every trial runs before ASHA may stop it"})
     reduction_factor: float = field(default=2.0, metadata={"help": "ASHA keeps the best 1/this of trials at each rung"})
     space: str | None = field(
@@ -115,10 +108,8 @@ class SweepConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed of the demo data, the trials and the search"})
     resume: bool = field(default=False, metadata={"help": "continue the interrupted sweep in --output"})
-    val_fraction: float = field(
-        default=0.15, metadata={"help": "share of patients for validation when the layout has none"}
-    )
-    test_fraction: float = field(default=0.15, metadata={"help": "share of patients for test when the layout has none"})
+    val_fraction: float = fraction_field("validation")
+    test_fraction: float = fraction_field("test")
 
     @property
     def is_demo(self) -> bool:
@@ -129,15 +120,8 @@ class SweepConfig:
         return int(self.epochs or 0) + int(self.fine_tune_epochs or 0)
 
     def resolved(self) -> SweepConfig:
-        demo = self.is_demo
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        cfg = replace(
-            self,
-            output=self.output or os.path.join("runs", f"{self.task}-sweep-{stamp}"),
-            weights=self.weights or ("none" if demo else "imagenet"),
-            epochs=self.epochs if self.epochs is not None else (DEMO_EPOCHS if demo else 10),
-            fine_tune_epochs=self.fine_tune_epochs if self.fine_tune_epochs is not None else (0 if demo else 10),
-        )
+        defaults = {"output": run_folder(f"{self.task}-sweep"), **schedule_defaults(self.is_demo, DEMO_EPOCHS)}
+        cfg = replace(self, **{name: value for name, value in defaults.items() if getattr(self, name) is None})
         cfg.check()
         return cfg
 
@@ -223,13 +207,14 @@ def trial_config(cfg: SweepConfig, params: dict[str, Any], data: str, output: st
     )
 
 
-def _trial(params: dict[str, Any], sweep: SweepConfig, data: str) -> None:
-    """The Tune function trainable: one real training run of eyeray.train."""
+def _trial(params: dict[str, Any], sweep: SweepConfig, data: str, layout: Layout | None) -> None:
+    """The Tune function trainable: one real training run of eyeray.train, on `data` as the sweep's
+    preflight read it (`layout`; None: the demo's generated dataset, read by the trial)."""
     from eyeray import train
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(sweep, params, data, results.trial_output(sweep.output, trial_id))
-    train.run(cfg, callbacks=[ReportToTune(selection_key(get_task(sweep.task)))], trial=trial_id)
+    train.run(cfg, callbacks=[ReportToTune(selection_key(get_task(sweep.task)))], trial=trial_id, layout=layout)
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -303,16 +288,16 @@ def _scheduler(cfg: SweepConfig):
     )
 
 
-def _tuner(cfg: SweepConfig, space: search_space.SearchSpace, data: str) -> tune.Tuner:
+def _tuner(cfg: SweepConfig, space: search_space.SearchSpace, data: str, checked: preflight.Checked) -> tune.Tuner:
+    """A new Tuner, or the restored one where OUTPUT holds a sweep (which eyeray.sweep.preflight
+    allowed only with --resume)."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=cfg, data=data), {"CPU": DRIVER_CPUS})
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, sweep=cfg, data=data, layout=checked.layout), {"CPU": DRIVER_CPUS}
+    )
     root, path, fs = _experiment(cfg)
-    if tune.Tuner.can_restore(path, storage_filesystem=fs):
-        if not cfg.resume:
-            raise FileExistsError(
-                f"{cfg.output} already holds a sweep; pass --resume to continue it, or choose another --output"
-            )
+    if checked.previous:
         log.info(
             f"resuming the sweep in {cfg.output}: finished trials keep their results; the search "
             "space and schedule are the ones it started with"
@@ -360,10 +345,11 @@ def run(config: SweepConfig) -> SweepResult:
 
     cfg = config.resolved()
     space = search_space.load(cfg.task, cfg.is_demo, cfg.space)  # all checks before any trial
-    preflight.check(cfg, TUNE_DIR)  # weights, data and output: a one-line SettingError before Ray starts
+    # weights, data and output: a one-line SettingError before Ray starts; what it read flows on
+    checked = preflight.check(cfg, TUNE_DIR)
     cluster.connect()
     data = _data(cfg)  # generated once for all trials (and the ensemble's test split) without --data
-    tuner = _tuner(cfg, space, data)
+    tuner = _tuner(cfg, space, data, checked)
     grid = tuner.fit()
     spec = get_task(cfg.task)
     rows, histories = sweep_report.collect(grid, cfg, spec, list(space.describe()))
@@ -372,7 +358,7 @@ def run(config: SweepConfig) -> SweepResult:
     if cfg.ensemble_top:
         from eyeray.sweep.ensemble import evaluate_top
 
-        ensemble = evaluate_top(rows, cfg, spec, data)
+        ensemble = evaluate_top(rows, cfg, spec, data, checked.layout)
     report = sweep_report.write(cfg, spec, rows, histories, space.describe(), ensemble)
     log.info("leaderboard: %s", storage.join(cfg.output, sweep_report.LEADERBOARD))
     log.info("report: %s", report)

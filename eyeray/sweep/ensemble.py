@@ -46,8 +46,9 @@ def _vote_scores(spec: TaskSpec, shares: np.ndarray, labels: list[list[str]]) ->
     return scores, None
 
 
-def evaluate_top(rows: list[dict[str, Any]], cfg, spec: TaskSpec, data: str) -> dict[str, Any]:
-    """Test-split figures of the top `cfg.ensemble_top` finished trials, alone and combined."""
+def evaluate_top(rows: list[dict[str, Any]], cfg, spec: TaskSpec, data: str, layout=None) -> dict[str, Any]:
+    """Test-split figures of the top `cfg.ensemble_top` finished trials, alone and combined.
+    `layout`: `data`'s layout as the sweep's preflight read it (None: read here)."""
     from eyeray.data.layouts import read_layout
     from eyeray.decision.ensemble import combine
     from eyeray.model import bundle
@@ -60,7 +61,9 @@ def evaluate_top(rows: list[dict[str, Any]], cfg, spec: TaskSpec, data: str) -> 
             "members": [{"trial_id": r["trial_id"]} for r in top],
             "note": f"only {len(top)} trial(s) finished: an ensemble needs 2",
         }
-    records = read_layout(spec, data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction).splits["test"]
+    if layout is None:
+        layout = read_layout(spec, data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    records = layout.splits["test"]
     loaded = [bundle.load(r["bundle"]) for r in top]
     outputs = [_probabilities(b, records) for b in loaded]
     paths = sorted(set.intersection(*(set(p) for p, _ in outputs)))

@@ -22,6 +22,30 @@ def parse_weights(value: str) -> str:
     return value if value.lower() not in ("none", "null", "") else "none"
 
 
+# The training schedule's defaults, shared by the training and sweep configs: with --data, ImageNet
+# weights and EPOCHS with the backbone frozen, then FINE_TUNE_EPOCHS fine-tuning; the demo (no --data)
+# trains from scratch (DEMO_WEIGHTS) for its own number of epochs, without fine-tuning.
+WEIGHTS = "imagenet"
+EPOCHS = 10
+FINE_TUNE_EPOCHS = 10
+DEMO_WEIGHTS = "none"
+DEMO_FINE_TUNE_EPOCHS = 0
+FRACTION = 0.15  # --val-fraction and --test-fraction
+
+
+def schedule_defaults(demo: bool, demo_epochs: int) -> dict[str, Any]:
+    """The defaults of `weights`, `epochs` and `fine_tune_epochs`, of the demo (with `demo_epochs`)
+    or of a run with --data."""
+    if demo:
+        return dict(weights=DEMO_WEIGHTS, epochs=demo_epochs, fine_tune_epochs=DEMO_FINE_TUNE_EPOCHS)
+    return dict(weights=WEIGHTS, epochs=EPOCHS, fine_tune_epochs=FINE_TUNE_EPOCHS)
+
+
+def run_folder(name: str) -> str:
+    """The default --output: runs/NAME-TIME."""
+    return os.path.join("runs", f"{name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
 def task_field() -> Any:
     """The `task` setting, shared by the training and sweep configs."""
     return field(default="oct", metadata={"choices": sorted(TASKS), "help": "the task to train"})
@@ -33,6 +57,45 @@ def data_field() -> Any:
         default=None,
         metadata={"help": "dataset root: local folder or s3://bucket/prefix (absent: a generated demo dataset)"},
     )
+
+
+def weights_field(note: str = "") -> Any:
+    """The `weights` setting, shared by the training and sweep configs; `note` ends its help."""
+    return field(
+        default=None,
+        metadata={
+            "type": parse_weights,
+            "help": f"{WEIGHTS} (download Keras' weights) | none | PATH or s3:// URI of a backbone weights file "
+            f"(default {WEIGHTS}; {DEMO_WEIGHTS} for the demo{note})",
+        },
+    )
+
+
+def epochs_field(demo: str) -> Any:
+    """The `epochs` setting, shared by the training and sweep configs; `demo`: the demo's default, in words."""
+    return field(
+        default=None,
+        metadata={
+            "help": "epochs with the backbone frozen, or of the whole net when not pretrained "
+            f"(default {EPOCHS}; {demo} for the demo)"
+        },
+    )
+
+
+def fine_tune_epochs_field() -> Any:
+    """The `fine_tune_epochs` setting, shared by the training and sweep configs."""
+    return field(
+        default=None,
+        metadata={
+            "help": "epochs with the top backbone layers unfrozen "
+            f"(default {FINE_TUNE_EPOCHS}; {DEMO_FINE_TUNE_EPOCHS} for the demo)"
+        },
+    )
+
+
+def fraction_field(split: str) -> Any:
+    """The `val_fraction` / `test_fraction` setting, shared by the training and sweep configs."""
+    return field(default=FRACTION, metadata={"help": f"share of patients for {split} when the layout has none"})
 
 
 @dataclass
@@ -53,23 +116,12 @@ class TrainConfig:
             "concatenation ensemble (default: the task's; small_cnn for the demo)"
         },
     )
-    weights: str | None = field(
-        default=None,
-        metadata={
-            "type": parse_weights,
-            "help": "imagenet (download Keras' weights) | none | PATH or s3:// URI of a "
-            "backbone weights file (default imagenet; none for the demo)",
-        },
-    )
+    weights: str | None = weights_field()
     image_size: int | None = field(
         default=None, metadata={"help": "input size in pixels (default: the task's; 64 for the demo)"}
     )
-    epochs: int | None = field(
-        default=None, metadata={"help": "epochs with the backbone frozen (or of the whole net when not pretrained)"}
-    )
-    fine_tune_epochs: int | None = field(
-        default=None, metadata={"help": "epochs with the top backbone layers unfrozen"}
-    )
+    epochs: int | None = epochs_field(demo="the task's")
+    fine_tune_epochs: int | None = fine_tune_epochs_field()
     batch_size: int | None = field(default=None, metadata={"help": "images per worker per step"})
     learning_rate: float | None = field(default=None, metadata={"help": "Adam learning rate of the first phase"})
     # 1/10: at 1/100 (1e-5) Adam moves the unfrozen conv weights too little in the few hundred
@@ -127,10 +179,8 @@ class TrainConfig:
     )
     resume: bool = field(default=False, metadata={"help": "continue the interrupted run in --output"})
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts from the last checkpoint"})
-    val_fraction: float = field(
-        default=0.15, metadata={"help": "share of patients for validation when the layout has none"}
-    )
-    test_fraction: float = field(default=0.15, metadata={"help": "share of patients for test when the layout has none"})
+    val_fraction: float = fraction_field("validation")
+    test_fraction: float = fraction_field("test")
     seed: int = field(default=0, metadata={"help": "seed of the demo data and of the training order"})
     threshold_confidence: float = field(  # eyeray.decision.operating_points
         default=0.95,
@@ -182,26 +232,15 @@ class TrainConfig:
         defaults = (
             dict(
                 backbone=demo.backbone,
-                weights="none",
                 image_size=demo.image_size,
-                epochs=demo.epochs,
-                fine_tune_epochs=0,
                 batch_size=demo.batch_size,
                 learning_rate=demo.learning_rate,
             )
             if self.is_demo
-            else dict(
-                backbone=spec.backbone,
-                weights="imagenet",
-                image_size=spec.image_size,
-                epochs=10,
-                fine_tune_epochs=10,
-                batch_size=32,
-                learning_rate=1e-3,
-            )
+            else dict(backbone=spec.backbone, image_size=spec.image_size, batch_size=32, learning_rate=1e-3)
         )
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        defaults["output"] = os.path.join("runs", f"{spec.name}-{'demo-' if self.is_demo else ''}{stamp}")
+        defaults.update(schedule_defaults(self.is_demo, demo.epochs))
+        defaults["output"] = run_folder(f"{spec.name}-demo" if self.is_demo else spec.name)
         given = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         return replace(self, **{**defaults, **given})
 

@@ -43,15 +43,17 @@ class TrainingData:
         }
 
 
-def prepare(spec: TaskSpec, cfg: TrainConfig) -> TrainingData:
-    """Read the layout (patient-level splits), say early when the validation split is too small
-    for the operating point's target, and decode every split; a split left empty fails here."""
+def prepare(spec: TaskSpec, cfg: TrainConfig, layout: Layout | None = None) -> TrainingData:
+    """Read the layout (patient-level splits; `layout`: as preflight read it, None: the demo's
+    dataset, generated here), say early when the validation split is too small for the operating
+    point's target, and decode every split; a split left empty fails here."""
     from eyeray.data.layouts import read_layout
     from eyeray.data.records import decode_split
     from eyeray.decision import operating_points
 
     data = cfg.data if cfg.data is not None else synthetic.demo_dataset(spec, cfg.output, cfg.seed)
-    layout = read_layout(spec, data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    if layout is None:
+        layout = read_layout(spec, data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     log.info(layout.summary())
     y_val = np.array([r["label"] for r in layout.splits["validation"]])
     shortfall = operating_points.validation_shortfall(spec, y_val, cfg.threshold_confidence or None, cfg.val_fraction)

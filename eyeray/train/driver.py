@@ -13,6 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 from eyeray import cluster, storage
+from eyeray.data.layouts import Layout
 from eyeray.decision import fitting
 from eyeray.evaluation import deployed
 from eyeray.evaluation.inference import Inferred, infer
@@ -25,24 +26,29 @@ from eyeray.train.fit import Fitted, fit
 log = logging.getLogger(__name__)
 
 
-def run(config: TrainConfig, callbacks: list | None = None, trial: str | None = None) -> TrainResult:
+def run(
+    config: TrainConfig, callbacks: list | None = None, trial: str | None = None, layout: Layout | None = None
+) -> TrainResult:
     """Train, evaluate on the test split, and write OUTPUT/bundle and OUTPUT/report.
 
     `callbacks`: Ray Train callbacks for the run; `trial`: the sweep trial this run is (the sweep
-    passes both: its callback forwards every epoch's report to Ray Tune)."""
+    passes both: its callback forwards every epoch's report to Ray Tune); `layout`: --data's
+    layout, already read and checked (the sweep's preflight, for every trial)."""
     from eyeray.model.build import with_features
     from eyeray.model.compiled import CompiledModel
 
-    cfg = preflight.check(config)  # resolved, and every setting checked before Ray starts (SettingError)
+    # resolved, and every setting checked before Ray starts (SettingError), --output's earlier run
+    # included; --data's layout as the check read it flows on to the data stage
+    checked = preflight.checked(config, layout)
+    cfg = checked.config
     spec = get_task(cfg.task)
     cluster.connect()
-    _check_output(cfg)
     log.info(
         f"training {spec.name}: {cfg.backbone} @ {cfg.image_size}px, weights={cfg.weights}, "
         f"{cfg.workers} worker(s){' with GPUs' if cfg.use_gpu else ''}, "
         f"{f'augmented by the {cfg.augment_site}' if cfg.augment else 'no augmentation'}, output {cfg.output}"
     )
-    data = training_data.prepare(spec, cfg)
+    data = training_data.prepare(spec, cfg, checked.layout)
     fitted = fit(cfg, data, callbacks, trial)
     compiled = CompiledModel(with_features(fitted.model))
     validation = infer(lambda x: compiled(x, cfg.batch_size), data.images("validation"), cfg.batch_size)
@@ -85,12 +91,6 @@ def _export(
         bundle.publish(staged, bundle_uri, metrics={**_headline(metrics), "at_operating_point": as_deployed}, gate=gate)
     result = TrainResult(cfg.output, bundle_uri, report_uri, metrics, fitted.history, fitted.resumed_after)
     return result, as_deployed
-
-
-def _check_output(cfg: TrainConfig) -> None:
-    previous = preflight.check_resume(cfg)  # a run there without --resume: RunExistsError (a FileExistsError)
-    if cfg.resume and not previous:
-        log.info(f"--resume: no earlier run in {cfg.output}; starting a new one")
 
 
 def _training_summary(cfg: TrainConfig, data: training_data.TrainingData, fitted: Fitted) -> dict[str, Any]:

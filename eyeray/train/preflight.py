@@ -1,17 +1,23 @@
 """Training settings checked in the driver before Ray starts: the backbone against the image
-size and the weights, the weights file against the backbone, --data as the task's layout, and
---output (writable; a run already there needs --resume). Each failure is a one-line SettingError."""
+size and the weights (eyeray.model.build.check_backbone), the weights file against the backbone,
+--data as the task's layout, and --output (writable; a run already there needs --resume). Each
+failure is a one-line SettingError."""
 
 from __future__ import annotations
 
 import logging
 import time
 import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from eyeray import storage
 from eyeray.preflight import SettingError, check_exists, check_writable
 from eyeray.tasks import TaskSpec, get_task
 from eyeray.train.config import AUGMENT_ON, GATE_METHODS, MIXED_DTYPES, RUN_NAME, TrainConfig
+
+if TYPE_CHECKING:
+    from eyeray.data.layouts import Layout
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +26,26 @@ class RunExistsError(SettingError, FileExistsError):
     """--output already holds a run and --resume was not given."""
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What preflight hands on: the resolved config, and --data's layout as its check read it
+    (None for the demo, whose dataset is generated once Ray runs)."""
+
+    config: TrainConfig
+    layout: Layout | None
+
+
 def check(config: TrainConfig) -> TrainConfig:
-    """Every check, the cheap ones first; returns the resolved config. Loading a weights file into
-    its backbone (built without weights, on the CPU) is the one that takes seconds."""
+    """Every check (see `checked`); returns the resolved config."""
+    return checked(config).config
+
+
+def checked(config: TrainConfig, layout: Layout | None = None) -> Checked:
+    """Every check, the cheap ones first. Loading a weights file into its backbone (built without
+    weights, on the CPU) is the one that takes seconds. `layout`: --data's layout, read and checked
+    already by the caller (a sweep, for its trials), so not read again."""
+    from eyeray.model.build import check_backbone
+
     start = time.perf_counter()
     cfg = config.resolved()
     spec = get_task(cfg.task)
@@ -40,62 +63,33 @@ def check(config: TrainConfig) -> TrainConfig:
         raise SettingError(f"--gate-keep must be at least 0.5 and below 1, not {cfg.gate_keep}")
     if cfg.gate_fit_images < 2:
         raise SettingError(f"--gate-fit-images must be at least 2, not {cfg.gate_fit_images}")
-    names = check_backbone(spec, cfg)
-    if cfg.data is not None:
-        check_data(spec, cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
+    names = check_backbone(spec, cfg.backbone, cfg.image_size, cfg.weights)
+    check_weights_exist(cfg.weights)
+    if cfg.data is not None and layout is None:
+        layout = check_data(spec, cfg.data, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction)
     check_writable(cfg.output, "--output")
-    check_resume(cfg)
+    if not check_resume(cfg) and cfg.resume:
+        log.info(f"--resume: no earlier run in {cfg.output}; starting a new one")
     check_weights_file(names[0], cfg.image_size, cfg.weights)
     log.debug(f"training settings checked in {time.perf_counter() - start:.1f}s")
-    return cfg
+    return Checked(cfg, layout)
 
 
-def check_backbone(spec: TaskSpec, cfg: TrainConfig) -> list[str]:
-    """--backbone known, --image-size at least each backbone's minimum (eyeray.model.build.BACKBONES),
-    --weights possible for it; returns the backbone names."""
-    from eyeray.model.build import BACKBONES, backbone_names, resolve_weights
+def check_weights_exist(weights: str | None) -> None:
+    """A --weights PATH (not imagenet or none) exists and can be read."""
+    from eyeray.model.build import resolve_weights
 
-    try:
-        names = backbone_names(cfg.backbone)
-    except ValueError as exc:
-        raise SettingError(f"--backbone: {exc}") from exc
-    too_small = [n for n in names if cfg.image_size < BACKBONES[n].min_size]
-    if too_small:
-        worst = max(too_small, key=lambda n: BACKBONES[n].min_size)
-        need = BACKBONES[worst].min_size
-        which = worst if len(names) == 1 else f"{cfg.backbone} ({worst})"
-        fix = (
-            f"--image-size {spec.image_size} (the task's default)"
-            if spec.image_size >= need
-            else f"--image-size {need} or more"
-        )
-        raise SettingError(
-            f"--image-size {cfg.image_size} is too small for {which} (needs at least {need}); "
-            f"use {fix} or another --backbone"
-        )
-    keras_weights, weights_file = resolve_weights(cfg.weights)
-    scratch = [n for n in names if not BACKBONES[n].imagenet]
-    if keras_weights == "imagenet" and scratch:
-        raise SettingError(
-            f"--weights imagenet: {scratch[0]} has no ImageNet weights; use --weights none (train from scratch) "
-            "or --weights PATH"
-        )
-    if weights_file and len(names) > 1:
-        raise SettingError(
-            f"--weights {weights_file} loads one backbone, not the ensemble {cfg.backbone}; "
-            "use --weights imagenet or none, or one --backbone"
-        )
+    _, weights_file = resolve_weights(weights)
     if weights_file:
         check_exists(weights_file, "--weights", "; give a backbone weights file, or --weights imagenet or none")
-    return names
 
 
-def check_data(spec: TaskSpec, data: str, *, val_fraction: float, test_fraction: float) -> None:
-    """--data lists as the task's layout (`read_layout` only lists files; no image is read)."""
+def check_data(spec: TaskSpec, data: str, *, val_fraction: float, test_fraction: float) -> Layout:
+    """--data lists as the task's layout (`read_layout` only lists files; no image is read); returns it."""
     from eyeray.data.layouts import LayoutError, read_layout
 
     try:
-        read_layout(spec, data, val_fraction=val_fraction, test_fraction=test_fraction)
+        return read_layout(spec, data, val_fraction=val_fraction, test_fraction=test_fraction)
     except LayoutError as exc:  # its message starts with the folder
         raise SettingError(f"--data {exc}" if str(exc).startswith(str(data)) else f"--data {data}: {exc}") from exc
     except ValueError as exc:  # fractions that leave no training data
