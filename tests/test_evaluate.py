@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from eyeray.evaluation.metrics import EXTRA_METRICS, compute_metrics
+from eyeray.evaluation.patients import by_patient
 from eyeray.evaluation.report import write_report
 from eyeray.tasks import GLAUCOMA, OCT, ODIR, TASKS
 
@@ -250,6 +251,96 @@ def test_odir_thresholds_change_predictions():
     assert compute_metrics(ODIR, ODIR_TRUE, ODIR_PROBS, thresholds=0.35)["kappa"] == pytest.approx(9 / 11, abs=TOL)
 
 
+# --------------------------------------------------------------------------------------------
+# ODIR per patient: the challenge scored one row per patient (both eyes). 2 patients x 2 eyes;
+# every eye carries its patient's labels, as the ODIR-5K sheet gives them.
+EYE_PATIENTS = ["a", "a", "b", "b"]
+EYE_TRUE = np.array([[0, 1, 0, 0, 0, 0, 0, 1]] * 2 + [[1, 0, 0, 0, 0, 0, 0, 0]] * 2)  # a: D + O; b: N
+EYE_PROBS = np.array(
+    [
+        [0.1, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.3],  # a left:  D seen, O not
+        [0.1, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.7],  # a right: O seen, D not
+        [0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],  # b left:  N
+        [0.4, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1],  # b right: N missed, D a false positive
+    ]
+)
+
+
+def test_odir_per_patient_score_by_hand_differs_from_per_eye():
+    m = compute_metrics(ODIR, EYE_TRUE, EYE_PROBS, patients=EYE_PATIENTS)
+    # Per eye, 32 cells: TP 3 (a-l D, a-r O, b-l N), FN 3 (a-l O .3, a-r D .2, b-r N .4), FP 1
+    # (b-r D .6), TN 25. F1 = accuracy = 28/32; pe = (6*4 + 26*28)/1024 = 752/1024 ->
+    # kappa = (896-752)/(1024-752) = 9/17; AUC: of 6*26 pairs, .3 .2 .4 each lose to .6 -> 153/156.
+    assert m["f1"] == pytest.approx(7 / 8, abs=TOL)
+    assert m["kappa"] == pytest.approx(9 / 17, abs=TOL)
+    assert m["auc"] == pytest.approx(51 / 52, abs=TOL)
+    assert m["odir_score"] == pytest.approx((9 / 17 + 7 / 8 + 51 / 52) / 3, abs=TOL)
+    # Per patient (max over the eyes), 16 cells: a = D .8, O .7; b = N .9, D .6 (still a false
+    # positive). TP 3, FP 1, TN 12: F1 = 15/16; pe = (3*4 + 13*12)/256 = 168/256 ->
+    # kappa = (240-168)/(256-168) = 9/11; AUC 1 (positives .9 .8 .7 above every negative, max .6).
+    assert m["n"] == 4 and m["n_patients"] == 2
+    assert m["f1_per_patient"] == pytest.approx(15 / 16, abs=TOL)
+    assert m["kappa_per_patient"] == pytest.approx(9 / 11, abs=TOL)
+    assert m["auc_per_patient"] == pytest.approx(1.0, abs=TOL)
+    assert m["odir_score_per_patient"] == pytest.approx((9 / 11 + 15 / 16 + 1) / 3, abs=TOL)
+    assert m["odir_score_per_patient"] > m["odir_score"] + 0.1
+    json.dumps(m, allow_nan=False)
+
+
+def test_patient_rows_take_the_max_over_the_eyes():
+    rows = by_patient(EYE_TRUE, EYE_PROBS, EYE_PATIENTS)
+    assert rows.ids == ["a", "b"] and rows.images.tolist() == [2, 2]
+    np.testing.assert_array_equal(rows.labels, EYE_TRUE[[0, 2]])
+    np.testing.assert_allclose(rows.probs[0], [0.1, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1, 0.7])
+    np.testing.assert_allclose(rows.probs[1], [0.9, 0.6, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    # labels too are the union (max) over the eyes where the eyes disagree; rows in id order
+    rows = by_patient([[1, 0], [0, 1], [0, 0]], [[0.2, 0.9], [0.7, 0.1], [0.3, 0.3]], ["z", "z", "y"])
+    assert rows.ids == ["y", "z"]
+    np.testing.assert_array_equal(rows.labels, [[0, 0], [1, 1]])
+    np.testing.assert_allclose(rows.probs, [[0.3, 0.3], [0.7, 0.9]])
+    # a mean over a's eyes would give D .5 and O .5, both negative at the official `p > 0.5`
+    # (F1 14/16 on those rows); the max keeps both findings (15/16)
+    mean = np.array([EYE_PROBS[:2].mean(axis=0), EYE_PROBS[2:].mean(axis=0)])
+    assert compute_metrics(ODIR, EYE_TRUE[[0, 2]], mean)["f1"] == pytest.approx(14 / 16, abs=TOL)
+    m = compute_metrics(ODIR, EYE_TRUE, EYE_PROBS, patients=EYE_PATIENTS)
+    assert m["f1_per_patient"] == pytest.approx(15 / 16, abs=TOL)
+    with pytest.raises(ValueError, match="disagree"):
+        by_patient(EYE_TRUE, EYE_PROBS, EYE_PATIENTS[:3])
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_odir_per_patient_scores_equal_the_official_code_on_patient_rows(seed):
+    """The official ODIR_Metrics on per-patient rows built here, independently, by a loop."""
+    rng = np.random.default_rng(1000 + seed)
+    n_patients = int(rng.integers(3, 30))
+    y_patient = (rng.random((n_patients, 8)) < rng.uniform(0.1, 0.6)).astype(int)
+    y_patient[0, 0], y_patient[1, 0] = 1, 0  # both outcomes, so the AUC is defined
+    eyes = rng.integers(1, 3, n_patients)  # one or two eye images per patient
+    ids = np.repeat([f"p{i}" for i in range(n_patients)], eyes)
+    y = np.repeat(y_patient, eyes, axis=0)  # every eye carries its patient's labels
+    p = rng.random(y.shape) if seed % 2 else rng.choice([0.0, 0.25, 0.5, 0.75, 1.0], y.shape)
+    order = rng.permutation(len(y))  # eyes of a patient need not be adjacent
+    y, p, ids = y[order], p[order], ids[order]
+    m = compute_metrics(ODIR, y, p, patients=ids)
+    gt = np.array([y[ids == i].max(axis=0) for i in sorted(set(ids))])
+    pr = np.array([p[ids == i].max(axis=0) for i in sorted(set(ids))])
+    want = official_odir_metrics(gt, pr)
+    got = (m["kappa_per_patient"], m["f1_per_patient"], m["auc_per_patient"], m["odir_score_per_patient"])
+    assert m["n_patients"] == n_patients
+    if any(v is None for v in got):  # None + a note where kappa is undefined (official: NaN)
+        assert np.isnan(want[0]) and "kappa_per_patient" in m["notes"], (got, want)
+        return
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_per_patient_figures_need_every_patient_id_and_an_odir_task():
+    m = compute_metrics(ODIR, EYE_TRUE, EYE_PROBS, patients=["a", "a", "", "b"])
+    assert not [k for k in m if k.endswith("_per_patient")] and "n_patients" not in m
+    assert m["notes"]["odir_score_per_patient"].startswith("omitted: 1 of 4 images have no patient id")
+    assert "odir_score_per_patient" not in compute_metrics(ODIR, EYE_TRUE, EYE_PROBS)["notes"]  # not asked
+    assert "n_patients" not in compute_metrics(OCT, OCT_TRUE, OCT_PROBS, patients=list("aabbccdd"))
+
+
 def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="thresholds do not apply"):
         compute_metrics(OCT, OCT_TRUE, OCT_PROBS, thresholds=[0.5] * 4)
@@ -365,3 +456,45 @@ def test_write_report_remote_uploads_a_finished_directory(tmp_path, monkeypatch)
         "commit_file": "metrics.json",
         "files": ["confusion_matrix.png", "metrics.json", "roc.png"],
     }
+
+
+class _Batches:
+    """A stand-in for a decoded Ray Dataset: `iter_batches` over fixed batches."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+
+    def iter_batches(self, batch_size: int):
+        yield from self.batches
+
+
+def _eye_batch(ids: list[str] | None, labels: np.ndarray) -> dict:
+    n = len(labels)
+    batch = {"image": np.zeros((n, 8, 8, 3), np.uint8), "label": labels, "height": [8] * n, "width": [8] * n}
+    return batch if ids is None else {**batch, "patient": np.array(ids, dtype=object)}
+
+
+def test_inferred_test_split_carries_patient_ids_to_the_report(tmp_path):
+    """The driver's path: infer() keeps each row's patient id beside its label and probabilities,
+    write_report() puts the per-patient ODIR-2019 figures beside the per-eye ones."""
+    from eyeray.evaluation.inference import infer
+
+    probs = iter([EYE_PROBS[:3], EYE_PROBS[3:]])
+
+    def model(images):
+        return next(probs), np.zeros((len(images), 2))
+
+    ds = _Batches([_eye_batch(EYE_PATIENTS[:3], EYE_TRUE[:3]), _eye_batch(EYE_PATIENTS[3:], EYE_TRUE[3:])])
+    test = infer(model, ds, batch_size=3)
+    assert test.patients.tolist() == EYE_PATIENTS
+    m = write_report(ODIR, tmp_path / "odir", y_true=test.labels, probs=test.probs, patients=test.patients)
+    on_disk = json.loads((tmp_path / "odir" / "metrics.json").read_text())
+    assert on_disk["odir_score"] == pytest.approx(m["odir_score"]) == pytest.approx((9 / 17 + 7 / 8 + 51 / 52) / 3)
+    assert on_disk["odir_score_per_patient"] == pytest.approx((9 / 11 + 15 / 16 + 1) / 3, abs=TOL)
+    assert on_disk["n_patients"] == 2 and on_disk["n"] == 4
+    # a dataset without a patient column: every id "", so the per-patient figures are omitted, with a note
+    probs = iter([EYE_PROBS])
+    test = infer(model, _Batches([_eye_batch(None, EYE_TRUE)]), batch_size=4)
+    assert test.patients.tolist() == [""] * 4
+    m = write_report(ODIR, tmp_path / "none", y_true=test.labels, probs=test.probs, patients=test.patients)
+    assert "odir_score_per_patient" not in m and "no patient id" in m["notes"]["odir_score_per_patient"]

@@ -237,6 +237,28 @@ def test_card_for_a_multi_label_task_without_a_gate_or_pictures():
     assert "The test images were not kept for this card." in page
 
 
+def test_card_shows_the_per_patient_odir_score_beside_the_per_eye_one():
+    inputs = _report(ODIR, None, seed=3)
+    metrics = inputs["metrics"]
+    page = model_card.render(ODIR, **inputs)  # no patient ids given: the card says the figure is absent
+    assert "not the challenge leaderboard" in page and "No per-patient figure" in page
+    y, p = _multi_label(ODIR, 60, 4)
+    patients = [f"p{i // 2}" for i in range(60)]  # two eyes per patient
+    per_patient = compute_metrics(ODIR, y, p, patients=patients)
+    deployed = compute_metrics(ODIR, y, p, 0.4, patients=patients)
+    metrics.update({k: v for k, v in per_patient.items() if k.endswith("_per_patient") or k == "n_patients"})
+    metrics["at_operating_point"] = deployed
+    page = model_card.render(ODIR, **inputs)
+    row = (
+        f"<td>ODIR-2019 score, per patient (as the challenge)</td><td>{per_patient['odir_score_per_patient']:.3f}"
+        f"</td><td>not resampled</td><td>{deployed['odir_score_per_patient']:.3f}</td>"
+    )
+    assert row in page and "not the challenge leaderboard" in page and "on the 30 test patients" in page
+    assert "No per-patient figure" not in page
+    oct_inputs = _report(OCT, None)
+    assert "per patient" not in model_card.render(OCT, **oct_inputs)
+
+
 def test_missing_plots_say_so_instead_of_breaking_the_page(oct_card):
     inputs, _, _ = oct_card
     page = model_card.render(OCT, **inputs)  # no PNG bytes given

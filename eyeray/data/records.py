@@ -19,12 +19,16 @@ ROWS_PER_BLOCK = 32  # small blocks: decoding is the costly step, spread it over
 
 
 def decoded_dataset(records: list[dict], image_size: int, *, seed: int | None = None) -> ray.data.Dataset:
-    """Columns out: path, label, image (size x size x 3 uint8), height, width, error ("" when ok).
+    """Columns out: path, label, patient (the record's patient id, "" when it has none), image
+    (size x size x 3 uint8), height, width, error ("" when ok).
 
     `seed` shuffles the records first (layouts list files class by class; training must not
     see them in that order).
     """
-    items = [{"path": str(r["path"]), "label": np.asarray(r["label"], np.float32)} for r in records]
+    items = [
+        {"path": str(r["path"]), "label": np.asarray(r["label"], np.float32), "patient": str(r.get("patient", ""))}
+        for r in records
+    ]
     if seed is not None:
         order = np.random.default_rng(seed).permutation(len(items))
         items = [items[i] for i in order]
@@ -37,7 +41,9 @@ def decoded_dataset(records: list[dict], image_size: int, *, seed: int | None = 
 class Decoded:
     """A split decoded once and kept in Ray's object store, with its bad files set aside."""
 
-    images: ray.data.Dataset  # columns image, label, height, width (only files that decoded; their full sizes)
+    # columns image, label, height, width (only files that decoded; their full sizes) and patient
+    # (the record's patient id: per-patient test metrics, eyeray.evaluation.patients)
+    images: ray.data.Dataset
     errors: list[dict]  # {"path", "error"} for every file that did not decode
     count: int
 
@@ -50,6 +56,6 @@ def decoded():
 def decode_split(records: list[dict], image_size: int, *, seed: int | None = None) -> Decoded:
     ds = decoded_dataset(records, image_size, seed=seed).materialize()
     errors = ds.filter(expr=col("error") != lit("")).select_columns(["path", "error"]).take_all()
-    good = ds.filter(expr=decoded()).select_columns(["image", "label", "height", "width"])
+    good = ds.filter(expr=decoded()).select_columns(["image", "label", "height", "width", "patient"])
     good = good.materialize()
     return Decoded(images=good, errors=[{"path": e["path"], "error": e["error"]} for e in errors], count=good.count())

@@ -45,7 +45,7 @@ def evaluate(
 ) -> Evaluation:
     """The report's view of the test split; `gate`: the manifest's gate section (None: no gate)."""
     sections, plots = decision_sections(spec, decisions, validation.pair, test.pair)
-    deployed, deployed_plots = at_operating_point(spec, exported, *test.pair)
+    deployed, deployed_plots = at_operating_point(spec, exported, *test.pair, patients=test.patients)
     sections["at_operating_point"] = deployed
     sections["gate"] = gate_section(spec, exported, test, gate)
     sections["bootstrap"] = bootstrap.confidence_intervals(spec, *test.pair, seed=seed)
@@ -82,15 +82,18 @@ def decision_sections(
     return sections, {RELIABILITY_PNG: reliability}
 
 
-def at_operating_point(spec: TaskSpec, exported, y_true: np.ndarray, raw: np.ndarray) -> tuple[dict, dict[str, Plot]]:
+def at_operating_point(
+    spec: TaskSpec, exported, y_true: np.ndarray, raw: np.ndarray, patients: np.ndarray | None = None
+) -> tuple[dict, dict[str, Plot]]:
     """Test metrics as deployed: the exported bundle's `decide` (calibrated probabilities, labels
-    at its operating point) scored with the same metrics as the argmax figures, the referral
-    figures of `operating_points.achieved`, and the confusion matrix of those decisions."""
+    at its operating point) scored with the same metrics as the argmax figures (per patient too,
+    given the rows' `patients`), the referral figures of `operating_points.achieved`, and the
+    confusion matrix of those decisions."""
     decision = exported.decide(raw)
     decided = np.array([[c in row for c in spec.classes] for row in decision.labels], int)
     op = decision.operating_point
     thresholds = op.get("thresholds") if op is not None and spec.multi_label else None
-    metrics = compute_metrics(spec, y_true, decision.probabilities, thresholds, decided=decided)
+    metrics = compute_metrics(spec, y_true, decision.probabilities, thresholds, decided=decided, patients=patients)
     metrics["decided_by"] = exported.manifest["decision"]
     if decision.referral is not None:
         achieved = operating_points.achieved(op, y_true, decision.probabilities)

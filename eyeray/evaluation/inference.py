@@ -18,6 +18,8 @@ class Inferred:
     probs: np.ndarray
     features: np.ndarray
     stats: dict[str, np.ndarray]
+    # (n,) patient id of each row ("": unknown; all "" when the dataset has no patient column)
+    patients: np.ndarray | None = None
 
     @property
     def pair(self) -> tuple[np.ndarray, np.ndarray]:
@@ -27,18 +29,22 @@ class Inferred:
 def infer(model: Callable, ds, batch_size: int, limit: int | None = None, watch: Callable | None = None) -> Inferred:
     """Ray Data streams decoded batches of one split (its first `limit` rows) to `model` (uint8
     images -> (outputs, pooled features): `Bundle.infer`, or a two-output `CompiledModel`).
-    `watch(images, labels, outputs)` sees every batch (the model card keeps its worst few)."""
-    parts: dict[str, list] = {"labels": [], "probs": [], "features": []}
+    `watch(images, labels, outputs)` sees every batch (the model card keeps its worst few). The
+    rows' patient ids come from the dataset's `patient` column ("" for every row without one)."""
+    parts: dict[str, list] = {"labels": [], "probs": [], "features": [], "patients": []}
     stats: list[dict[str, np.ndarray]] = []
     for batch in (ds.limit(limit) if limit else ds).iter_batches(batch_size=batch_size):
         probs, features = model(batch["image"])
         parts["labels"].append(batch["label"])
         parts["probs"].append(np.asarray(probs, np.float32))
         parts["features"].append(np.asarray(features, np.float32))
+        ids = batch["patient"] if "patient" in batch else [""] * len(batch["label"])
+        parts["patients"].append(np.asarray([str(i) for i in ids], dtype=object))
         if watch is not None:
             watch(batch["image"], batch["label"], parts["probs"][-1])
         stats.append(quality.statistics(batch["image"], batch["height"], batch["width"]))
     return Inferred(
         *(np.concatenate(parts[k]) for k in ("labels", "probs", "features")),
         {k: np.concatenate([s[k] for s in stats]) for k in stats[0]},
+        np.concatenate(parts["patients"]),
     )

@@ -36,6 +36,7 @@ from eyeray.decision.roc import (
     require_both_classes,
     roc_point_at_specificity,
 )
+from eyeray.evaluation import patients as patient_rows
 from eyeray.tasks import TaskSpec
 
 PAUC_MAX_FPR = 0.1  # AIROGS alpha: partial AUC over 90-100 % specificity
@@ -159,6 +160,16 @@ def odir_score(spec: TaskSpec, y_true, probs, thresholds=None) -> float:
     return float(np.mean([f(spec, y_true, probs, thresholds) for f in parts]))
 
 
+# The ODIR-2019 figures recomputed on one row per patient (`eyeray.evaluation.patients`), as the
+# challenge scored them; reported beside the per-eye figures of a task whose extra_metrics include
+# odir_score, when compute_metrics is given the rows' patient ids.
+PER_PATIENT_METRICS: dict[str, Callable[..., float]] = {
+    "odir_score_per_patient": odir_score,
+    "kappa_per_patient": odir_kappa,
+    "f1_per_patient": odir_f1,
+    "auc_per_patient": odir_auc,
+}
+
 EXTRA_METRICS: dict[str, Callable[..., float]] = {
     "urgent_referral_auc": urgent_referral_auc,
     "pauc_90_100": pauc_90_100,
@@ -276,8 +287,33 @@ def _per_class(spec: TaskSpec, y, p, d, mcm, notes) -> dict[str, dict[str, Any]]
     return out
 
 
+def _per_patient(spec: TaskSpec, y, p, patients: Sequence[str] | np.ndarray, thresholds, notes) -> dict[str, Any]:
+    """`PER_PATIENT_METRICS` on the per-patient rows, and `n_patients`; {} (and a note why) when
+    a row has no patient id. {} for a task without the ODIR-2019 score."""
+    if "odir_score" not in spec.extra_metrics:
+        return {}
+    if not patient_rows.known(patients):
+        missing = sum(1 for i in patients if not str(i))
+        notes["odir_score_per_patient"] = (
+            f"omitted: {missing} of {len(y)} images have no patient id (the layout gave none), so the "
+            "images cannot be grouped into the patients the ODIR-2019 challenge scored"
+        )
+        return {}
+    rows = patient_rows.by_patient(y, p, patients)
+    out: dict[str, Any] = {"n_patients": len(rows.ids)}
+    for key, fn in PER_PATIENT_METRICS.items():
+        out[key] = _guarded(key, notes, fn, spec, rows.labels, rows.probs, thresholds=thresholds)
+    return out
+
+
 def compute_metrics(
-    spec: TaskSpec, y_true, probs, thresholds: Sequence[float] | float | None = None, decided=None
+    spec: TaskSpec,
+    y_true,
+    probs,
+    thresholds: Sequence[float] | float | None = None,
+    decided=None,
+    *,
+    patients: Sequence[str] | np.ndarray | None = None,
 ) -> dict[str, Any]:
     """All metrics for one evaluation set, as a JSON-serialisable dict (the metrics.json body).
 
@@ -285,6 +321,9 @@ def compute_metrics(
     or one for all) only applies to multi-label tasks; single-label tasks decide by argmax.
     `decided`: (n, C) 0/1 decisions made elsewhere (a bundle's operating point) to score instead
     of those; the ranking metrics (AUCs) still come from `probs`.
+    `patients`: the rows' (n,) patient ids, for the ODIR-2019 figures on one row per patient
+    (`PER_PATIENT_METRICS`, for a task that reports odir_score), as the challenge scored them;
+    where a row's id is "" they are left out and `notes["odir_score_per_patient"]` says why.
     Undefined values are None, and `notes[<key path>]` says why.
     """
     y, p = check_labels(spec, y_true, probs)
@@ -306,6 +345,8 @@ def compute_metrics(
         }
         for key in spec.extra_metrics:
             out[key] = _guarded(key, notes, EXTRA_METRICS[key], spec, y, p, thresholds=thresholds)
+        if patients is not None:
+            out.update(_per_patient(spec, y, p, patients, thresholds, notes))
     out["notes"] = notes
     return out
 

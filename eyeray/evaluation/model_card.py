@@ -28,6 +28,7 @@ from PIL import Image
 
 from eyeray import storage
 from eyeray.evaluation import pages
+from eyeray.evaluation.metrics import PER_PATIENT_METRICS
 from eyeray.evaluation.plots import CONFUSION_PNG, CURVES_PNG, DEPLOYED_CONFUSION_PNG, RELIABILITY_PNG
 from eyeray.tasks import TaskSpec
 
@@ -49,6 +50,10 @@ METRIC_NAMES = {
     "odir_score": "ODIR-2019 score",
     "kappa": "Cohen's kappa (ODIR, flattened)",
     "f1": "F1 (ODIR, flattened)",
+    "odir_score_per_patient": "ODIR-2019 score, per patient (as the challenge)",
+    "kappa_per_patient": "Cohen's kappa (ODIR, flattened), per patient",
+    "f1_per_patient": "F1 (ODIR, flattened), per patient",
+    "auc_per_patient": "AUC (ODIR, flattened), per patient",
 }
 
 
@@ -231,11 +236,13 @@ def _performance(spec: TaskSpec, metrics: Mapping[str, Any]) -> dict[str, Any]:
     boot = metrics.get("bootstrap") or {}
     intervals = boot.get("metrics") or {}
     deployed = metrics.get("at_operating_point") or {}
-    keys = ["accuracy", "macro_f1", "auc", *spec.extra_metrics]
+    per_patient = [k for k in PER_PATIENT_METRICS if k in metrics]
+    keys = ["accuracy", "macro_f1", "auc", *spec.extra_metrics, *per_patient]
     rows = []
     for key in keys:
         ci = intervals.get(key) or {}
-        rows.append([_metric_name(spec, key), _num(metrics.get(key)), _interval(ci, boot), _num(deployed.get(key))])
+        interval = "not resampled" if key in per_patient else _interval(ci, boot)
+        rows.append([_metric_name(spec, key), _num(metrics.get(key)), interval, _num(deployed.get(key))])
     notes = [f"{key}: {why}" for key, why in (metrics.get("notes") or {}).items() if key in keys]
     if boot:
         method = (
@@ -249,7 +256,27 @@ def _performance(spec: TaskSpec, metrics: Mapping[str, Any]) -> dict[str, Any]:
         "table": _table(["metric", "test (argmax)", "95 % interval", "as deployed"], rows),
         "method": method,
         "notes": notes,
+        "per_patient": _per_patient_text(spec, metrics, per_patient),
     }
+
+
+def _per_patient_text(spec: TaskSpec, metrics: Mapping[str, Any], per_patient: Sequence[str]) -> str:
+    """What the per-eye and per-patient ODIR-2019 figures are ("" for a task without them)."""
+    if "odir_score" not in spec.extra_metrics:
+        return ""
+    text = (
+        "The ODIR-2019 score above scores each eye image as a row; it is not the challenge leaderboard's "
+        "figure, since the challenge scored one row per patient (both eyes together)."
+    )
+    if not per_patient:
+        why = (metrics.get("notes") or {}).get("odir_score_per_patient", "no patient ids in this report")
+        return f"{text} No per-patient figure: {why}."
+    return (
+        f"{text} The per-patient rows compute it as the challenge does, on the {metrics.get('n_patients')} test "
+        "patients: a patient's labels and probabilities are the per-label maximum over their eyes (a patient "
+        "has a finding if either eye shows it), scored with the official formula; the bootstrap resamples "
+        "images, so these rows have no interval."
+    )
 
 
 def _metric_name(spec: TaskSpec, key: str) -> str:

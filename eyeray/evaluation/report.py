@@ -54,10 +54,10 @@ def _ordered_samples(spec: TaskSpec, samples: dict[str, list]) -> dict[str, list
 
 
 def _write_local(
-    spec: TaskSpec, out: Path, *, y_true, probs, history, samples, extra, thresholds, sections, extra_plots
+    spec: TaskSpec, out: Path, *, y_true, probs, history, samples, extra, thresholds, sections, extra_plots, patients
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    metrics = compute_metrics(spec, y_true, probs, thresholds)
+    metrics = compute_metrics(spec, y_true, probs, thresholds, patients=patients)
     plot_confusion(spec, y_true, probs, out / CONFUSION_PNG, thresholds)
     plot_roc(spec, y_true, probs, out / ROC_PNG)
     plots = [CONFUSION_PNG, ROC_PNG]
@@ -94,13 +94,15 @@ def write_report(
     thresholds: Sequence[float] | float | None = None,
     sections: dict[str, Any] | None = None,
     extra_plots: dict[str, Callable[[Path], None]] | None = None,
+    patients: Sequence[str] | np.ndarray | None = None,
 ) -> dict:
     """Write metrics.json plus the PNGs there are inputs for into `out_dir` (local or s3://).
 
     metrics.json is compute_metrics' dict plus `history` (if given), the top-level `sections`
     (e.g. calibration), `run` (= `extra`, as given) and `plots` (the PNG names written, including
     `extra_plots`: file name -> a function that draws that PNG at the path it is given). It is
-    written last, so a reader that sees it sees the whole report. Returns that dict.
+    written last, so a reader that sees it sees the whole report. `patients`: the rows' patient
+    ids, for the per-patient ODIR-2019 figures (`compute_metrics`). Returns that dict.
     """
     kwargs = dict(
         y_true=y_true,
@@ -111,6 +113,7 @@ def write_report(
         thresholds=thresholds,
         sections=sections,
         extra_plots=extra_plots,
+        patients=patients,
     )
     if not storage.is_remote(str(out_dir)):
         return _write_local(spec, Path(str(out_dir).removeprefix("file://")), **kwargs)

@@ -155,6 +155,7 @@ def _evaluate(cfg, data, fitted: Fitted, exported, validation: Inferred, decisio
         extra=run_section,
         sections=evaluation.sections,
         extra_plots=evaluation.plots,
+        patients=test.patients,  # the per-patient ODIR-2019 score (the challenge scored patients)
     )
     card = {"manifest": exported.manifest, "splits": data.layout.splits, "samples": samples, "worst": worst}
     model_card.write(spec, report_uri, metrics=metrics, **card)
