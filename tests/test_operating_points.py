@@ -4,6 +4,7 @@ the stored thresholds decide the same way from the manifest, and users can overr
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -273,6 +274,28 @@ def test_training_driver_leaves_the_operating_point_out_when_validation_cannot_d
     params, op = fitted.calibration, fitted.operating_point
     sections, _ = deployed.decision_sections(get_task("glaucoma"), fitted, (only_nrg, p), (y, p))
     assert op is None and "not chosen" in sections["operating_point"]["note"] and params["method"] == "temperature"
+
+
+def test_a_bundle_without_an_operating_point_is_evaluated_as_deployed_at_its_argmax():
+    """A validation split that chose no point (one class only) leaves the bundle deciding by argmax:
+    the test report's deployed referral figures are those of that argmax, not a crash."""
+    spec = get_task("glaucoma")
+    y, p = glaucoma_case(40, seed=9)
+    fitted = fitting.fit(spec, np.eye(2)[[0] * 40], p, op_.CONFIDENCE)
+    manifest = {
+        "classes": list(spec.classes),
+        "multi_label": False,
+        "referral_classes": list(spec.referral_classes),
+        "calibration": fitted.calibration,
+        "decision": "argmax",
+    }
+    exported = types.SimpleNamespace(manifest=manifest, decide=lambda raw: decide(manifest, raw))
+    metrics, _ = deployed.at_operating_point(spec, exported, y, p)
+    refer = calibration.apply(fitted.calibration, p).argmax(axis=1) == 1  # RG, the referral class, by argmax
+    truth = y[:, 1].astype(bool)
+    assert metrics["referred"] == refer.sum() and metrics["referable"] == truth.sum()
+    assert metrics["referral_sensitivity"] == pytest.approx((refer & truth).sum() / truth.sum())
+    assert metrics["referral_specificity"] == pytest.approx((~refer & ~truth).sum() / (~truth).sum())
 
 
 def test_threshold_overrides_as_typed_on_the_command_line_or_in_a_query():

@@ -342,23 +342,29 @@ def _rate(hits: np.ndarray, of: np.ndarray) -> float | None:
     return float(hits[of].mean()) if of.any() else None
 
 
+def referral_rates(truth: np.ndarray, refer: np.ndarray) -> dict[str, Any]:
+    """Sensitivity and specificity of the referrals `refer` (bool (n,)) against the referable
+    cases `truth`, with their counts and 95 % intervals."""
+    truth, refer = np.asarray(truth, bool), np.asarray(refer, bool)
+    caught, cleared = int((refer & truth).sum()), int((~refer & ~truth).sum())
+    return {
+        "sensitivity": _rate(refer, truth),
+        "specificity": _rate(~refer, ~truth),
+        "referred": int(refer.sum()),
+        "referable": int(truth.sum()),
+        "n": len(truth),
+        "referable_referred": caught,
+        "non_referable_cleared": cleared,
+        "sensitivity_ci95": interval(caught, int(truth.sum())),
+        "specificity_ci95": interval(cleared, int((~truth).sum())),
+    }
+
+
 def achieved(op: dict[str, Any], y_true, probs) -> dict[str, Any]:
     """What the operating point does on labelled data (validation when chosen; test in the report)."""
     y = np.asarray(y_true).astype(bool)
     if not _per_label(op):
-        truth, refer = y[:, op["score_columns"]].any(axis=1), referral(op, probs)
-        caught, cleared = int((refer & truth).sum()), int((~refer & ~truth).sum())
-        return {
-            "sensitivity": _rate(refer, truth),
-            "specificity": _rate(~refer, ~truth),
-            "referred": int(refer.sum()),
-            "referable": int(truth.sum()),
-            "n": len(y),
-            "referable_referred": caught,
-            "non_referable_cleared": cleared,
-            "sensitivity_ci95": interval(caught, int(truth.sum())),
-            "specificity_ci95": interval(cleared, int((~truth).sum())),
-        }
+        return referral_rates(y[:, op["score_columns"]].any(axis=1), referral(op, probs))
     d = decisions(op, probs)
     default = (np.asarray(probs, np.float64) >= DEFAULT_LABEL_THRESHOLD).astype(int)
     with warnings.catch_warnings():

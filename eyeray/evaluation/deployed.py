@@ -87,16 +87,21 @@ def at_operating_point(
 ) -> tuple[dict, dict[str, Plot]]:
     """Test metrics as deployed: the exported bundle's `decide` (calibrated probabilities, labels
     at its operating point) scored with the same metrics as the argmax figures (per patient too,
-    given the rows' `patients`), the referral figures of `operating_points.achieved`, and the
-    confusion matrix of those decisions."""
+    given the rows' `patients`), the referral figures of `operating_points.achieved` (of the
+    argmax's referrals for a bundle whose validation data chose no point), and the confusion matrix
+    of those decisions."""
     decision = exported.decide(raw)
     decided = np.array([[c in row for c in spec.classes] for row in decision.labels], int)
     op = decision.operating_point
     thresholds = op.get("thresholds") if op is not None and spec.multi_label else None
     metrics = compute_metrics(spec, y_true, decision.probabilities, thresholds, decided=decided, patients=patients)
     metrics["decided_by"] = exported.manifest["decision"]
-    if decision.referral is not None:
+    if decision.referral is not None and op is not None:
         achieved = operating_points.achieved(op, y_true, decision.probabilities)
+    elif decision.referral is not None:  # no point chosen on validation: the bundle refers by its argmax
+        referable = np.asarray(y_true)[:, [spec.classes.index(c) for c in spec.referral_classes]].any(axis=1)
+        achieved = operating_points.referral_rates(referable, decision.referral)
+    if decision.referral is not None:
         metrics.update({f"referral_{k}": achieved[k] for k in ("sensitivity", "specificity")})
         metrics.update({k: achieved[k] for k in ("referred", "referable")})
 
