@@ -104,6 +104,10 @@ def test_score_serve_and_explain_share_the_options_flags(eyeray_parser):
     assert explained == {"decision": decision, "inference": inference}
     with pytest.raises(SystemExit):  # a bad value fails as argparse fails, naming the flag
         eyeray_parser.parse_args(["score", *SCORE_NEEDS, "--gate", "maybe"])
+    with pytest.raises(TypeError, match="on or off"):  # from Python, "off" must not read as a gate that is on
+        DecisionOptions(gate="off")
+    with pytest.raises(ValueError, match="review_below"):
+        DecisionOptions(review_below=1.5)
 
 
 def test_serve_flags_default_to_the_application_arguments(eyeray_parser):

@@ -52,6 +52,8 @@ class DecisionOptions:
 
     def __post_init__(self):
         parse_thresholds(self.thresholds)  # a typo fails where the options are made, not in an actor
+        if not isinstance(self.gate, bool):  # "off" would be true: a gate silently on
+            raise TypeError(f"gate is True or False (on the command line: --gate on or off), not {self.gate!r}")
         if not 0.0 <= self.review_below <= 1.0:
             raise ValueError(f"review_below must be between 0 and 1, not {self.review_below}")
 
