@@ -119,7 +119,8 @@ def connect(verbose: bool | None = None) -> None:
 
     global _connect_calls
     _connect_calls += 1
-    if ray.is_initialized():
+    if ray.is_initialized():  # a sweep trial's process too: its Ray Data bars still need the same settings
+        _progress_bars()
         return
     if verbose is None:
         verbose = is_verbose()

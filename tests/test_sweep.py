@@ -108,6 +108,8 @@ def test_sweep_stops_a_bad_trial_early_resumes_after_interruption_and_exports_th
         "2",
     ]
     first = _interrupt_after_first_trial([sys.executable, "jobs/sweep.py", *args], ray_cluster["env"], output / "tune")
+    # a trial's Ray Data runs with the driver's progress settings: no "tqdm is not installed" from Ray
+    assert "tqdm" not in (tmp_path / "driver.log").read_text()
     manifest = output / "trials" / first / "bundle" / "manifest.json"
     before = (manifest.stat().st_mtime_ns, json.loads(manifest.read_text())["version"])
     assert not (output / "leaderboard.csv").exists()
