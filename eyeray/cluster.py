@@ -42,7 +42,7 @@ QUIET_WORKER_ENV = {**QUIET_ENV, "PYTHONWARNINGS": "ignore::DeprecationWarning,i
 # are N retries remaining" line for a task Ray retries (a PACS read, Serve's controller at
 # shutdown); what fails for good still raises. (RAY_BACKEND_LOG_LEVEL, which would also hide the
 # core's "constructor arguments in the object store" error of Ray Data's and Train's own actors,
-# ray#53727, prints a line of its own in every process: STACK-NOTES.)
+# ray#53727, prints a line of its own in every process: docs/design.md, "Quiet by default".)
 QUIET_DRIVER_ENV = {"RAY_enable_output_error_log_if_still_retry": "0"}
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray in a submitted job's driver
 SETUP_HOOK = "eyeray.log.quiet_worker"  # every worker process: quiet (unless -v), its own cluster
