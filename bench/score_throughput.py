@@ -158,9 +158,8 @@ def pipeline(
             # Like for like with the bare model and the seed loop: no Grad-CAM. With random weights every
             # case falls below the review level, so the default (`review`) would explain every image.
             explain="none",
-            mixed_precision=mixed_precision,
             gpus_per_actor=gpus_per_actor,
-            jit_compile=jit_compile,
+            inference=InferenceOptions(jit_compile=jit_compile, mixed_precision=mixed_precision),
         )
     )
     wall = time.perf_counter() - start
