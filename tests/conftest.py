@@ -185,6 +185,23 @@ def start_node(args: list[str], temp_dir: str, env: dict[str, str]) -> None:
         raise RuntimeError(f"ray start {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
 
+@contextlib.contextmanager
+def private_local_ray(home: Path, strip: tuple[str, ...] = ()):
+    """The environment of a subprocess that starts a local Ray of its own, as on a user's fresh
+    machine: its own HOME, nothing of Ray's or eyeray's exported (nor the `strip` prefixes), loopback
+    only, a short session folder (Ray's socket paths must fit in 107 bytes). Afterwards that Ray's
+    processes are stopped, should the subprocess not have shut it down."""
+    ray_tmp = tempfile.mkdtemp(prefix="rl-", dir="/tmp")
+    drop = ("RAY_AUTH", "RAY_ADDRESS", "EYERAY_", *strip)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    env.update(HOME=str(home), RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    try:
+        yield env
+    finally:
+        stop_cluster(ray_tmp, "no-such-address")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def stop_cluster(temp_dir: str, address: str) -> None:
     """Kill the processes of one local cluster: those naming its session directory or address
     (GCS, raylet, dashboard, monitors, client server) and everything they started (workers, agents)."""

@@ -8,7 +8,6 @@ Every process runs with HOME in a temp folder (so ~/.ray/auth_token is the test'
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import free_port, start_node, stop_cluster
+from conftest import free_port, private_local_ray, start_node, stop_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.cluster
@@ -41,19 +40,14 @@ def machine(tmp_path):
     """A user's shell on a fresh machine: its own HOME, nothing of Ray's exported."""
     home = tmp_path / "home"
     home.mkdir()
-    tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "EYERAY_"))}
-    # loopback only (see conftest.RAY_TEST_ENV); RAY_TMPDIR: the local ray.init's session folder
-    env.update(HOME=str(home), RAY_TMPDIR=tmp, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     clusters: list[tuple[str, str]] = []
-    try:
-        yield {"home": home, "env": env, "tmp": tmp, "clusters": clusters}
-    finally:
-        for temp_dir, address in clusters:
-            stop_cluster(temp_dir, address)
-            shutil.rmtree(temp_dir, ignore_errors=True)
-        stop_cluster(tmp, "no-such-address")  # a local ray.init that did not shut down
-        shutil.rmtree(tmp, ignore_errors=True)
+    with private_local_ray(home) as env:  # loopback only; RAY_TMPDIR: the local ray.init's session folder
+        try:
+            yield {"home": home, "env": env, "clusters": clusters}
+        finally:
+            for temp_dir, address in clusters:
+                stop_cluster(temp_dir, address)
+                shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def python(code: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:

@@ -9,17 +9,15 @@ import json
 import logging
 import os
 import queue
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
 from pathlib import Path
 
 import pytest
-from conftest import stop_cluster
+from conftest import private_local_ray
 
 from eyeray import cluster, log
 from eyeray.train.progress import epoch_line
@@ -228,15 +226,9 @@ def test_local_ray_and_a_tensorflow_worker_print_only_eyeray_lines(verbose, tmp_
     """A route's start (cluster.connect: a local Ray) and a worker importing TensorFlow: quiet,
     nothing but eyeray's lines, the worker's included; with -v, Ray's banner and TensorFlow's
     notices are back."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS", "TF_", "EYERAY_"))}
-    ray_tmp = tempfile.mkdtemp(prefix="rq-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env.update(HOME=str(tmp_path), RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0")
     script = QUIET_PROBE.replace("VERBOSE", str(verbose))
-    try:
+    with private_local_ray(tmp_path, strip=("TF_",)) as env:
         returncode, out = _run_probe(script, env, tmp_path, expected=(WORKER_LINE, "done"))
-    finally:
-        stop_cluster(ray_tmp, "no-such-address")  # only if the probe did not shut its Ray down
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert returncode == 0, out[-4000:]
     assert not (tmp_path / ".ray" / "auth_token").exists()  # the token trap: ~/.ray left alone
     lines = [line for line in out.splitlines() if line.strip()]
